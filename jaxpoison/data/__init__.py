@@ -1,0 +1,23 @@
+"""Datasets: sources (tfds, .npz files, the embedded CIFAR-10 subset, scikit-learn digits),
+class-balanced subsets, validation splits, and the on-device pipeline (batches, augmentation).
+
+A batch is a dict ``{'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B],
+'index': int32 [B]}``, where `index` is the example's position in the training set.
+"""
+
+from jaxpoison.data.pipeline import augment, epoch_batches, to_float
+from jaxpoison.data.sources import SOURCES, DataError, Dataset, validate_arrays
+from jaxpoison.data.splits import balanced_indices, load, split_validation
+
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "Dataset",
+    "augment",
+    "balanced_indices",
+    "epoch_batches",
+    "load",
+    "split_validation",
+    "to_float",
+    "validate_arrays",
+]

@@ -1,0 +1,186 @@
+"""Dataset sources: each returns a `Dataset` of uint8 NHWC images and integer labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = {
+    "cifar10": (
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ),
+    "mnist": tuple(str(i) for i in range(10)),
+    "digits": tuple(str(i) for i in range(10)),
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "svhn_cropped": tuple(str(i) for i in range(10)),
+}  # fmt: skip
+
+TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
+EMBEDDED_PATH = Path(__file__).parent / "embedded" / "cifar10_subset.npz"
+
+
+class DataError(ValueError):
+    """A dataset could not be found or is malformed; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """An image-classification dataset held in host memory.
+
+    Images are uint8 NHWC in 0..255, labels int32 in [0, num_classes). `x_val`/`y_val` are empty
+    unless a validation split was carved from the training set.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            validate_arrays(x, y, f"{self.name}/{split}")
+
+    @property
+    def image_shape(self):
+        return self.x_train.shape[1:]
+
+    def fingerprint(self):
+        """sha256 of the training images and labels: identifies the clean data a poison was made on."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.x_train).tobytes())
+        h.update(np.ascontiguousarray(self.y_train).astype(np.int64).tobytes())
+        return h.hexdigest()
+
+
+def validate_arrays(x, y, what):
+    if x.ndim != 4:
+        raise DataError(
+            f"{what}: images must be NHWC (4-d), got shape {x.shape}; add a channel axis with "
+            "x[..., None] for grayscale."
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"{what}: labels of shape {y.shape} do not match {x.shape[0]} images.")
+    if x.dtype != np.uint8:
+        raise DataError(f"{what}: images must be uint8 in 0..255, got {x.dtype}.")
+    if y.size and (y.min() < 0):
+        raise DataError(f"{what}: labels must be >= 0, got min {y.min()}.")
+
+
+def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
+    y_train = np.asarray(y_train).astype(np.int32)
+    y_test = np.asarray(y_test).astype(np.int32)
+    if num_classes is None:
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return Dataset(
+        name=name,
+        x_train=np.asarray(x_train),
+        y_train=y_train,
+        x_test=np.asarray(x_test),
+        y_test=y_test,
+        num_classes=num_classes,
+        class_names=CLASS_NAMES.get(name, tuple(str(i) for i in range(num_classes))),
+    )
+
+
+def default_data_dirs():
+    """Where `.npz` datasets are looked for when no `data_dir` is given, in order."""
+    dirs = []
+    if os.environ.get("JAXPOISON_DATA_DIR"):
+        dirs.append(Path(os.environ["JAXPOISON_DATA_DIR"]))
+    repo = Path(__file__).resolve().parents[2]
+    dirs += [Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    dirs += [repo.parent / "shared" / "data"]
+    return dirs
+
+
+def load_npz(name, *, path=None, data_dir=None):
+    """Loads `<data_dir>/<name>.npz` (or `path`) with keys x_train, y_train, x_test, y_test."""
+    if path is None:
+        candidates = [Path(data_dir)] if data_dir else default_data_dirs()
+        tried = [d / f"{name}.npz" for d in candidates]
+        found = [p for p in tried if p.is_file()]
+        if not found:
+            raise DataError(
+                f"No {name}.npz found (looked in: {', '.join(str(p) for p in tried)}). Set "
+                "data.data_dir (or $JAXPOISON_DATA_DIR) to the folder holding it, or use "
+                "data.source='tfds' with internet access, or data.source='embedded'."
+            )
+        path = found[0]
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Dataset file {path} does not exist; check data.path.")
+    with np.load(path, allow_pickle=False) as d:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+        if missing:
+            raise DataError(f"{path} lacks the keys {sorted(missing)}; it needs x_train, "
+                            "y_train, x_test, y_test.")  # fmt: skip
+        arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    if arrays[0].ndim == 3:
+        arrays[0], arrays[2] = arrays[0][..., None], arrays[2][..., None]
+    return _from_arrays(name, *arrays)
+
+
+def load_embedded(name="cifar10", **_):
+    """The class-balanced CIFAR-10 subset shipped inside the package (2,500 train, 1,000 test)."""
+    if name != "cifar10":
+        raise DataError(f"The embedded source has only 'cifar10', not {name!r}.")
+    return load_npz("cifar10", path=EMBEDDED_PATH)
+
+
+def load_digits(name="digits", **_):
+    """scikit-learn's 8x8 digits (1,797 images), rescaled to 0..255, split 1,397 / 400."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    y = d.target
+    perm = np.random.default_rng(0).permutation(len(y))
+    x, y = x[perm], y[perm]
+    return _from_arrays("digits", x[400:], y[400:], x[:400], y[:400], num_classes=10)
+
+
+def load_tfds(name, *, data_dir=None, download=False, **_):
+    """Reads a tensorflow-datasets dataset through `tfds.data_source` (no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    if name not in TFDS_NAMES:
+        raise DataError(f"tfds dataset {name!r} is not supported; use one of {TFDS_NAMES}.")
+    try:
+        splits = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
+                                  download=download)  # fmt: skip
+    except Exception as e:  # tfds raises several types for a dataset that is not prepared
+        raise DataError(
+            f"tfds dataset {name!r} is not available in data_dir={data_dir or '~/tensorflow_datasets'}"
+            f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet, set "
+            "data.download=True once; offline, use data.source='npz' with a local .npz file "
+            "or data.source='embedded'."
+        ) from e
+    arrays = []
+    for source in splits:
+        records = source.__getitems__(list(range(len(source))))
+        arrays.append(np.stack([np.asarray(r["image"], np.uint8) for r in records]))
+        arrays.append(np.asarray([int(r["label"]) for r in records]))
+    builder = tfds.builder(name, data_dir=data_dir)
+    num_classes = builder.info.features["label"].num_classes
+    return _from_arrays(name, *arrays, num_classes=num_classes)
+
+
+SOURCES = {
+    "npz": load_npz,
+    "embedded": load_embedded,
+    "digits": load_digits,
+    "tfds": load_tfds,
+}

@@ -1,0 +1,64 @@
+"""Loading by config, class-balanced subsets and validation splits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxpoison.data.sources import SOURCES, DataError
+
+
+def balanced_indices(labels, num, num_classes):
+    """Indices of the first examples of each class, `num` in all, as evenly spread as possible.
+
+    Classes get `num // num_classes` examples each, the first `num % num_classes` classes one more.
+    The indices are returned sorted, so the original order is kept.
+    """
+    counts = np.full(num_classes, num // num_classes)
+    counts[: num % num_classes] += 1
+    picked = []
+    for c, k in enumerate(counts):
+        members = np.flatnonzero(labels == c)
+        if len(members) < k:
+            raise DataError(f"Class {c} has {len(members)} examples, fewer than the {k} asked for.")
+        picked.append(members[:k])
+    return np.sort(np.concatenate(picked))
+
+
+def load(config):
+    """Loads the dataset a `config.data` ConfigDict describes, subsetting as asked.
+
+    Fields: source (one of SOURCES), name, and optionally path, data_dir, download,
+    num_train / num_test (0 = all; class-balanced otherwise).
+    """
+    source = config.get("source", "npz")
+    if source not in SOURCES:
+        raise DataError(f"Unknown data.source {source!r}; use one of {sorted(SOURCES)}.")
+    kwargs = {k: config.get(k) for k in ("path", "data_dir", "download") if config.get(k)}
+    ds = SOURCES[source](config.name, **kwargs)
+    num_train, num_test = config.get("num_train", 0), config.get("num_test", 0)
+    updates = {}
+    if num_train and num_train < len(ds.y_train):
+        idx = balanced_indices(ds.y_train, num_train, ds.num_classes)
+        updates.update(x_train=ds.x_train[idx], y_train=ds.y_train[idx])
+    if num_test and num_test < len(ds.y_test):
+        idx = balanced_indices(ds.y_test, num_test, ds.num_classes)
+        updates.update(x_test=ds.x_test[idx], y_test=ds.y_test[idx])
+    return dataclasses.replace(ds, **updates) if updates else ds
+
+
+def split_validation(labels, val_size, num_classes, *, seed=0):
+    """Splits training indices into (train, validation), the validation part class-balanced.
+
+    The split is a fixed function of `seed`, so every run of an experiment sees the same one.
+    Returns two sorted int arrays of indices into `labels`.
+    """
+    n = len(labels)
+    if not val_size:
+        return np.arange(n), np.arange(0)
+    perm = np.random.default_rng(seed).permutation(n)
+    val = perm[balanced_indices(labels[perm], val_size, num_classes)]
+    train = np.setdiff1d(np.arange(n), val)
+    return train, np.sort(val)
+

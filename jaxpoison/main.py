@@ -1,0 +1,41 @@
+"""Command line: ``jaxpoison --config=configs/<name>.py[:tiny] --workdir=DIR [--config.a.b=v]``.
+
+Real logic lives in `jaxpoison.experiment`; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",
+                                          lock_config=True)  # fmt: skip
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+_QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (log lines only).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    from jaxpoison import data, experiment
+    from jaxpoison.poisons.storage import PoisonFileError
+
+    try:
+        experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=not _QUIET.value)
+    except (data.DataError, PoisonFileError, ValueError, FloatingPointError) as e:
+        print(f"jaxpoison: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run():
+    """Console-script entry point."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,51 @@
+"""The two victim CNNs of Learning to Confuse (Feng, Cai & Zhou, NeurIPS 2019)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxpoison.models.layers import Conv, max_pool
+
+
+def _c(channels, width):
+    return max(1, int(round(channels * width)))
+
+
+class MnistCNN(nn.Module):
+    """LeNet-style MNIST classifier: conv5x5(20)-pool-conv5x5(50)-pool-FC(500)-FC(K)."""
+
+    num_classes: int
+    width: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.astype(self.dtype)
+        for ch in (20, 50):
+            x = Conv(_c(ch, self.width), (5, 5), padding="VALID", dtype=self.dtype)(x)
+            x = max_pool(nn.relu(x), (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(_c(500, self.width), dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class CifarCNN(nn.Module):
+    """Five 3x3 conv layers (32, 64, 128, 128, 128 channels), each ReLU + 2x2 max-pool, then FC.
+
+    About 390k parameters at width 1: the CIFAR-10 classifier of Learning to Confuse.
+    """
+
+    num_classes: int
+    width: float = 1.0
+    channels: tuple = (32, 64, 128, 128, 128)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.astype(self.dtype)
+        for ch in self.channels:
+            x = Conv(_c(ch, self.width), (3, 3), padding="SAME", dtype=self.dtype)(x)
+            x = nn.relu(x)
+            if x.shape[1] > 1:
+                x = max_pool(x, (2, 2), (2, 2))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,111 @@
+"""Convolution and pooling formulated for speed on XLA's CPU backend, exact everywhere.
+
+XLA:CPU computes the kernel gradient of a convolution with few channels and large images through
+a slow generic path (measured on 2 cores: 4 GFLOP/s for a 3->32 channel 32x32 layer, against
+55 GFLOP/s for the forward conv). `conv_general_dilated` below keeps XLA's convolution for the
+forward pass and the input gradient, and computes the kernel gradient as one GEMM over shifted
+views of the input (sum over positions of x_shift^T @ cotangent), which runs at matmul speed.
+`max_pool` uses a reshape + max for non-overlapping windows, whose gradient is elementwise,
+instead of XLA's select-and-scatter. Both are drop-in: same signature, same numbers up to
+floating-point reassociation (tests compare them with `lax`), and both support grad-of-grad
+(the meta-gradients of L2C). Anything they do not cover falls back to `lax`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _explicit_padding(padding, in_hw, kernel_hw, strides):
+    if not isinstance(padding, str):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):  # fmt: skip
+    """`lax.conv_general_dilated` with a GEMM kernel gradient for plain NHWC/HWIO convolutions."""
+    plain = (
+        lhs.ndim == 4
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and _is_nhwc(dimension_numbers)
+        and preferred_element_type is None
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type)  # fmt: skip
+    strides = tuple(int(s) for s in window_strides)
+    pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    return _conv(lhs, rhs, strides, pads)
+
+
+def _is_nhwc(dimension_numbers):
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        return dimension_numbers == lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+    return tuple(dimension_numbers) == _NHWC
+
+
+def _lax_conv(x, w, strides, pads):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+    return _lax_conv(x, w, strides, pads), (x, w)
+
+
+def kernel_gradient(x, ct, kernel_hw, strides, pads):
+    """d<conv(x, w), ct>/dw as a single GEMM: [kh*kw*Cin, B*Ho*Wo] @ [B*Ho*Wo, Cout]."""
+    kh, kw = kernel_hw
+    sh, sw = strides
+    b, ho, wo, cout = ct.shape
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    shifts = [
+        lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
+                  (1, sh, sw, 1))  # fmt: skip
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.stack(shifts, axis=3).reshape(b * ho * wo, kh * kw * x.shape[3])
+    dw = jnp.dot(patches.T, ct.reshape(b * ho * wo, cout), preferred_element_type=jnp.float32)
+    return dw.reshape(kh, kw, x.shape[3], cout).astype(ct.dtype)
+
+
+def _conv_bwd(strides, pads, res, ct):
+    x, w = res
+    _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, w, strides, pads), x)
+    (dx,) = vjp_x(ct)
+    return dx, kernel_gradient(x, ct, w.shape[:2], strides, pads).astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def max_pool(x, window_shape, strides=None, padding="VALID"):
+    """`flax.linen.max_pool`; non-overlapping unpadded windows take a reshape + max path."""
+    strides = tuple(strides or window_shape)
+    wh, ww = window_shape
+    if (padding == "VALID" and strides == (wh, ww) and x.ndim == 4
+            and x.shape[1] % wh == 0 and x.shape[2] % ww == 0):  # fmt: skip
+        b, h, w, c = x.shape
+        return jnp.max(x.reshape(b, h // wh, wh, w // ww, ww, c), axis=(2, 4))
+    import flax.linen as nn
+
+    return nn.max_pool(x, window_shape, strides, padding)

@@ -1,0 +1,86 @@
+"""The crafting engine: runs a poison's `update` over the whole training set, compiled.
+
+Every step is one jitted call on a batch of examples (gathered on device by index); a pass over
+the data is an epoch; the state is checkpointed after every epoch so a killed craft resumes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpoison import checkpointing, data
+from jaxpoison.progress import progress_bar
+
+
+def craft(poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="craft",
+          progress=True):  # fmt: skip
+    """Initialises the poison's state and runs `poison.num_epochs` passes of `poison.update`.
+
+    Args:
+      poison: a `Poison`.
+      images: float [N, H, W, C] in [0, 1] (jax or numpy), the clean training images.
+      labels: int [N].
+      key: PRNG key; `init` gets ``fold_in(key, 0)``, step s of epoch e ``fold_in`` of both.
+      batch_size: examples per `update` call.
+      ckpt_dir: optional directory for per-epoch orbax checkpoints (resumed when present).
+
+    Returns:
+      (state, history): the crafted state and per-epoch means of the update's metrics.
+    """
+    images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    dataset = {"image": images, "label": labels}
+    state = jax.jit(poison.init)(jax.random.fold_in(key, 0), dataset)
+    history, start = {}, 0
+    if not poison.num_epochs:
+        return state, history
+    manager = checkpointing.Manager(ckpt_dir) if ckpt_dir else None
+    if manager is not None and manager.latest_step() is not None:
+        state, history, start = manager.restore(state)
+    n = labels.shape[0]
+    batch_size = min(batch_size, n)
+    steps = n // batch_size + (n % batch_size > 0)
+
+    @jax.jit
+    def step(state, idx, k):
+        batch = {"image": images[idx], "label": labels[idx], "index": idx}
+        return poison.update(state, batch, k)
+
+    bar = progress_bar(total=poison.num_epochs * steps, initial=start * steps, desc=name,
+                       disable=not progress)  # fmt: skip
+    for epoch in range(start, poison.num_epochs):
+        ekey = jax.random.fold_in(key, epoch + 1)
+        # Every example is visited once per epoch; the last batch wraps around to stay full-size.
+        order = jax.random.permutation(jax.random.fold_in(ekey, 0), n)
+        order = jnp.concatenate([order, order[: steps * batch_size - n]]).reshape(steps, -1)
+        sums = None
+        for i in range(steps):
+            state, metrics = step(state, order[i], jax.random.fold_in(ekey, i + 1))
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            bar.update(1)
+        record = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+        bar.set_postfix(**{k: f"{v:.3f}" for k, v in record.items()})
+        bar.log(f"{name} epoch {epoch + 1}/{poison.num_epochs} "
+                + " ".join(f"{k}={v:.4f}" for k, v in record.items()))  # fmt: skip
+        if manager is not None:
+            manager.save(epoch + 1, state, history)
+    bar.close()
+    if manager is not None:
+        manager.close()
+    return state, history
+
+
+def apply_all(poison, state, images, labels, *, batch_size=1000):
+    """The poisoned training images, float32 numpy [N, H, W, C], computed in jitted batches."""
+    images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    n = labels.shape[0]
+    fn = jax.jit(lambda s, idx: poison.apply(
+        s, {"image": images[idx], "label": labels[idx], "index": idx})["image"])  # fmt: skip
+    out = [np.asarray(fn(state, jnp.arange(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
+    poisoned = np.concatenate(out)
+    if not np.isfinite(poisoned).all():
+        raise data.DataError("The poison produced NaN or inf pixels; check its hyperparameters.")
+    return poisoned

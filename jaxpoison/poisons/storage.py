@@ -1,0 +1,129 @@
+"""Poison artifacts: the crafted state as a pickle-free `.npz` plus self-describing JSON metadata.
+
+    WORKDIR/poison/<run>/state.npz       # leaves of the poison state, keyed by their pytree path
+    WORKDIR/poison/<run>/metadata.json   # format, poison name and spec, threat, dataset, hash
+
+`load` checks the format version, that the clean data is the one the poison was made on (sha256
+of the training set), and that every perturbation leaf lies in the recorded ball.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+FORMAT = "jaxpoison.poison/1"
+BOUND_TOLERANCE = 1e-5
+
+
+class PoisonFileError(ValueError):
+    """A poison artifact is missing, from another dataset, or violates its threat model."""
+
+
+def _leaves_with_keys(state):
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def write_json_atomic(path, obj):
+    """Writes JSON to `path` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
+    """Saves a poison state and its metadata atomically into `directory` (replacing it)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    leaves = _leaves_with_keys(state)
+    np.savez_compressed(tmp / "state.npz", **leaves)
+    write_json_atomic(tmp / "metadata.json", {
+        "format": FORMAT,
+        "poison": name,
+        "spec": spec,
+        "threat": {"norm": threat.norm, "epsilon": float(threat.epsilon),
+                   "masked": threat.mask is not None},
+        "dataset": dataset_name,
+        "train_sha256": fingerprint,
+        "leaves": {k: list(v.shape) for k, v in leaves.items()},
+    })  # fmt: skip
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def load(directory, template, *, fingerprint=None):
+    """Loads a saved poison state shaped like `template` and checks it.
+
+    Args:
+      directory: the artifact directory written by `save`.
+      template: a state of the same structure (e.g. ``poison.init(key, dataset)``).
+      fingerprint: sha256 of the clean training data it is to be applied to; refused if different.
+
+    Returns:
+      (state, metadata).
+    """
+    directory = Path(directory)
+    meta_path = directory / "metadata.json"
+    if not meta_path.is_file():
+        raise PoisonFileError(f"No poison artifact at {directory} (metadata.json is missing).")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise PoisonFileError(f"{directory}: format {meta.get('format')!r} is not {FORMAT!r}.")
+    if fingerprint is not None and meta["train_sha256"] != fingerprint:
+        raise PoisonFileError(
+            f"{directory} was crafted on other training data (sha256 {meta['train_sha256'][:12]}…"
+            f" vs {fingerprint[:12]}…); craft it again for this dataset."
+        )
+    with np.load(directory / "state.npz", allow_pickle=False) as f:
+        stored = {k: f[k] for k in f.files}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in flat:
+        key = jax.tree_util.keystr(path)
+        if key not in stored or stored[key].shape != np.shape(leaf):
+            raise PoisonFileError(f"{directory}: leaf {key} is missing or has the wrong shape.")
+        leaves.append(stored[key])
+    eps, norm = meta["threat"]["epsilon"], meta["threat"]["norm"]
+    for key, value in stored.items():
+        if "delta" not in key:
+            continue
+        flat_v = value.reshape(value.shape[0], -1).astype(np.float64)
+        size = np.abs(flat_v).max(1) if norm == "linf" else np.linalg.norm(flat_v, axis=1)
+        if size.size and size.max() > eps + BOUND_TOLERANCE:
+            raise PoisonFileError(
+                f"{directory}: {key} has {norm} norm {size.max():.6f} > epsilon {eps:.6f}; the "
+                "file was modified or crafted with another budget."
+            )
+    return jax.tree_util.tree_unflatten(treedef, leaves), meta
+
+
+def export_npz(path, x_train, y_train, x_test, y_test):
+    """Writes a poisoned dataset as uint8 `.npz` (x_train, y_train, x_test, y_test), atomically.
+
+    Float images are rounded to the nearest 8-bit level, so a perturbation that is not on the
+    8-bit grid moves by at most 0.5/255 (use a threat model with ``quantize=True`` to avoid it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def u8(x):
+        x = np.asarray(x)
+        return x if x.dtype == np.uint8 else np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    np.savez_compressed(tmp, x_train=u8(x_train), y_train=np.asarray(y_train, np.int64),
+                        x_test=u8(x_test), y_test=np.asarray(y_test, np.int64))  # fmt: skip
+    os.replace(tmp, path)
