@@ -18,8 +18,15 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.name = "quickstart: Regions-4 vs clean (embedded CIFAR-10 subset)"
     config.seed = 0
-    config.data = dict(source="embedded", name="cifar10", num_train=0, num_test=0, val_size=0,
-                       crop_padding=0, flip=True)  # fmt: skip
+    config.data = dict(
+        source="embedded",
+        name="cifar10",
+        num_train=0,
+        num_test=0,
+        val_size=0,
+        crop_padding=0,
+        flip=True,
+    )
     epsilon = ml_collections.FieldReference(8 / 255)
     config.threat = dict(norm="linf", epsilon=epsilon)
     config.include_clean = True

@@ -17,24 +17,33 @@ class Manager:
 
     def __init__(self, directory, max_to_keep=2):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)  # fmt: skip
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self):
         return self._manager.latest_step()
 
     def save(self, step, state, history):
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))  # fmt: skip
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+            ),
+        )
         self._manager.wait_until_finished()
 
     def restore(self, template):
         """Returns ``(state, history, step)`` of the latest checkpoint, shaped like `template`."""
         step = self._manager.latest_step()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))  # fmt: skip
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+            ),
+        )
         return restored["state"], dict(restored["history"]), step
 
     def close(self):

@@ -11,8 +11,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",
-                                          lock_config=True)  # fmt: skip
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (get_config).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (log lines only).")
 

@@ -28,9 +28,19 @@ def _explicit_padding(padding, in_hw, kernel_hw, strides):
     return tuple(lax.padtype_to_pads(in_hw, kernel_hw, strides, padding))
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):  # fmt: skip
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
     """`lax.conv_general_dilated` with a GEMM kernel gradient for plain NHWC/HWIO convolutions."""
     plain = (
         lhs.ndim == 4
@@ -43,8 +53,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     )
     if not plain:
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type)  # fmt: skip
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
     return _conv(lhs, rhs, strides, pads)
@@ -78,8 +98,12 @@ def kernel_gradient(x, ct, kernel_hw, strides, pads):
     b, ho, wo, cout = ct.shape
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     shifts = [
-        lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
-                  (1, sh, sw, 1))  # fmt: skip
+        lax.slice(
+            xp,
+            (0, i, j, 0),
+            (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
+            (1, sh, sw, 1),
+        )
         for i in range(kh)
         for j in range(kw)
     ]
@@ -102,8 +126,13 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
     """`flax.linen.max_pool`; non-overlapping unpadded windows take a reshape + max path."""
     strides = tuple(strides or window_shape)
     wh, ww = window_shape
-    if (padding == "VALID" and strides == (wh, ww) and x.ndim == 4
-            and x.shape[1] % wh == 0 and x.shape[2] % ww == 0):  # fmt: skip
+    if (
+        padding == "VALID"
+        and strides == (wh, ww)
+        and x.ndim == 4
+        and x.shape[1] % wh == 0
+        and x.shape[2] % ww == 0
+    ):
         b, h, w, c = x.shape
         return jnp.max(x.reshape(b, h // wh, wh, w // ww, ww, c), axis=(2, 4))
     import flax.linen as nn

@@ -29,8 +29,16 @@ def say(message):
 
 class ProgressBar:
     def __init__(self, *, total, initial=0, desc="", disable=False):
-        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=disable, leave=False,
-                         dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            disable=disable,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
         self._quiet = disable
 
     def update(self, n=1):

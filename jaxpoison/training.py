@@ -42,9 +42,18 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(*, learning_rate, momentum=0.9, weight_decay=5e-4, schedule="piecewise",
-                   nesterov=False, epochs, steps_per_epoch, milestones=(0.5, 0.75),
-                   decay_factor=0.1):  # fmt: skip
+def make_optimizer(
+    *,
+    learning_rate,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="piecewise",
+    nesterov=False,
+    epochs,
+    steps_per_epoch,
+    milestones=(0.5, 0.75),
+    decay_factor=0.1,
+):
     """SGD with momentum and (PyTorch-style, coupled) weight decay, with an lr schedule.
 
     Schedules: ``constant``; ``piecewise`` (multiply by `decay_factor` at the given fractions of
@@ -103,8 +112,19 @@ class TrainData:
     flip: bool = False
 
     @classmethod
-    def create(cls, x_train, y_train, x_test, y_test, x_val=None, y_val=None, *, crop_padding=0,
-               flip=False, mesh=None):  # fmt: skip
+    def create(
+        cls,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        x_val=None,
+        y_val=None,
+        *,
+        crop_padding=0,
+        flip=False,
+        mesh=None,
+    ):
         """Moves arrays to the devices (replicated), uint8 images converted to float in [0, 1]."""
         mesh = mesh or data_mesh()
         rep = NamedSharding(mesh, P())
@@ -118,9 +138,16 @@ class TrainData:
                 raise data.DataError("Training images contain NaN or inf; fix the poison or data.")
             return jax.device_put(a, rep)
 
-        return cls(put(x_train, jnp.float32), put(y_train, jnp.int32), put(x_test, jnp.float32),
-                   put(y_test, jnp.int32), put(x_val, jnp.float32), put(y_val, jnp.int32),
-                   crop_padding, flip)  # fmt: skip
+        return cls(
+            put(x_train, jnp.float32),
+            put(y_train, jnp.int32),
+            put(x_test, jnp.float32),
+            put(y_test, jnp.int32),
+            put(x_val, jnp.float32),
+            put(y_val, jnp.int32),
+            crop_padding,
+            flip,
+        )
 
 
 @dataclasses.dataclass
@@ -149,8 +176,9 @@ class Trainer:
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
         """From a `victim` ConfigDict: model{name,width}, objective{name,...}, optimizer{...}."""
-        module = models.make(config.model.name, num_classes=num_classes,
-                             width=config.model.get("width", 1.0))  # fmt: skip
+        module = models.make(
+            config.model.name, num_classes=num_classes, width=config.model.get("width", 1.0)
+        )
         obj_cfg = dict(config.get("objective", {"name": "erm"}))
         objective = objectives.make(obj_cfg.pop("name"), **obj_cfg)
         return cls(
@@ -170,16 +198,19 @@ class Trainer:
         self.mesh = self.mesh or data_mesh()
         n_dev = self.mesh.devices.size
         if self.batch_size % n_dev:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by the {n_dev} "
-                             "devices of the mesh; choose a multiple.")  # fmt: skip
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by the {n_dev} "
+                "devices of the mesh; choose a multiple."
+            )
         self.apply_fn = models.make_apply_fn(self.module)
         self._compiled = {}
 
     # ----- pure functions of one seed ------------------------------------------------------------
 
     def optimizer(self, steps_per_epoch):
-        return make_optimizer(epochs=self.epochs, steps_per_epoch=steps_per_epoch,
-                              **self.optimizer_kwargs)  # fmt: skip
+        return make_optimizer(
+            epochs=self.epochs, steps_per_epoch=steps_per_epoch, **self.optimizer_kwargs
+        )
 
     def init(self, key, steps_per_epoch):
         """A fresh `TrainState` for one seed."""
@@ -191,8 +222,9 @@ class Trainer:
     def train_step(self, state, batch, key, *, tx, crop_padding=0, flip=False):
         """One optimisation step of one seed: ``(state, batch, key) -> (state, metrics)``."""
         aug_key, obj_key = jax.random.split(key)
-        batch = dict(batch, image=data.augment(aug_key, batch["image"], crop_padding=crop_padding,
-                                               flip=flip))  # fmt: skip
+        batch = dict(
+            batch, image=data.augment(aug_key, batch["image"], crop_padding=crop_padding, flip=flip)
+        )
 
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
@@ -222,8 +254,9 @@ class Trainer:
                 images = jax.lax.with_sharding_constraint(x[idx], self._batch_sharding(x.ndim + 1))
                 labels = jax.lax.with_sharding_constraint(y[idx], self._batch_sharding(2))
                 batch = {"image": images, "label": labels, "index": idx}
-                one = lambda s, b, k: self.train_step(s, b, k, tx=tx, crop_padding=crop_padding,
-                                                      flip=flip)  # fmt: skip
+                one = lambda s, b, k: self.train_step(
+                    s, b, k, tx=tx, crop_padding=crop_padding, flip=flip
+                )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 
             self._compiled[cache_key] = jax.jit(step, donate_argnums=0)
@@ -241,8 +274,9 @@ class Trainer:
         batch_size = -(-batch_size // n_dev) * n_dev
         num_batches = -(-n // batch_size)
         pad = num_batches * batch_size - n
-        xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num_batches, batch_size,
-                                                                         *x.shape[1:])  # fmt: skip
+        xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(
+            num_batches, batch_size, *x.shape[1:]
+        )
         yb = jnp.pad(y, (0, pad)).reshape(num_batches, batch_size)
         mask = (jnp.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
 
@@ -264,8 +298,17 @@ class Trainer:
         keys = jax.random.split(jax.random.fold_in(key, 0), num_seeds)
         return jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch)))(keys)
 
-    def fit(self, train_data: TrainData, *, key, num_seeds=1, ckpt_dir=None, name="",
-            progress=True, epoch_callback=None):  # fmt: skip
+    def fit(
+        self,
+        train_data: TrainData,
+        *,
+        key,
+        num_seeds=1,
+        ckpt_dir=None,
+        name="",
+        progress=True,
+        epoch_callback=None,
+    ):
         """Trains `num_seeds` victims at once and evaluates them on the test set after every epoch.
 
         Args:
@@ -289,11 +332,19 @@ class Trainer:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         step_fn = self.compiled_step(steps_per_epoch, train_data.crop_padding, train_data.flip)
         seed_keys = jax.random.split(key, num_seeds)
-        perm_fn = jax.jit(jax.vmap(
-            lambda k, e: data.epoch_batches(jax.random.fold_in(jax.random.fold_in(k, 1), e), n,
-                                            self.batch_size), in_axes=(0, None)))  # fmt: skip
-        step_keys_fn = jax.jit(jax.vmap(
-            lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 2), s), in_axes=(0, None)))
+        perm_fn = jax.jit(
+            jax.vmap(
+                lambda k, e: data.epoch_batches(
+                    jax.random.fold_in(jax.random.fold_in(k, 1), e), n, self.batch_size
+                ),
+                in_axes=(0, None),
+            )
+        )
+        step_keys_fn = jax.jit(
+            jax.vmap(
+                lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 2), s), in_axes=(0, None)
+            )
+        )
 
         manager = checkpointing.Manager(ckpt_dir) if ckpt_dir else None
         history, start_epoch = {}, 0
@@ -303,15 +354,24 @@ class Trainer:
             log.info("%s: resumed from epoch %d", name, start_epoch)
         states = jax.device_put(states, NamedSharding(self.mesh, P()))
 
-        bar = progress_bar(total=self.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-                           desc=name or "train", disable=not progress)  # fmt: skip
+        bar = progress_bar(
+            total=self.epochs * steps_per_epoch,
+            initial=start_epoch * steps_per_epoch,
+            desc=name or "train",
+            disable=not progress,
+        )
         for epoch in range(start_epoch, self.epochs):
             batches = perm_fn(seed_keys, epoch)
             sums = None
             for i in range(steps_per_epoch):
                 global_step = epoch * steps_per_epoch + i
-                states, metrics = step_fn(states, train_data.x_train, train_data.y_train,
-                                          batches[:, i], step_keys_fn(seed_keys, global_step))  # fmt: skip
+                states, metrics = step_fn(
+                    states,
+                    train_data.x_train,
+                    train_data.y_train,
+                    batches[:, i],
+                    step_keys_fn(seed_keys, global_step),
+                )
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 bar.update(1)
             record = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
@@ -321,19 +381,27 @@ class Trainer:
                     record |= {f"{split}/{k}": v for k, v in self.evaluate(states, x, y).items()}
             record = jax.device_get(record)
             if not all(np.isfinite(v).all() for v in record.values()):
-                raise FloatingPointError(f"{name}: non-finite metrics at epoch {epoch + 1}: {record}"
-                                         "; lower the learning rate or check the data.")  # fmt: skip
+                raise FloatingPointError(
+                    f"{name}: non-finite metrics at epoch {epoch + 1}: {record}"
+                    "; lower the learning rate or check the data."
+                )
             for k, v in record.items():
                 history.setdefault(k, []).append([float(a) for a in np.atleast_1d(v)])
-            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(record['train/loss']):.3f}",
-                            test_acc=f"{np.mean(record['test/accuracy']):.3f}")  # fmt: skip
-            bar.log(f"{name} epoch {epoch + 1}/{self.epochs} " + " ".join(
-                f"{k}={np.mean(v):.4f}" for k, v in record.items()))  # fmt: skip
+            bar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{np.mean(record['train/loss']):.3f}",
+                test_acc=f"{np.mean(record['test/accuracy']):.3f}",
+            )
+            bar.log(
+                f"{name} epoch {epoch + 1}/{self.epochs} "
+                + " ".join(f"{k}={np.mean(v):.4f}" for k, v in record.items())
+            )
             if epoch_callback is not None:
                 epoch_callback(epoch, states, history)
             done = epoch + 1
-            if manager is not None and (done == self.epochs or (
-                    self.checkpoint_every and done % self.checkpoint_every == 0)):  # fmt: skip
+            if manager is not None and (
+                done == self.epochs or (self.checkpoint_every and done % self.checkpoint_every == 0)
+            ):
                 manager.save(done, states, history)
         bar.close()
         if manager is not None:
@@ -341,11 +409,37 @@ class Trainer:
         return states, history
 
 
-def train_data_from(x_train, y_train, dataset: data.Dataset, *, x_val=None, y_val=None,
-                    crop_padding=0, flip=False, mesh=None):  # fmt: skip
+def train_data_from(
+    x_train,
+    y_train,
+    dataset: data.Dataset,
+    *,
+    x_val=None,
+    y_val=None,
+    crop_padding=0,
+    flip=False,
+    mesh=None,
+):
     """`TrainData` for training images (possibly poisoned) and the clean test set of `dataset`."""
-    return TrainData.create(x_train, y_train, dataset.x_test, dataset.y_test, x_val, y_val,
-                            crop_padding=crop_padding, flip=flip, mesh=mesh)  # fmt: skip
+    return TrainData.create(
+        x_train,
+        y_train,
+        dataset.x_test,
+        dataset.y_test,
+        x_val,
+        y_val,
+        crop_padding=crop_padding,
+        flip=flip,
+        mesh=mesh,
+    )
 
 
-__all__ = ["TrainData", "TrainState", "Trainer", "data_mesh", "make_optimizer", "over_seeds", "train_data_from"]
+__all__ = [
+    "TrainData",
+    "TrainState",
+    "Trainer",
+    "data_mesh",
+    "make_optimizer",
+    "over_seeds",
+    "train_data_from",
+]

@@ -23,7 +23,9 @@ def balanced_prefix(y, per_class):
 
 def main(source):
     with np.load(source) as d:
-        x_train, y_train, x_test, y_test = (d[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        x_train, y_train, x_test, y_test = (
+            d[k] for k in ("x_train", "y_train", "x_test", "y_test")
+        )
     tr = balanced_prefix(y_train, TRAIN_PER_CLASS)
     te = balanced_prefix(y_test, TEST_PER_CLASS)
     np.savez_compressed(

@@ -11,16 +11,33 @@ import numpy as np
 
 CLASS_NAMES = {
     "cifar10": (
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
     ),
     "mnist": tuple(str(i) for i in range(10)),
     "digits": tuple(str(i) for i in range(10)),
     "fashion_mnist": (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ),
     "svhn_cropped": tuple(str(i) for i in range(10)),
-}  # fmt: skip
+}
 
 TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 EMBEDDED_PATH = Path(__file__).parent / "embedded" / "cifar10_subset.npz"
@@ -125,8 +142,10 @@ def load_npz(name, *, path=None, data_dir=None):
     with np.load(path, allow_pickle=False) as d:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
         if missing:
-            raise DataError(f"{path} lacks the keys {sorted(missing)}; it needs x_train, "
-                            "y_train, x_test, y_test.")  # fmt: skip
+            raise DataError(
+                f"{path} lacks the keys {sorted(missing)}; it needs x_train, "
+                "y_train, x_test, y_test."
+            )
         arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
     if arrays[0].ndim == 3:
         arrays[0], arrays[2] = arrays[0][..., None], arrays[2][..., None]
@@ -159,8 +178,9 @@ def load_tfds(name, *, data_dir=None, download=False, **_):
     if name not in TFDS_NAMES:
         raise DataError(f"tfds dataset {name!r} is not supported; use one of {TFDS_NAMES}.")
     try:
-        splits = tfds.data_source(name, split=["train", "test"], data_dir=data_dir,
-                                  download=download)  # fmt: skip
+        splits = tfds.data_source(
+            name, split=["train", "test"], data_dir=data_dir, download=download
+        )
     except Exception as e:  # tfds raises several types for a dataset that is not prepared
         raise DataError(
             f"tfds dataset {name!r} is not available in data_dir={data_dir or '~/tensorflow_datasets'}"

@@ -61,4 +61,3 @@ def split_validation(labels, val_size, num_classes, *, seed=0):
     val = perm[balanced_indices(labels[perm], val_size, num_classes)]
     train = np.setdiff1d(np.arange(n), val)
     return train, np.sort(val)
-

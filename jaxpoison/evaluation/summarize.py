@@ -7,16 +7,20 @@ import numpy as np
 
 def mean_std(values):
     values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1
-            else 0.0}  # fmt: skip
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+    }
 
 
 def first_epoch_below(losses, threshold):
     """1-based first epoch whose training loss is below `threshold`, per seed (None if never)."""
     losses = np.asarray(losses)  # [epochs, seeds]
     below = losses < threshold
-    return [int(np.argmax(below[:, s])) + 1 if below[:, s].any() else None
-            for s in range(losses.shape[1])]  # fmt: skip
+    return [
+        int(np.argmax(below[:, s])) + 1 if below[:, s].any() else None
+        for s in range(losses.shape[1])
+    ]
 
 
 def run_summary(history, loss_threshold=0.5):
@@ -51,8 +55,14 @@ def table(summary):
     rows = [("run", "final test acc", "peak test acc", "seeds")]
     for name, s in summary.items():
         f, p = s["final_test_acc"], s["peak_test_acc"]
-        rows.append((name, f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f}",
-                     f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}", str(s["seeds"])))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f}",
+                f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}",
+                str(s["seeds"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -102,8 +102,9 @@ class WideResNet28(nn.Module):
     def __call__(self, x, train=False):
         x = x.astype(self.dtype)
         k = self.widen_factor * self.width
-        x = Conv(max(1, int(16 * self.width)), (3, 3), padding=1, use_bias=False,
-                    dtype=self.dtype)(x)  # fmt: skip
+        x = Conv(max(1, int(16 * self.width)), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(
+            x
+        )
         for i, ch in enumerate((16, 32, 64)):
             for j in range(4):
                 stride = 2 if i > 0 and j == 0 else 1

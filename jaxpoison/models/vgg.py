@@ -8,9 +8,30 @@ from jaxpoison.models.layers import Conv, max_pool
 CFG = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
-    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-         512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
-}  # fmt: skip
+    19: (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ),
+}
 
 
 class VGG(nn.Module):
@@ -27,10 +48,16 @@ class VGG(nn.Module):
                 if x.shape[1] > 1:
                     x = max_pool(x, (2, 2), (2, 2))
                 continue
-            x = Conv(max(1, int(v * self.width)), (3, 3), padding="SAME", use_bias=False,
-                        dtype=self.dtype)(x)  # fmt: skip
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)(x)  # fmt: skip
+            x = Conv(
+                max(1, int(v * self.width)),
+                (3, 3),
+                padding="SAME",
+                use_bias=False,
+                dtype=self.dtype,
+            )(x)
+            x = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+            )(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

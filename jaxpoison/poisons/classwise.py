@@ -31,8 +31,10 @@ def _scaler(threat):
     """Patterns are drawn with ℓ∞ norm 1: scale them by ε for ℓ∞, to ℓ2 norm ε for ℓ2."""
     if threat.norm == "linf":
         return lambda d: d * threat.epsilon
-    return lambda d: d * threat.epsilon / jnp.maximum(
-        jnp.sqrt(jnp.sum(d**2, axis=(1, 2, 3), keepdims=True)), 1e-12
+    return lambda d: (
+        d
+        * threat.epsilon
+        / jnp.maximum(jnp.sqrt(jnp.sum(d**2, axis=(1, 2, 3), keepdims=True)), 1e-12)
     )
 
 

@@ -14,8 +14,9 @@ from jaxpoison import checkpointing, data
 from jaxpoison.progress import progress_bar
 
 
-def craft(poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="craft",
-          progress=True):  # fmt: skip
+def craft(
+    poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="craft", progress=True
+):
     """Initialises the poison's state and runs `poison.num_epochs` passes of `poison.update`.
 
     Args:
@@ -47,8 +48,9 @@ def craft(poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="c
         batch = {"image": images[idx], "label": labels[idx], "index": idx}
         return poison.update(state, batch, k)
 
-    bar = progress_bar(total=poison.num_epochs * steps, initial=start * steps, desc=name,
-                       disable=not progress)  # fmt: skip
+    bar = progress_bar(
+        total=poison.num_epochs * steps, initial=start * steps, desc=name, disable=not progress
+    )
     for epoch in range(start, poison.num_epochs):
         ekey = jax.random.fold_in(key, epoch + 1)
         # Every example is visited once per epoch; the last batch wraps around to stay full-size.
@@ -63,8 +65,10 @@ def craft(poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="c
         for k, v in record.items():
             history.setdefault(k, []).append(v)
         bar.set_postfix(**{k: f"{v:.3f}" for k, v in record.items()})
-        bar.log(f"{name} epoch {epoch + 1}/{poison.num_epochs} "
-                + " ".join(f"{k}={v:.4f}" for k, v in record.items()))  # fmt: skip
+        bar.log(
+            f"{name} epoch {epoch + 1}/{poison.num_epochs} "
+            + " ".join(f"{k}={v:.4f}" for k, v in record.items())
+        )
         if manager is not None:
             manager.save(epoch + 1, state, history)
     bar.close()
@@ -74,13 +78,24 @@ def craft(poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="c
 
 
 def apply_all(poison, state, images, labels, *, batch_size=1000):
-    """The poisoned training images, float32 numpy [N, H, W, C], computed in jitted batches."""
+    """The poisoned training set as numpy: (float32 images [N, H, W, C], int32 labels [N]).
+
+    Labels come back from `poison.apply` too: only the substandard *mislabeling* set changes them.
+    """
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     n = labels.shape[0]
-    fn = jax.jit(lambda s, idx: poison.apply(
-        s, {"image": images[idx], "label": labels[idx], "index": idx})["image"])  # fmt: skip
-    out = [np.asarray(fn(state, jnp.arange(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]
-    poisoned = np.concatenate(out)
+
+    @jax.jit
+    def fn(s, idx):
+        out = poison.apply(s, {"image": images[idx], "label": labels[idx], "index": idx})
+        return out["image"], out["label"]
+
+    parts = [
+        jax.device_get(fn(state, jnp.arange(i, min(i + batch_size, n))))
+        for i in range(0, n, batch_size)
+    ]
+    poisoned = np.concatenate([p[0] for p in parts])
+    new_labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
     if not np.isfinite(poisoned).all():
         raise data.DataError("The poison produced NaN or inf pixels; check its hyperparameters.")
-    return poisoned
+    return poisoned, new_labels

@@ -48,16 +48,22 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     leaves = _leaves_with_keys(state)
     np.savez_compressed(tmp / "state.npz", **leaves)
-    write_json_atomic(tmp / "metadata.json", {
-        "format": FORMAT,
-        "poison": name,
-        "spec": spec,
-        "threat": {"norm": threat.norm, "epsilon": float(threat.epsilon),
-                   "masked": threat.mask is not None},
-        "dataset": dataset_name,
-        "train_sha256": fingerprint,
-        "leaves": {k: list(v.shape) for k, v in leaves.items()},
-    })  # fmt: skip
+    write_json_atomic(
+        tmp / "metadata.json",
+        {
+            "format": FORMAT,
+            "poison": name,
+            "spec": spec,
+            "threat": {
+                "norm": threat.norm,
+                "epsilon": float(threat.epsilon),
+                "masked": threat.mask is not None,
+            },
+            "dataset": dataset_name,
+            "train_sha256": fingerprint,
+            "leaves": {k: list(v.shape) for k, v in leaves.items()},
+        },
+    )
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
@@ -124,6 +130,11 @@ def export_npz(path, x_train, y_train, x_test, y_test):
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(fd)
-    np.savez_compressed(tmp, x_train=u8(x_train), y_train=np.asarray(y_train, np.int64),
-                        x_test=u8(x_test), y_test=np.asarray(y_test, np.int64))  # fmt: skip
+    np.savez_compressed(
+        tmp,
+        x_train=u8(x_train),
+        y_train=np.asarray(y_train, np.int64),
+        x_test=u8(x_test),
+        y_test=np.asarray(y_test, np.int64),
+    )
     os.replace(tmp, path)
