@@ -3,16 +3,42 @@
     objective(variables, batch, key, *, apply_fn) -> (loss, aux)
 
 `variables` is ``{'params': ..., **model_state}``, `batch` a dict with 'image' and 'label',
-`loss` a scalar (the mean over the batch) and ``aux = {'model_state': ..., 'metrics': {...}}``.
+`loss` a scalar (the mean over the batch) and ``aux = {'model_state': ..., 'metrics': {...}}``
+(objectives with an inner attack also put the example they trained on in ``aux['adversarial']``).
 A factory ``make(**hyperparameters)`` returns the objective; the trainer takes the gradient of
 `loss` with respect to ``variables['params']`` and never needs to know which objective it runs.
+
+Every defense takes the defender's own threat model as keywords (``norm``, ``epsilon``, ``mask``,
+and ``num_steps``, ``step_size`` for the inner search), independent of the attacker's. Inner
+attacks run the model in eval mode (BatchNorm running statistics); see `objectives.inner`.
+
+==============  =====================================================================
+``erm``         standard training (cross-entropy)
+``rand_noise``  cross-entropy under uniform random noise in the ball
+``pgd_at``      Madry et al. 2018, PGD adversarial training
+``trades``      Zhang et al. 2019, CE + β KL(p(x) || p(x_adv))
+``thrm``        Tao et al. 2022, CE + λ KL(p(x) || p(x_hyp)), x_hyp hypocritical
+``mart``        Wang et al. 2020, misclassification-aware boosted CE + weighted KL
+``fat``         Zhang et al. 2020, friendly AT on early-stopped PGD (τ)
+``gairat``      Zhang et al. 2021, geometry-aware instance-reweighted AT
+==============  =====================================================================
 """
 
-from jaxpoison.objectives import erm
+from jaxpoison.objectives import erm, fat, gairat, mart, pgd_at, rand_noise, thrm, trades
 
 OBJECTIVES = {
     "erm": erm.make,
+    "rand_noise": rand_noise.make,
+    "pgd_at": pgd_at.make,
+    "trades": trades.make,
+    "thrm": thrm.make,
+    "mart": mart.make,
+    "fat": fat.make,
+    "gairat": gairat.make,
 }
+
+# Objectives whose keywords include the defender's threat model.
+ADVERSARIAL = frozenset(OBJECTIVES) - {"erm"}
 
 
 def make(name, **kwargs):
@@ -22,4 +48,4 @@ def make(name, **kwargs):
     return OBJECTIVES[name](**kwargs)
 
 
-__all__ = ["OBJECTIVES", "make"]
+__all__ = ["ADVERSARIAL", "OBJECTIVES", "make"]

@@ -1,0 +1,169 @@
+"""Pieces shared by the adversarial-training objectives: the defender's threat model, the frozen
+eval-mode model the inner attack sees, and PGD with per-example bookkeeping.
+
+BatchNorm during the inner attack: every objective here runs its inner attack with the model in
+**eval mode** (running statistics, no update), as the reference PyTorch code does with
+``model.eval()`` before crafting and ``model.train()`` after. The attack therefore never changes
+the running statistics and one example's perturbation does not depend on the rest of the batch.
+The outer loss then runs the model in training mode (batch statistics), and the updated running
+statistics are returned as ``aux['model_state']``. When an objective needs two training-mode
+passes (clean and adversarial, as in TRADES), they are two separate passes whose running-statistic
+updates are chained, as two successive ``model(x)`` calls in PyTorch would do.
+
+The inner attack never carries gradient into the parameters: it sees ``stop_gradient(variables)``
+and its output is ``stop_gradient``-ed, as the reference code detaches ``x_adv``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpoison import threat as threat_lib
+
+
+def defender_threat(*, norm, epsilon, mask=None):
+    """The defender's own `LpBall` (it may differ from the attacker's)."""
+    return threat_lib.make(epsilon=epsilon, norm=norm, mask=mask)
+
+
+def eval_logits_fn(apply_fn, variables):
+    """``x -> logits`` of the model in eval mode, with the variables frozen (no gradient)."""
+    frozen = jax.lax.stop_gradient(variables)
+    return lambda x: apply_fn(frozen, x, train=False)[0]
+
+
+def gaussian_start(key, x, threat, scale):
+    """A small Gaussian start ``scale * N(0, I)`` projected into the ball (TRADES, MART, THRM).
+
+    The KL objective of TRADES has zero gradient at delta = 0, so the search must start off it.
+    """
+    return threat.project(scale * jax.random.normal(key, x.shape, x.dtype), x)
+
+
+def train_forward(apply_fn, variables, x):
+    """Training-mode logits and the variables with the updated model state (for a next pass)."""
+    logits, state = apply_fn(variables, x, train=True)
+    return logits, {**variables, **state}, state
+
+
+def model_state_of(variables):
+    """The non-parameter collections of `variables` (``{}`` for models without BatchNorm)."""
+    return {k: v for k, v in variables.items() if k != "params"}
+
+
+def _expand(mask, x):
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
+def pgd_with_stats(
+    logits_fn,
+    loss_fn,
+    x,
+    labels,
+    *,
+    delta,
+    threat,
+    num_steps,
+    step_size,
+    target=None,
+    maximize=True,
+    tau=None,
+    omega=0.0,
+    key=None,
+):
+    """Projected steepest ascent (or descent) from `delta`, with per-example bookkeeping.
+
+    Each iteration evaluates the model once at ``x + delta`` (one forward and one backward pass),
+    records whether each example is classified as its label, and then moves the examples that are
+    still active by ``step_size * threat.step_direction(grad)`` (plus ``omega * N(0, I)`` noise,
+    as friendly adversarial training does), projected into the ball and the [0, 1] box.
+
+    Early stopping (``tau`` not None, friendly adversarial training): an example stops the first
+    time it is found misclassified after ``tau`` earlier misclassified checks; a stopped example
+    keeps the point at which it was found misclassified. The stop is a per-example mask inside one
+    `lax.scan`, so every example costs the same compute but moves no further once stopped.
+
+    Args:
+      logits_fn: ``x -> logits`` (eval mode, frozen variables).
+      loss_fn: ``(logits, target) -> [B]`` per-example loss to ascend (``maximize=True``) or
+        descend.
+      x: inputs [B, ...].
+      labels: int labels [B], used to decide which examples are misclassified.
+      delta: initial perturbation, inside the ball.
+      threat: an `LpBall`.
+      num_steps: maximum number of steps K.
+      step_size: step length in the threat model's norm.
+      target: second argument of `loss_fn` (defaults to `labels`; TRADES passes clean logits).
+      maximize: ascend (True) or descend (False, hypocritical examples).
+      tau: None for plain PGD, or the number of misclassified checks an example may pass
+        before it stops (0 = stop as soon as it is misclassified).
+      omega: standard deviation of the Gaussian noise added to every step (FAT's escape noise).
+      key: PRNG key, needed only when ``omega > 0``.
+
+    Returns:
+      ``(delta, stats)`` with `delta` inside the ball and ``stats`` holding per-example int32
+      arrays ``kappa`` (checks at which the example was classified correctly, in [0, K]: the
+      geometry value of GAIRAT) and ``num_moves`` (steps the example actually moved).
+
+    References:
+      Madry et al. 2018 (PGD); Zhang et al. 2020, "Attacks which do not kill training make
+      adversarial learning stronger" (early-stopped PGD, Algorithm 1); Zhang et al. 2021,
+      "Geometry-aware instance-reweighted adversarial training" (kappa).
+    """
+    target = labels if target is None else target
+    sign = 1.0 if maximize else -1.0
+
+    def total_loss(d):
+        logits = logits_fn(x + d)
+        return jnp.sum(loss_fn(logits, target)), logits
+
+    grad_fn = jax.grad(total_loss, has_aux=True)
+    b = labels.shape[0]
+    if omega > 0 and key is None:
+        raise ValueError("pgd_with_stats: omega > 0 needs a key.")
+    keys = jax.random.split(key, num_steps) if omega > 0 else jnp.zeros((num_steps,))
+
+    def step(carry, step_key):
+        d, active, control, kappa, moves = carry
+        g, logits = grad_fn(d)
+        correct = jnp.argmax(logits, axis=-1) == labels
+        kappa = kappa + correct.astype(jnp.int32)
+        if tau is not None:
+            wrong = active & ~correct
+            stop = wrong & (control == 0)
+            control = jnp.where(wrong & (control > 0), control - 1, control)
+            active = active & ~stop
+        moved = d + sign * step_size * threat.step_direction(g)
+        if omega > 0:
+            moved = moved + omega * jax.random.normal(step_key, d.shape, d.dtype)
+        moved = threat.project(moved, x)
+        d = jnp.where(_expand(active, d), moved, d)
+        moves = moves + active.astype(jnp.int32)
+        return (d, active, control, kappa, moves), None
+
+    init = (
+        delta,
+        jnp.ones((b,), bool),
+        jnp.full((b,), 0 if tau is None else tau, jnp.int32),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b,), jnp.int32),
+    )
+    (delta, _, _, kappa, moves), _ = jax.lax.scan(step, init, keys)
+    return delta, {"kappa": kappa, "num_moves": moves}
+
+
+def perturbation_metrics(threat, delta):
+    """Mean norm of the perturbation in the defender's norm, for the training log."""
+    return {"perturbation_norm": jnp.mean(threat.norm_of(delta))}
+
+
+__all__ = [
+    "defender_threat",
+    "eval_logits_fn",
+    "gaussian_start",
+    "model_state_of",
+    "perturbation_metrics",
+    "pgd_with_stats",
+    "train_forward",
+]

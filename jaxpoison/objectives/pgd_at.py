@@ -1,0 +1,68 @@
+"""Madry et al.'s adversarial training: cross-entropy at the PGD worst case in the ball."""
+
+import jax
+import jax.numpy as jnp
+
+from jaxpoison import attacks, losses
+from jaxpoison.objectives import inner
+
+
+def make(
+    *,
+    norm="linf",
+    epsilon=8 / 255,
+    num_steps=10,
+    step_size=2 / 255,
+    random_start=True,
+    attack_loss="cross_entropy",
+    mask=None,
+):
+    """Returns the PGD-AT objective ``mean CE(f(x + delta*), y)``, delta* = PGD(max CE) in the ball.
+
+    The inner maximisation is `attacks.pgd` on the model in eval mode (BatchNorm running
+    statistics; see `objectives.inner`), started uniformly in the ball; the outer cross-entropy is
+    taken in training mode. On delusively poisoned data this minimises an upper bound of the
+    natural risk on the clean distribution when ε covers the poison's budget (Tao et al. 2021,
+    Theorem 1).
+
+    Args:
+      norm: ``"linf"`` or ``"l2"``: the defender's norm.
+      epsilon: the defender's radius (may differ from the attacker's).
+      num_steps: PGD steps K.
+      step_size: PGD step length.
+      random_start: start from a uniform point of the ball (Madry et al.) or from zero.
+      attack_loss: the loss PGD ascends, a name of `losses.LOSSES`.
+      mask: optional pixel mask of the ball (e.g. the MNIST half of an MNIST-CIFAR image).
+
+    Returns:
+      ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
+      holds ``x + delta*``.
+
+    References:
+      Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR.
+      Tao et al. 2021, "Better Safe Than Sorry: Preventing Delusive Adversaries with Adversarial
+      Training", NeurIPS.
+    """
+    tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+
+    def objective(variables, batch, key, *, apply_fn):
+        x, y = batch["image"], batch["label"]
+        loss_fn = attacks.model_loss(apply_fn, jax.lax.stop_gradient(variables), loss=attack_loss)
+        delta = attacks.pgd(
+            loss_fn,
+            x,
+            y,
+            key=key,
+            threat=tm,
+            num_steps=num_steps,
+            step_size=step_size,
+            random_start=random_start,
+        )
+        x_adv = jax.lax.stop_gradient(x + delta)
+        logits, model_state = apply_fn(variables, x_adv, train=True)
+        loss = jnp.mean(losses.cross_entropy(logits, y))
+        metrics = {"loss": loss, "accuracy": jnp.mean(losses.accuracy(logits, y))}
+        metrics |= inner.perturbation_metrics(tm, delta)
+        return loss, {"model_state": model_state, "metrics": metrics, "adversarial": x_adv}
+
+    return objective
