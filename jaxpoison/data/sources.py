@@ -190,7 +190,7 @@ def load_tfds(name, *, data_dir=None, download=False, **_):
         ) from e
     arrays = []
     for source in splits:
-        records = source.__getitems__(list(range(len(source))))
+        records = [source[i] for i in range(len(source))]
         arrays.append(np.stack([np.asarray(r["image"], np.uint8) for r in records]))
         arrays.append(np.asarray([int(r["label"]) for r in records]))
     builder = tfds.builder(name, data_dir=data_dir)

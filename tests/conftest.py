@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests run on CPU with tiny shapes; real data comes from ../shared/data."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir():
+    if not (SHARED_DATA / "cifar10.npz").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_images():
+    """16 random 8x8x3 images in [0, 1] and labels in 0..3 (for invariants, not accuracy)."""
+    rng = np.random.default_rng(0)
+    return rng.random((16, 8, 8, 3), dtype=np.float32), rng.integers(0, 4, 16).astype(np.int32)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TQDM_DISABLE", "1")
