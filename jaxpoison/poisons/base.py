@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Poison(NamedTuple):
@@ -41,13 +42,17 @@ class SampleWiseState:
     extra: Any = None  # e.g. a surrogate model's state for error-minimizing noise
 
 
+def perturb(threat, x, delta):
+    """``x + delta`` with `delta` projected into `threat` and the sum clipped to [0, 1] (the
+    clip only removes float rounding, e.g. ``-2e-9`` from an 8-bit-quantized delta)."""
+    return jnp.clip(x + threat.project(delta, x), 0.0, 1.0)
+
+
 def apply_class_wise(threat):
     """`apply` for a `ClassWiseState`: x + delta[y], projected into `threat` and [0, 1]."""
 
     def apply(state, batch):
-        x = batch["image"]
-        delta = threat.project(state.class_delta[batch["label"]], x)
-        return dict(batch, image=x + delta)
+        return dict(batch, image=perturb(threat, batch["image"], state.class_delta[batch["label"]]))
 
     return apply
 
@@ -56,12 +61,36 @@ def apply_sample_wise(threat):
     """`apply` for a `SampleWiseState`: x + delta[index], projected into `threat` and [0, 1]."""
 
     def apply(state, batch):
-        x = batch["image"]
-        delta = threat.project(state.delta[batch["index"]], x)
-        return dict(batch, image=x + delta)
+        return dict(batch, image=perturb(threat, batch["image"], state.delta[batch["index"]]))
 
     return apply
 
 
 def zeros_like_dataset(dataset):
     return jnp.zeros_like(dataset["image"])
+
+
+def label_map(num_classes, permutation=None):
+    """The target map t = π(y) of a targeted poison as an int array of length `num_classes`.
+
+    Args:
+      num_classes: K.
+      permutation: None for the default shift π(y) = (y + 1) mod K (Tao et al. 2021), else a
+        sequence of K class indices (``permutation[y]`` is the target of class y).
+    """
+    if permutation is None:
+        return jnp.asarray((np.arange(num_classes) + 1) % num_classes, jnp.int32)
+    table = np.asarray(permutation)
+    if table.shape != (num_classes,) or table.min() < 0 or table.max() >= num_classes:
+        raise ValueError(
+            f"permutation={list(permutation)} must list one target class in 0..{num_classes - 1} "
+            f"for each of the {num_classes} classes."
+        )
+    return jnp.asarray(table, jnp.int32)
+
+
+def project_pattern(threat, delta):
+    """Projects class (universal) patterns into the ball only: the [0, 1] box depends on the image
+    they are added to, so it is applied by `apply` (a mid-grey reference image leaves any
+    ε <= 0.5 pattern inside the box)."""
+    return threat.project(delta, jnp.full_like(delta, 0.5))

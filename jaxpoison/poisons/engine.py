@@ -6,12 +6,39 @@ the data is an epoch; the state is checkpointed after every epoch so a killed cr
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxpoison import checkpointing, data
 from jaxpoison.progress import progress_bar
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_update(poison):
+    """The jitted ``(state, images, labels, idx, key) -> (state, metrics)`` of one poison.
+
+    The training set is an argument (not a closed-over constant, which XLA would copy into the
+    program) and the state is donated, so the [N, ...] perturbation buffer is updated in place.
+    Cached per poison so crafting twice (a resumed run, a test) compiles once.
+    """
+
+    def step(state, images, labels, idx, key):
+        batch = {"image": images[idx], "label": labels[idx], "index": idx}
+        return poison.update(state, batch, key)
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_apply(poison):
+    def fn(state, images, labels, idx):
+        out = poison.apply(state, {"image": images[idx], "label": labels[idx], "index": idx})
+        return out["image"], out["label"]
+
+    return jax.jit(fn)
 
 
 def craft(
@@ -43,11 +70,7 @@ def craft(
     batch_size = min(batch_size, n)
     steps = n // batch_size + (n % batch_size > 0)
 
-    @jax.jit
-    def step(state, idx, k):
-        batch = {"image": images[idx], "label": labels[idx], "index": idx}
-        return poison.update(state, batch, k)
-
+    step = _compiled_update(poison)
     bar = progress_bar(
         total=poison.num_epochs * steps, initial=start * steps, desc=name, disable=not progress
     )
@@ -58,7 +81,7 @@ def craft(
         order = jnp.concatenate([order, order[: steps * batch_size - n]]).reshape(steps, -1)
         sums = None
         for i in range(steps):
-            state, metrics = step(state, order[i], jax.random.fold_in(ekey, i + 1))
+            state, metrics = step(state, images, labels, order[i], jax.random.fold_in(ekey, i + 1))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             bar.update(1)
         record = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
@@ -85,13 +108,9 @@ def apply_all(poison, state, images, labels, *, batch_size=1000):
     images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
     n = labels.shape[0]
 
-    @jax.jit
-    def fn(s, idx):
-        out = poison.apply(s, {"image": images[idx], "label": labels[idx], "index": idx})
-        return out["image"], out["label"]
-
+    fn = _compiled_apply(poison)
     parts = [
-        jax.device_get(fn(state, jnp.arange(i, min(i + batch_size, n))))
+        jax.device_get(fn(state, images, labels, jnp.arange(i, min(i + batch_size, n))))
         for i in range(0, n, batch_size)
     ]
     poisoned = np.concatenate([p[0] for p in parts])

@@ -1,0 +1,257 @@
+"""Every poison of the registry on a tiny synthetic problem (8x8x3 images, 3 classes, MLP).
+
+Invariants checked for each `POISONS` entry: the bound holds (except the substandard sets),
+images stay in [0, 1] and on the 8-bit grid (the threat model quantizes), labels are unchanged
+(except mislabeling), the same key gives the same poison, save/load round-trips and a tampered
+artifact is refused. Then effect checks: P1 moves a clean-trained model toward the target
+classes, error-minimizing noise lowers its crafting model's loss, partial poisoning touches
+exactly the chosen examples.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpoison import losses, models, poisons, threat
+from jaxpoison.poisons import error_minimizing, storage
+
+NUM_CLASSES = 3
+IMAGE_SHAPE = (8, 8, 3)
+N = 48
+EPS = 16 / 255
+# Small hyperparameters so each craft compiles and runs in a second or two.
+FAST = {
+    "adversarial": dict(num_steps=5, step_size=EPS / 4),
+    "error_maximizing": dict(num_steps=5, step_size=EPS / 4),
+    "mifgsm": dict(num_steps=5),
+    "hypocritical": dict(num_steps=5, step_size=EPS / 4),
+    "universal_adversarial": dict(num_epochs=1, num_steps=2),
+    "universal_hypocritical": dict(num_epochs=1, num_steps=2, source="class"),
+    "error_minimizing": dict(
+        model=dict(name="mlp", width=0.0625),
+        optimizer=dict(learning_rate=0.1),
+        num_epochs=3,
+        num_steps=5,
+        step_size=EPS / 4,
+        train_steps=3,
+    ),
+}
+NAMES = sorted(poisons.POISONS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+    """These tests check logic, not speed: skip most XLA optimisations (compiling dominates)."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    """Images on the 8-bit grid with a class-dependent mean colour, so a linear model learns."""
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % NUM_CLASSES
+    # Class means differ by a few ε, so a budget-ε perturbation can cross the boundary.
+    means = 0.5 + rng.uniform(-0.05, 0.05, (NUM_CLASSES, 1, 1, 3))
+    x = np.clip(means[y] + rng.normal(0, 0.1, (N, *IMAGE_SHAPE)), 0, 1)
+    x = (np.round(x * 255) / 255).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y, jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def surrogate(dataset):
+    """A small MLP trained on the clean data (full batch Adam): (apply_fn, variables)."""
+    x, y = dataset
+    module = models.make("mlp", num_classes=NUM_CLASSES, width=0.0625)
+    apply_fn = models.make_apply_fn(module)
+    params = models.init(module, jax.random.key(0), IMAGE_SHAPE)["params"]
+    tx = optax.adam(1e-2)
+
+    def loss(p):
+        return jnp.mean(losses.cross_entropy(apply_fn({"params": p}, x, train=False)[0], y))
+
+    def step(carry, _):
+        p, s = carry
+        updates, s = tx.update(jax.grad(loss)(p), s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    params = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), length=60)[0][0])(params)
+    return apply_fn, {"params": params}
+
+
+@pytest.fixture(scope="module")
+def tm():
+    return threat.make(epsilon=EPS, norm="linf", quantize=True)
+
+
+def build(name, tm, surrogate, **extra):
+    kwargs = dict(threat=tm, num_classes=NUM_CLASSES, image_shape=IMAGE_SHAPE)
+    if name in poisons.REQUIRES_MODEL:
+        kwargs.update(apply_fn=surrogate[0], variables=surrogate[1])
+    return poisons.make(name, **kwargs, **FAST.get(name, {}), **extra)
+
+
+@pytest.fixture(scope="module")
+def crafted(tm, surrogate, dataset):
+    """crafted(name) -> (poison, state, history, images, labels), crafted once per module;
+    ``repeat=1`` crafts again from scratch with the same key (for the determinism test)."""
+    cache = {}
+    x, y = dataset
+
+    def get(name, repeat=0):
+        if (name, repeat) not in cache:
+            # The repeat reuses the poison object, so the engine's compiled step is reused.
+            poison = cache[name, 0][0] if repeat else build(name, tm, surrogate)
+            state, history = poisons.craft(
+                poison, x, y, key=jax.random.key(0), batch_size=16, progress=False
+            )
+            images, labels = poisons.apply_all(poison, state, x, y)
+            cache[name, repeat] = poison, state, history, images, labels
+        return cache[name, repeat]
+
+    return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_invariants(name, crafted, dataset):
+    x, y = (np.asarray(a) for a in dataset)
+    _, _, _, images, labels = crafted(name)
+    assert images.shape == x.shape and np.isfinite(images).all()
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    # On the 8-bit grid: the threat model quantizes and the clean images are on it.
+    np.testing.assert_allclose(images * 255, np.round(images * 255), atol=1e-3)
+    if name not in poisons.UNBOUNDED:
+        assert np.abs(images - x).max() <= EPS + 1e-6
+        assert np.abs(images - x).max() > 0  # it did perturb
+    if name == "mislabeling":
+        assert not np.array_equal(labels, y) and labels.min() >= 0 and labels.max() < NUM_CLASSES
+        np.testing.assert_array_equal(images, x)
+    else:
+        np.testing.assert_array_equal(labels, y)
+    if name == "noise":
+        assert np.abs(images - x).mean() > 0.1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_key_same_poison(name, crafted):
+    _, state_a, _, images_a, labels_a = crafted(name)
+    _, state_b, _, images_b, labels_b = crafted(name, repeat=1)
+    np.testing.assert_array_equal(images_a, images_b)
+    np.testing.assert_array_equal(labels_a, labels_b)
+    jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_storage_round_trip_and_tampering(name, crafted, dataset, tm, tmp_path):
+    x, y = dataset
+    poison, state, _, _, _ = crafted(name)
+    template = jax.eval_shape(poison.init, jax.random.key(0), {"image": x, "label": y})
+    meta = dict(name=name, spec={}, threat=tm, dataset_name="synthetic", fingerprint="f" * 64)
+    storage.save(tmp_path / "p", state, **meta)
+    loaded, metadata = storage.load(tmp_path / "p", template, fingerprint="f" * 64)
+    assert metadata["poison"] == name
+    jax.tree.map(np.testing.assert_array_equal, loaded, state)
+    images, labels = poisons.apply_all(poison, loaded, x, y)
+    np.testing.assert_array_equal(images, crafted(name)[3])
+
+    with pytest.raises(storage.PoisonFileError, match="other training data"):
+        storage.load(tmp_path / "p", template, fingerprint="0" * 64)
+    if name in poisons.UNBOUNDED:
+        return
+    # A perturbation scaled beyond the budget is refused.
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, v: 3 * v if "delta" in jax.tree_util.keystr(path) else v, state
+    )
+    storage.save(tmp_path / "t", scaled, **meta)
+    with pytest.raises(storage.PoisonFileError, match="norm"):
+        storage.load(tmp_path / "t", template, fingerprint="f" * 64)
+
+
+def _accuracy(surrogate, images, labels):
+    apply_fn, variables = surrogate
+    logits = apply_fn(variables, jnp.asarray(images), train=False)[0]
+    return np.asarray(losses.accuracy(logits, jnp.asarray(labels)))
+
+
+def test_adversarial_moves_the_model_toward_the_targets(crafted, dataset, surrogate):
+    x, y = (np.asarray(a) for a in dataset)
+    _, _, history, images, _ = crafted("adversarial")
+    clean_acc = _accuracy(surrogate, x, y).mean()
+    assert clean_acc > 0.9
+    assert _accuracy(surrogate, images, y).mean() < clean_acc - 0.5
+    assert _accuracy(surrogate, images, (y + 1) % NUM_CLASSES).mean() > 0.5
+    assert history["target_rate"][0] > 0.5
+
+
+def test_hypocritical_makes_examples_easier(crafted, dataset, surrogate):
+    x, y = dataset
+    apply_fn, variables = surrogate
+    images = crafted("hypocritical")[3]
+    loss = lambda im: float(
+        jnp.mean(losses.cross_entropy(apply_fn(variables, im, train=False)[0], y))
+    )
+    assert loss(jnp.asarray(images)) < 0.8 * loss(x)
+
+
+def _crafting_model_loss(state, images, labels):
+    module = models.make("mlp", num_classes=NUM_CLASSES, width=0.0625)
+    variables = {"params": state.model.params, **state.model.model_state}
+    logits = models.make_apply_fn(module)(variables, jnp.asarray(images), train=False)[0]
+    return float(jnp.mean(losses.cross_entropy(logits, labels)))
+
+
+def test_error_minimizing_lowers_the_crafting_model_loss(crafted, dataset):
+    x, y = dataset
+    _, state, history, images, _ = crafted("error_minimizing")
+    assert isinstance(state, error_minimizing.MinMinState)
+    assert _crafting_model_loss(state, images, y) < 0.8 * _crafting_model_loss(state, x, y)
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_class_wise_error_minimizing_and_stop(dataset, tm, surrogate):
+    x, y = dataset
+    # stop_accuracy=0 stops after the first pass: the later passes must not touch the state.
+    poison = build("error_minimizing", tm, surrogate, class_wise=True, stop_accuracy=0.0)
+    state, history = poisons.craft(
+        poison, x, y, key=jax.random.key(1), batch_size=16, progress=False
+    )
+    assert state.delta.shape == (NUM_CLASSES, *IMAGE_SHAPE)
+    assert bool(state.done) and len(history["loss"]) == FAST["error_minimizing"]["num_epochs"]
+    assert int(state.model.step) == FAST["error_minimizing"]["train_steps"]
+    images, labels = poisons.apply_all(poison, state, x, y)
+    diff = np.asarray(images) - np.asarray(x)
+    assert np.abs(diff).max() <= EPS + 1e-6
+    # Every example of class c carries pattern c (except where the [0, 1] box cuts it).
+    pattern = np.asarray(state.delta)[np.asarray(y)]
+    inside = (np.asarray(x) >= EPS) & (np.asarray(x) <= 1 - EPS)
+    np.testing.assert_allclose(diff[inside], pattern[inside], atol=1e-6)
+    assert _crafting_model_loss(state, images, y) < _crafting_model_loss(state, x, y)
+
+
+def test_choose_partial_subsets():
+    y = jnp.arange(N) % NUM_CLASSES
+    key = jax.random.key(3)
+    for kwargs, eligible in [
+        (dict(fraction=0.5), np.ones(N, bool)),
+        (dict(classes=[1]), np.asarray(y == 1)),
+        (dict(fraction=0.25, classes=[0, 2]), np.asarray(y != 1)),
+    ]:
+        mask = np.asarray(poisons.partial.choose(key, y, **kwargs))
+        assert mask.sum() == round(kwargs.get("fraction", 1.0) * eligible.sum())
+        assert not (mask & ~eligible).any()
+
+
+@pytest.mark.parametrize("name", ["random", "mislabeling"])
+def test_partial_poisoning(name, dataset, tm, surrogate):
+    x, y = (np.asarray(a) for a in dataset)
+    poison = build(name, tm, surrogate, fraction=0.5, classes=[0, 2])
+    state, _ = poisons.craft(poison, x, y, key=jax.random.key(3), progress=False)
+    images, labels = poisons.apply_all(poison, state, x, y)
+    changed = (images != x).any(axis=(1, 2, 3)) | (labels != y)
+    touched = np.asarray(state.mask)
+    assert touched.sum() == (y != 1).sum() // 2 and not (touched & (y == 1)).any()
+    assert not (changed & ~touched).any() and changed.sum() > touched.sum() // 2
