@@ -4,7 +4,7 @@ r"""The spine's evidence run: the L2C CIFAR CNN on a 10k CIFAR-10 subset, clean 
   (append :tiny to the config path for a smoke run)
 
 Standard training of the 5-layer CIFAR CNN of Learning to Confuse (390k parameters), SGD
-(lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule), batch 128, random crop (pad 4) and
+(lr 0.03, momentum 0.9, weight decay 5e-4, cosine schedule), batch 128, random crop (pad 4) and
 flip, 30 epochs, 2 seeds per run, on a class-balanced 10,000-image subset of ../shared/data
 cifar10.npz, evaluated on the full 10,000-image test set after every epoch. Poisons: class-wise
 Regions-4 and class-wise random noise (P5), both ℓ∞ ε = 8/255.
@@ -38,7 +38,7 @@ def get_config(arg=None):
         seed_strategy="auto",
         eval_batch_size=1000,
         checkpoint_every=1,
-        optimizer=dict(learning_rate=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+        optimizer=dict(learning_rate=0.03, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     )
     if arg == "tiny":
         config.data.num_train = 200
