@@ -1,0 +1,118 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import attacks, losses, models, threat
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_builds_and_maps_images_to_logits(name):
+    shape = (28, 28, 1) if name == "cnn_mnist" else (8, 8, 3)
+    module = models.make(name, num_classes=5, width=0.0625 if name != "mlp" else 0.05)
+    variables = models.init(module, jax.random.key(0), shape)
+    apply_fn = models.make_apply_fn(module)
+    x = jnp.ones((2, *shape))
+    logits, state = apply_fn(variables, x, train=True)
+    assert logits.shape == (2, 5) and jnp.isfinite(logits).all()
+    if name == "resnet18":  # train mode updates the running statistics
+        changed = jax.tree.map(
+            lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], state["batch_stats"]
+        )
+        assert any(jax.tree.leaves(changed))
+        eval_logits, eval_state = apply_fn(variables, x, train=False)
+        assert eval_state["batch_stats"] is variables["batch_stats"]
+
+
+def test_cifar_cnn_has_the_papers_size():
+    module = models.make("cnn_cifar", num_classes=10)
+    params = models.init(module, jax.random.key(0), (32, 32, 3))["params"]
+    assert 385_000 < sum(p.size for p in jax.tree.leaves(params)) < 395_000
+
+
+@pytest.fixture(scope="module")
+def linear_model():
+    """A fixed linear softmax model on 4x4x1 images: fast, with useful gradients."""
+    w = jax.random.normal(jax.random.key(0), (16, 3))
+
+    def apply_fn(variables, x, *, train):
+        return x.reshape(x.shape[0], -1) @ variables["w"], {}
+
+    x = jax.random.uniform(jax.random.key(1), (32, 4, 4, 1))
+    y = jnp.argmax(apply_fn({"w": w}, x, train=False)[0], -1)
+    return apply_fn, {"w": w}, x, y
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 0.1, 0.025), ("l2", 0.5, 0.1)])
+def test_pgd_maximizes_and_minimizes_inside_the_ball(linear_model, norm, eps, step):
+    apply_fn, variables, x, y = linear_model
+    ball = threat.make(norm=norm, epsilon=eps)
+    loss_fn = attacks.model_loss(apply_fn, variables)
+    clean = loss_fn(x, y)
+    kw = dict(key=jax.random.key(2), threat=ball, num_steps=10, step_size=step)
+    up = attacks.pgd(loss_fn, x, y, maximize=True, **kw)
+    down = attacks.pgd(loss_fn, x, y, maximize=False, **kw)
+    for d in (up, down):
+        assert float(ball.norm_of(d).max()) <= eps + 1e-6
+        assert 0.0 <= float((x + d).min()) and float((x + d).max()) <= 1.0
+    assert (
+        float(loss_fn(x + up, y).mean()) > float(clean.mean()) > float(loss_fn(x + down, y).mean())
+    )
+
+
+def test_targeted_pgd_and_mifgsm(linear_model):
+    apply_fn, variables, x, y = linear_model
+    ball = threat.make(epsilon=0.3)
+    target = lambda labels: (labels + 1) % 3
+    toward = attacks.model_loss(apply_fn, variables, target=target)
+    d = attacks.pgd(
+        toward,
+        x,
+        y,
+        key=jax.random.key(0),
+        threat=ball,
+        num_steps=20,
+        step_size=0.05,
+        maximize=False,
+    )
+    hit = jnp.argmax(apply_fn(variables, x + d, train=False)[0], -1) == target(y)
+    assert float(hit.mean()) > 0.5
+    m = attacks.mifgsm(
+        attacks.model_loss(apply_fn, variables),
+        x,
+        y,
+        key=jax.random.key(0),
+        threat=ball,
+        num_steps=10,
+        step_size=0.03,
+    )
+    assert float(ball.norm_of(m).max()) <= 0.3 + 1e-6
+    assert float(losses.accuracy(apply_fn(variables, x + m, train=False)[0], y).mean()) < 1.0
+
+
+def test_pgd_compiles_once(linear_model):
+    apply_fn, variables, x, y = linear_model
+    ball = threat.make(epsilon=0.1)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def attack(variables, x, y, key):
+        return attacks.pgd(
+            attacks.model_loss(apply_fn, variables),
+            x,
+            y,
+            key=key,
+            threat=ball,
+            num_steps=3,
+            step_size=0.03,
+        )
+
+    for i in range(3):
+        attack(variables, x, y, jax.random.key(i))
+    chex.clear_trace_counter()
+
+
+def test_margin_loss_sign():
+    logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    np.testing.assert_allclose(losses.margin(logits, jnp.array([0, 0])), [-1.0, 3.0])

@@ -1,0 +1,190 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxpoison import data, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def victim_config(**overrides):
+    cfg = dict(
+        model=dict(name="mlp", width=0.25),
+        epochs=3,
+        batch_size=64,
+        num_seeds=2,
+        optimizer=dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+        objective=dict(name="erm"),
+        checkpoint_every=1,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = data.load(ml_collections.ConfigDict(dict(source="digits", name="digits")))
+    return ds, training.train_data_from(ds.x_train, ds.y_train, ds)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    ds, td = digits
+    trainer = training.Trainer.from_config(
+        victim_config(), num_classes=10, image_shape=ds.image_shape
+    )
+    states, history = trainer.fit(td, key=jax.random.key(0), num_seeds=2, progress=False)
+    return trainer, states, history
+
+
+def test_fit_learns_every_seed_and_records_history(trained):
+    _, states, history = trained
+    acc = np.asarray(history["test/accuracy"])
+    assert acc.shape == (3, 2)
+    assert (acc[-1] > 0.85).all(), acc  # digits: an MLP reaches > 90% in a few epochs
+    assert np.asarray(history["train/loss"])[-1].max() < np.asarray(history["train/loss"])[0].min()
+    assert not np.allclose(acc[:, 0], acc[:, 1])  # seeds differ
+    assert int(states.step[0]) == 3 * (1397 // 64)
+
+
+def test_same_key_same_numbers_and_map_equals_vmap(digits, trained):
+    ds, td = digits
+    _, _, reference = trained
+    trainer = training.Trainer.from_config(
+        victim_config(seed_strategy="vmap"), num_classes=10, image_shape=ds.image_shape
+    )
+    _, history = trainer.fit(td, key=jax.random.key(0), num_seeds=2, progress=False)
+    np.testing.assert_allclose(history["test/accuracy"], reference["test/accuracy"], atol=2e-3)
+    np.testing.assert_allclose(history["train/loss"], reference["train/loss"], rtol=1e-4)
+
+
+def test_step_compiles_once(digits):
+    ds, td = digits
+    trainer = training.Trainer.from_config(
+        victim_config(), num_classes=10, image_shape=ds.image_shape
+    )
+    tx = trainer.optimizer(10)
+    traced = chex.assert_max_traces(lambda s, b, k: trainer.train_step(s, b, k, tx=tx), n=1)
+    step = jax.jit(traced)
+    state = trainer.init(jax.random.key(0), 10)
+    for i in range(3):
+        idx = jnp.arange(i * 64, (i + 1) * 64)
+        batch = {"image": td.x_train[idx], "label": td.y_train[idx], "index": idx}
+        state, metrics = step(state, batch, jax.random.key(i))
+    assert np.isfinite(float(metrics["loss"]))
+    chex.clear_trace_counter()
+
+
+def test_nan_images_and_bad_batch_sizes_are_refused(digits):
+    ds, _ = digits
+    x = ds.x_train.astype(np.float32) / 255.0
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(data.DataError, match="NaN"):
+        training.train_data_from(x, ds.y_train, ds)
+    trainer = training.Trainer.from_config(
+        victim_config(batch_size=5000), num_classes=10, image_shape=ds.image_shape
+    )
+    with pytest.raises(ValueError, match="exceeds"):
+        trainer.fit(training.train_data_from(ds.x_train, ds.y_train, ds), key=jax.random.key(0))
+
+
+def run_python(code, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_eight_devices_match_one_device():
+    """The batch sharded over 8 (fake CPU) devices gives the numbers of one device."""
+    out = run_python(
+        """
+        import json, jax, numpy as np, ml_collections
+        from jax.sharding import Mesh
+        from jaxpoison import data, training
+        assert jax.device_count() == 8
+        ds = data.load(ml_collections.ConfigDict(dict(source="digits", name="digits")))
+        cfg = ml_collections.ConfigDict(dict(model=dict(name="vgg11", width=0.0625), epochs=2,
+            batch_size=64, optimizer=dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
+            schedule="constant"), objective=dict(name="erm")))
+        res = {}
+        for n in (1, 8):
+            mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+            td = training.train_data_from(ds.x_train, ds.y_train, ds, mesh=mesh, flip=True)
+            tr = training.Trainer.from_config(cfg, num_classes=10, image_shape=(8, 8, 1),
+                                              mesh=mesh)
+            _, h = tr.fit(td, key=jax.random.key(0), num_seeds=2, progress=False)
+            res[n] = h
+        print(json.dumps(res))
+    """,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    res = json.loads(out.strip().splitlines()[-1])
+    np.testing.assert_allclose(res["8"]["train/loss"], res["1"]["train/loss"], rtol=1e-3)
+    np.testing.assert_allclose(res["8"]["test/accuracy"], res["1"]["test/accuracy"], atol=0.01)
+
+
+def test_sigkill_then_resume_gives_identical_results(tmp_path):
+    """A run SIGKILLed right after its 2nd checkpoint resumes and ends with the same numbers."""
+    overrides = [
+        "--config.data.source=digits",
+        "--config.data.name=digits",
+        "--config.data.flip=False",
+        "--config.victim.model.name=mlp",
+        "--config.victim.model.width=0.25",
+        "--config.victim.epochs=4",
+        "--config.victim.batch_size=64",
+        "--config.victim.checkpoint_every=1",
+        "--config.victim.optimizer.learning_rate=0.05",
+    ]
+    cli = [sys.executable, "-m", "jaxpoison.main", "--config=configs/quickstart.py", "--quiet"]
+
+    def run(workdir, kill_after_saves=None):
+        prelude = ""
+        if kill_after_saves:
+            prelude = textwrap.dedent(f"""
+                import os, signal
+                from jaxpoison import checkpointing
+                _save, _count = checkpointing.Manager.save, [0]
+                def save(self, *a, **k):
+                    _save(self, *a, **k)
+                    _count[0] += 1
+                    if _count[0] == {kill_after_saves}:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                checkpointing.Manager.save = save
+            """)
+        code = prelude + "import sys\nfrom jaxpoison import main\nsys.argv = %r\nmain.run()\n" % (
+            ["jaxpoison", *cli[3:], f"--workdir={workdir}", *overrides]
+        )
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+
+    killed = run(tmp_path / "a", kill_after_saves=2)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "a" / "results.json").exists()
+    resumed = run(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = run(tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    for run_name in ("clean", "poisoned"):
+        assert a["runs"][run_name]["history"] == b["runs"][run_name]["history"]
+    again = run(tmp_path / "a")  # a complete run says so and exits
+    assert again.returncode == 0 and "complete" in again.stderr
