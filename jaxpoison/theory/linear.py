@@ -43,12 +43,16 @@ def make_objective(name, *, epsilon, scale, num_steps=1):
     """`objectives.make(name)` with the ℓ∞ radius `epsilon` of x expressed on u = 1/2 + x/scale.
 
     For a linear model the input gradient's sign is the same everywhere, so one step of length
-    2.5 ε from any start inside the ball lands on the exact worst case; `num_steps` = 1 suffices.
+    2.5 ε from any start inside the ball lands on the exact worst case: `num_steps` = 1 suffices
+    and PGD starts at zero (a random start would change nothing but cost random numbers).
     """
     if name == "erm":
         return objectives.make("erm")
     eps = epsilon / scale
-    return objectives.make(name, epsilon=eps, num_steps=num_steps, step_size=2.5 * eps)
+    kwargs = dict(epsilon=eps, num_steps=num_steps, step_size=2.5 * eps)
+    if name == "pgd_at":
+        kwargs["random_start"] = False
+    return objectives.make(name, **kwargs)
 
 
 def make_fitter(objective, *, scale, num_steps=500, learning_rate=0.05):

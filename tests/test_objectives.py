@@ -1,0 +1,307 @@
+"""Tests of the training objectives (defenses): finite losses and gradients, inner attacks inside
+the defender's ball and run in eval mode, one compilation per configuration, and the vectorised
+early stopping of FAT / the geometry values of GAIRAT against plain per-example loops."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import attacks, losses, models, objectives, threat
+from jaxpoison.objectives import gairat, inner
+
+EPS = 8 / 255
+SHAPE = (8, 8, 3)
+BATCH = 16
+
+# (id, registry name, keywords): every configuration is compiled once, its step called twice.
+CONFIGS = [
+    ("erm", "erm", {}),
+    ("rand_noise", "rand_noise", dict(epsilon=EPS)),
+    ("pgd_at", "pgd_at", dict(epsilon=EPS, num_steps=3, step_size=EPS / 2)),
+    ("trades", "trades", dict(beta=6.0, epsilon=EPS, num_steps=3, step_size=EPS / 2)),
+    ("thrm_l2", "thrm", dict(beta=6.0, norm="l2", epsilon=0.5, num_steps=3, step_size=0.2)),
+    ("mart", "mart", dict(beta=6.0, epsilon=EPS, num_steps=3, step_size=EPS / 2)),
+    ("fat", "fat", dict(tau=1, epsilon=EPS, num_steps=3, step_size=EPS / 2)),
+    ("gairat", "gairat", dict(lam=-1.0, epsilon=EPS, num_steps=4, step_size=EPS / 2)),
+]
+IDS = [c[0] for c in CONFIGS]
+
+
+class TinyBN(nn.Module):
+    """Dense-BatchNorm-ReLU-Dense: small, and with running statistics to check eval-mode attacks."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(self.num_classes)(nn.relu(x))
+
+
+MODULE = TinyBN()
+APPLY = models.make_apply_fn(MODULE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """These tests check logic, not speed: let XLA skip most optimisations (compile is faster)."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    keys = jax.random.split(jax.random.key(0), 4)
+    variables = models.init(MODULE, keys[0], SHAPE)
+    # Non-trivial running statistics, so eval and train mode differ.
+    variables["batch_stats"] = jax.tree.map(lambda a: a + 0.3, variables["batch_stats"])
+    labels = jnp.arange(BATCH) % 10
+    batch1 = {"image": jax.random.uniform(keys[1], (BATCH, *SHAPE)), "label": labels}
+    batch2 = {"image": jax.random.uniform(keys[2], (BATCH, *SHAPE)), "label": labels[::-1]}
+    return variables, batch1, batch2, keys[3]
+
+
+def make_step(objective):
+    def step(variables, batch, key):
+        def loss_fn(params):
+            return objective({**variables, "params": params}, batch, key, apply_fn=APPLY)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        return loss, aux, grads
+
+    return jax.jit(chex.assert_max_traces(step, n=1))
+
+
+@pytest.fixture(scope="module")
+def results(setup):
+    """{config id: (first-call outputs, outputs on a batch that differs except in example 0)}."""
+    variables, batch1, batch2, key = setup
+    # Same first example, all others different: an eval-mode attack must not notice.
+    batch_other = {
+        "image": batch1["image"].at[1:].set(batch2["image"][1:]),
+        "label": batch1["label"],
+    }
+    out = {}
+    for cid, name, kwargs in CONFIGS:
+        chex.clear_trace_counter()  # chex counts traces per code object, shared by the closures
+        step = make_step(objectives.make(name, **kwargs))
+        first = step(variables, batch1, key)
+        step(variables, batch2, key)  # same shapes: must not retrace (assert_max_traces)
+        other = step(variables, batch_other, key)
+        out[cid] = (first, other)
+    return out
+
+
+def _kwargs(cid):
+    return dict(CONFIGS[IDS.index(cid)][2])
+
+
+def _ball(cid):
+    kw = _kwargs(cid)
+    return threat.make(epsilon=kw["epsilon"], norm=kw.get("norm", "linf"))
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_loss_and_gradient_finite(results, cid):
+    (loss, aux, grads), _ = results[cid]
+    assert loss.shape == () and np.isfinite(loss)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(np.isfinite(g).all() for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+    assert {"loss", "accuracy"} <= set(aux["metrics"])
+    assert all(np.isfinite(v) for v in aux["metrics"].values())
+    np.testing.assert_allclose(aux["metrics"]["loss"], loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_model_state_updated_in_training_mode(setup, results, cid):
+    variables = setup[0]
+    (_, aux, _), _ = results[cid]
+    state = aux["model_state"]
+    assert jax.tree.structure(state) == jax.tree.structure(
+        {"batch_stats": variables["batch_stats"]}
+    )
+    diff = jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), state["batch_stats"], variables["batch_stats"]
+    )
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+@pytest.mark.parametrize("cid", [c for c in IDS if c != "erm"])
+def test_inner_attack_respects_defenders_ball(setup, results, cid):
+    x = setup[1]["image"]
+    (_, aux, _), _ = results[cid]
+    delta = aux["adversarial"] - x
+    assert float(jnp.max(_ball(cid).norm_of(delta))) <= _kwargs(cid)["epsilon"] * (1 + 1e-5) + 1e-7
+    assert float(aux["adversarial"].min()) >= 0.0 and float(aux["adversarial"].max()) <= 1.0
+    assert float(jnp.max(_ball(cid).norm_of(delta))) > 0
+
+
+@pytest.mark.parametrize("cid", [c for c in IDS if c != "erm"])
+def test_inner_attack_runs_in_eval_mode(results, cid):
+    """In eval mode example 0's perturbation cannot depend on the other examples of the batch
+    (in training mode BatchNorm's batch statistics would couple them)."""
+    (first, other) = results[cid]
+    np.testing.assert_allclose(first[1]["adversarial"][0], other[1]["adversarial"][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("cid", ["trades", "thrm_l2"])
+def test_natural_term_is_erm(results, cid):
+    """The natural term of TRADES / THRM is exactly standard training's loss."""
+    (_, aux, _), _ = results[cid]
+    (erm_loss, _, _), _ = results["erm"]
+    np.testing.assert_allclose(aux["metrics"]["natural_loss"], erm_loss, rtol=1e-6)
+
+
+def test_inner_attacks_move_the_loss_the_right_way(setup, results):
+    """PGD-AT / MART raise the eval-mode cross-entropy, THRM's hypocritical example lowers it."""
+    variables, batch = setup[0], setup[1]
+    ce = jax.jit(
+        lambda x: losses.cross_entropy(APPLY(variables, x, train=False)[0], batch["label"])
+    )
+    clean = float(ce(batch["image"]).mean())
+    for cid in ("pgd_at", "mart", "gairat"):
+        assert float(ce(results[cid][0][1]["adversarial"]).mean()) > clean
+    assert float(ce(results["thrm_l2"][0][1]["adversarial"]).mean()) < clean
+
+
+def test_every_registry_entry(setup):
+    """Every OBJECTIVES entry, with its default hyperparameters: the right output structure
+    (abstractly evaluated: traced, not compiled)."""
+    variables, batch, _, key = setup
+    assert set(objectives.OBJECTIVES) == {
+        "erm",
+        "rand_noise",
+        "pgd_at",
+        "trades",
+        "thrm",
+        "mart",
+        "fat",
+        "gairat",
+    }
+    assert {c[1] for c in CONFIGS} == set(objectives.OBJECTIVES)
+    for name in objectives.OBJECTIVES:
+        objective = objectives.make(name)
+
+        def run(params, objective=objective):
+            return jax.value_and_grad(
+                lambda p: objective({**variables, "params": p}, batch, key, apply_fn=APPLY),
+                has_aux=True,
+            )(params)
+
+        (loss, aux), grads = jax.eval_shape(run, variables["params"])
+        assert loss.shape == ()
+        assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+        assert jax.tree.structure(aux["model_state"]) == jax.tree.structure(
+            {"batch_stats": variables["batch_stats"]}
+        )
+        assert all(v.shape == () for v in aux["metrics"].values())
+        if name in objectives.ADVERSARIAL:
+            assert aux["adversarial"].shape == batch["image"].shape
+    with pytest.raises(ValueError, match="Unknown objective"):
+        objectives.make("nope")
+    with pytest.raises(ValueError, match="epsilon"):
+        objectives.make("pgd_at", epsilon=8)
+
+
+# ----- early-stopped PGD and geometry values against per-example loops -------------------------
+
+
+@pytest.fixture(scope="module")
+def linear_problem():
+    """A 5-class linear model on 4x4x3 inputs, and jitted single-example helpers for the loops."""
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    w = jax.random.normal(k1, (4 * 4 * 3, 5)) * 3.0
+    x = jax.random.uniform(k2, (10, 4, 4, 3))
+    y = jnp.arange(10) % 5
+    logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w
+    grad = jax.jit(jax.grad(lambda d, xi, yi: losses.cross_entropy(logits_fn(xi + d), yi)[0]))
+    pred = jax.jit(lambda d, xi: jnp.argmax(logits_fn(xi + d), -1)[0])
+    return logits_fn, x, y, k3, grad, pred
+
+
+def _loop_reference(problem, delta0, *, eps, step_size, num_steps, tau):
+    """Algorithm 1 of FAT, one example at a time, in plain Python control flow."""
+    _, x, y, _, grad, pred = problem
+    deltas, kappas, moves = [], [], []
+    for i in range(x.shape[0]):
+        xi, yi, d = x[i : i + 1], y[i : i + 1], np.asarray(delta0[i : i + 1])
+        control, kappa, moved, stopped = tau, 0, 0, False
+        for _ in range(num_steps):
+            correct = int(pred(d, xi)) == int(yi[0])
+            kappa += correct
+            if stopped:
+                continue
+            if tau is not None and not correct:
+                if control == 0:
+                    stopped = True
+                    continue
+                control -= 1
+            d = d + step_size * np.sign(np.asarray(grad(d, xi, yi)))
+            d = np.clip(np.clip(d, -eps, eps) + np.asarray(xi), 0.0, 1.0) - np.asarray(xi)
+            moved += 1
+        deltas.append(d[0])
+        kappas.append(kappa)
+        moves.append(moved)
+    return np.stack(deltas), np.array(kappas), np.array(moves)
+
+
+@pytest.mark.parametrize("tau", [0, 1, None])
+def test_early_stopped_pgd_matches_per_example_loop(linear_problem, tau):
+    logits_fn, x, y, key = linear_problem[:4]
+    eps, step_size, num_steps = 0.1, 0.03, 5
+    tm = threat.make(epsilon=eps)
+    delta0 = tm.random_init(key, x)
+    delta, stats = inner.pgd_with_stats(
+        logits_fn,
+        losses.cross_entropy,
+        x,
+        y,
+        delta=delta0,
+        threat=tm,
+        num_steps=num_steps,
+        step_size=step_size,
+        tau=tau,
+    )
+    ref_delta, ref_kappa, ref_moves = _loop_reference(
+        linear_problem, delta0, eps=eps, step_size=step_size, num_steps=num_steps, tau=tau
+    )
+    np.testing.assert_allclose(delta, ref_delta, atol=1e-6)
+    np.testing.assert_array_equal(stats["num_moves"], ref_moves)
+    if tau is None:
+        np.testing.assert_array_equal(stats["kappa"], ref_kappa)
+        assert (ref_moves == num_steps).all()
+    else:
+        assert (ref_moves < num_steps).any()  # the stop is exercised
+
+
+def test_fat_without_stopping_is_pgd(linear_problem):
+    """With tau >= K no example ever stops: FAT's search is `attacks.pgd` from the same start."""
+    logits_fn, x, y, key = linear_problem[:4]
+    tm = threat.make(epsilon=0.1)
+    kw = dict(threat=tm, num_steps=5, step_size=0.03)
+    delta, _ = inner.pgd_with_stats(
+        logits_fn, losses.cross_entropy, x, y, delta=tm.random_init(key, x), tau=5, **kw
+    )
+    expected = attacks.pgd(lambda z, t: losses.cross_entropy(logits_fn(z), t), x, y, key=key, **kw)
+    np.testing.assert_allclose(delta, expected, atol=1e-6)
+
+
+def test_gair_weights():
+    kappa = jnp.array([0, 1, 2, 5, 10, 10])
+    for fn in gairat.WEIGHT_FNS:
+        w = gairat.gair_weights(kappa, 10, lam=-1.0, weight_fn=fn)
+        np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
+        assert (np.diff(np.asarray(w)) <= 1e-7).all()  # closer to the boundary: more weight
+    w = gairat.gair_weights(kappa, 10, weight_fn="discrete")
+    raw = (11.0 - np.asarray(kappa)) / 11.0
+    np.testing.assert_allclose(w, raw / raw.mean(), rtol=1e-6)
+    np.testing.assert_allclose(gairat.gair_weights(kappa, 10, lam=float("inf")), 1.0)
+    with pytest.raises(ValueError, match="weight_fn"):
+        gairat.make(weight_fn="cubic")
