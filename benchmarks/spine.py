@@ -1,0 +1,398 @@
+r"""Times jaxpoison against the PyTorch reference on this CPU: train step, PGD-10, seeds study.
+
+    python benchmarks/spine.py                                   # everything, default sizes
+    python benchmarks/spine.py --workloads=train,pgd --models=cnn_cifar,vgg11 --reps=5
+    python benchmarks/spine.py --workloads=seeds --seeds=1,4,8 --seed_model=cnn_cifar
+    python benchmarks/spine.py --models=resnet18@0.25            # a model at a width
+
+Workloads (batch 128, CIFAR shapes 32x32x3, fp32):
+  train  one SGD step (momentum 0.9, weight decay 5e-4, cross-entropy), train-mode model: the
+         jaxpoison trainer's compiled multi-seed step at S=1 (`Trainer.compiled_step`) against
+         `torch_reference.make_train_step`.
+  pgd    PGD-10 ℓ∞ (ε=8/255, step 2/255, random start) on the eval-mode model:
+         `jit(attacks.pgd)` against `torch_reference.make_pgd`.
+  seeds  the trainer's compiled step for S seeds at once with ``seed_strategy`` 'vmap' and
+         'map', against S sequential single-seed steps (S x the S=1 step time); jaxpoison only.
+
+JAX and PyTorch repetitions are interleaved in one process (the CPU is shared, so the load
+changes over time; interleaving exposes both frameworks to the same load) and the medians are
+reported with the 1-minute load average at the time. Each measurement is also printed as one
+JSON line (prefix ``JSON ``), for `--json_out` or grep. FLOP counts are the model's
+convolutions and linear layers (2 x multiply-adds): a train step is forward + input gradient +
+kernel gradient (3F minus the first layer's input gradient), a PGD step is forward + input
+gradient (2F); achieved GFLOP/s is compared with this CPU's measured 2048² sgemm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxpoison import attacks, models, threat, training
+
+BATCH = 128
+IMAGE_SHAPE = (32, 32, 3)
+NUM_TRAIN = 1024
+
+
+def _torch_reference():
+    """The lazily imported PyTorch reference module, or None (with a message) without torch."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import torch_reference
+    except ImportError as e:
+        print(f"PyTorch reference unavailable, timing jaxpoison only: {e}", file=sys.stderr)
+        return None
+    return torch_reference
+
+
+def _load():
+    return round(os.getloadavg()[0], 2)
+
+
+def _emit(record, sink):
+    record = {**record, "load1": _load()}
+    print("JSON " + json.dumps(record), flush=True)
+    sink.append(record)
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(fns, reps, warmup=1):
+    """Runs each of `fns` (a dict of zero-argument callables that block until done) `warmup`
+    times, then `reps` rounds of one call each, and returns the per-call times per name."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return times
+
+
+def parse_model(spec):
+    name, _, width = spec.partition("@")
+    return name, float(width) if width else 1.0
+
+
+# ----- sgemm --------------------------------------------------------------------------------------
+
+
+def sgemm(sink, reps, torch_ref):
+    n = 2048
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), np.float32)
+    b = rng.random((n, n), np.float32)
+    fns = {"numpy": lambda: a @ b}
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jdot = jax.jit(jnp.dot)
+    fns["jax"] = lambda: jdot(ja, jb).block_until_ready()
+    if torch_ref is not None:
+        ta, tb = torch_ref.torch.from_numpy(a), torch_ref.torch.from_numpy(b)
+        fns["torch"] = lambda: ta @ tb
+    times = interleaved(fns, reps)
+    result = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = 2 * n**3 / med / 1e9
+        _emit(
+            {"workload": "sgemm2048", "framework": name, "median_s": med, "gflops": result[name]},
+            sink,
+        )
+    return result
+
+
+# ----- jaxpoison workloads ------------------------------------------------------------------------
+
+
+def victim_config(name, width, seed_strategy="auto"):
+    config = ml_collections.ConfigDict()
+    config.model = {"name": name, "width": width}
+    config.objective = {"name": "erm"}
+    config.optimizer = {
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "constant",
+    }
+    config.epochs = 1
+    config.batch_size = BATCH
+    config.seed_strategy = seed_strategy
+    return config
+
+
+class JaxTrain:
+    """The trainer's compiled step for `num_seeds` seeds, on a resident random training set."""
+
+    def __init__(self, name, width, *, num_seeds=1, seed_strategy="auto"):
+        cfg = victim_config(name, width, seed_strategy)
+        self.trainer = training.Trainer.from_config(cfg, num_classes=10, image_shape=IMAGE_SHAPE)
+        steps = NUM_TRAIN // BATCH
+        self.step = self.trainer.compiled_step(steps, 0, False)
+        self.states = self.trainer.init_seeds(jax.random.key(0), num_seeds, steps)
+        rng = np.random.default_rng(1)
+        self.x = jnp.asarray(rng.random((NUM_TRAIN, *IMAGE_SHAPE), np.float32))
+        self.y = jnp.asarray(rng.integers(0, 10, NUM_TRAIN), jnp.int32)
+        self.num_seeds = num_seeds
+        self.keys = jax.random.split(jax.random.key(2), num_seeds)
+        self.i = 0
+
+    def __call__(self):
+        self.i += 1
+        idx = jax.random.randint(jax.random.key(self.i), (self.num_seeds, BATCH), 0, NUM_TRAIN)
+        self.states, metrics = self.step(self.states, self.x, self.y, idx, self.keys)
+        jax.block_until_ready((self.states, metrics))
+
+
+class JaxPGD:
+    def __init__(self, name, width, *, num_steps=10):
+        module = models.make(name, num_classes=10, width=width)
+        variables = models.init(module, jax.random.key(0), IMAGE_SHAPE)
+        apply_fn = models.make_apply_fn(module)
+        ball = threat.LpBall(8 / 255)
+
+        @jax.jit
+        def attack(variables, x, y, key):
+            loss_fn = attacks.model_loss(apply_fn, variables)
+            return attacks.pgd(
+                loss_fn, x, y, key=key, threat=ball, num_steps=num_steps, step_size=2 / 255
+            )
+
+        rng = np.random.default_rng(1)
+        self.args = (
+            variables,
+            jnp.asarray(rng.random((BATCH, *IMAGE_SHAPE), np.float32)),
+            jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32),
+        )
+        self.attack = attack
+        self.i = 0
+
+    def __call__(self):
+        self.i += 1
+        self.attack(*self.args, jax.random.key(self.i)).block_until_ready()
+
+
+# ----- PyTorch workloads --------------------------------------------------------------------------
+
+
+class TorchTrain:
+    def __init__(self, tr, name, width, channels_last):
+        torch = tr.torch
+        torch.manual_seed(0)
+        self.model = tr.make(name, width=width, channels_last=channels_last)
+        self.step = tr.make_train_step(self.model, learning_rate=0.01, channels_last=channels_last)
+        self.x = torch.rand(NUM_TRAIN, 3, 32, 32)
+        self.y = torch.randint(0, 10, (NUM_TRAIN,))
+        self.torch = torch
+
+    def __call__(self):
+        self.step(self.x, self.y, self.torch.randint(0, NUM_TRAIN, (BATCH,)))
+
+
+class TorchPGD:
+    def __init__(self, tr, name, width, channels_last, *, num_steps=10):
+        torch = tr.torch
+        torch.manual_seed(0)
+        self.model = tr.make(name, width=width, channels_last=channels_last)
+        self.attack = tr.make_pgd(self.model, num_steps=num_steps, channels_last=channels_last)
+        self.x = torch.rand(BATCH, 3, 32, 32)
+        self.y = torch.randint(0, 10, (BATCH,))
+
+    def __call__(self):
+        self.attack(self.x, self.y)
+
+
+def model_flops(tr, name, width):
+    """(forward FLOPs per example, first conv's FLOPs per example), from the torch reference
+    (identical architecture); None without torch."""
+    if tr is None:
+        return None
+    return tr.forward_flops(tr.make(name, width=width, channels_last=False))
+
+
+# ----- studies ------------------------------------------------------------------------------------
+
+
+def head_to_head(workload, spec, args, tr, sink, rows):
+    name, width = parse_model(spec)
+    flops = model_flops(tr, name, width)
+    if workload == "train":
+        fns = {"jax": JaxTrain(name, width)}
+        if tr is not None:
+            fns["torch"] = TorchTrain(tr, name, width, args.channels_last)
+        work = None if flops is None else BATCH * (3 * flops[0] - flops[1])
+    else:
+        fns = {"jax": JaxPGD(name, width, num_steps=args.pgd_steps)}
+        if tr is not None:
+            fns["torch"] = TorchPGD(tr, name, width, args.channels_last, num_steps=args.pgd_steps)
+        work = None if flops is None else BATCH * args.pgd_steps * 2 * flops[0]
+    load_before = _load()
+    times = interleaved(fns, args.reps, warmup=args.warmup)
+    row = {"workload": workload, "model": spec, "load": (load_before, _load())}
+    for fw, ts in times.items():
+        med = statistics.median(ts)
+        rec = {
+            "workload": workload,
+            "model": name,
+            "width": width,
+            "framework": fw,
+            "batch": BATCH,
+            "median_s": med,
+            "times_s": [round(t, 4) for t in ts],
+            "examples_per_s": BATCH / med,
+        }
+        if work is not None:
+            rec["gflop"] = work / 1e9
+            rec["gflops_per_s"] = work / med / 1e9
+        _emit(rec, sink)
+        row[fw] = rec
+    if "torch" in row:
+        ratio = row["jax"]["median_s"] / row["torch"]["median_s"]
+        per_rep = [j / t for j, t in zip(times["jax"], times["torch"], strict=True)]
+        _emit(
+            {
+                "workload": workload,
+                "model": name,
+                "width": width,
+                "ratio_jax_over_torch": ratio,
+                "ratio_per_rep": [round(r, 3) for r in per_rep],
+            },
+            sink,
+        )
+        row["ratio"] = ratio
+    rows.append(row)
+
+
+def seeds_study(args, sink, tr):
+    name, width = parse_model(args.seed_model)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    strategies = args.strategies.split(",")
+    fns = {}
+    for s in seeds:
+        for strat in strategies:
+            if s == 1 and strat != strategies[0]:
+                continue
+            fns[(s, strat)] = JaxTrain(name, width, num_seeds=s, seed_strategy=strat)
+    load_before = _load()
+    times = interleaved(fns, args.reps, warmup=args.warmup)
+    t1 = statistics.median(times[(1, strategies[0])])
+    rows = []
+    for (s, strat), ts in times.items():
+        med = statistics.median(ts)
+        rec = {
+            "workload": "seeds",
+            "model": name,
+            "width": width,
+            "num_seeds": s,
+            "seed_strategy": strat if s > 1 else "single",
+            "median_s": med,
+            "times_s": [round(t, 4) for t in ts],
+            "per_seed_examples_per_s": s * BATCH / med,
+            "sequential_s": s * t1,
+            "speedup_vs_sequential": s * t1 / med,
+        }
+        _emit(rec, sink)
+        rows.append(rec)
+    return rows, (load_before, _load())
+
+
+# ----- printing -----------------------------------------------------------------------------------
+
+
+def print_tables(gemm, rows, seed_rows, seed_load):
+    print("\nsgemm 2048² (GFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
+    if rows:
+        print(
+            f"\n{'workload':8} {'model':16} {'JAX s':>8} {'torch s':>8} {'JAX ex/s':>9} "
+            f"{'torch ex/s':>10} {'JAX/torch':>9} {'JAX GF/s':>9} {'torch GF/s':>10}  load"
+        )
+        for r in rows:
+            j, t = r["jax"], r.get("torch", {})
+            print(
+                f"{r['workload']:8} {r['model']:16} {j['median_s']:8.3f} "
+                f"{t.get('median_s', float('nan')):8.3f} {j['examples_per_s']:9.1f} "
+                f"{t.get('examples_per_s', float('nan')):10.1f} "
+                f"{r.get('ratio', float('nan')):9.2f} {j.get('gflops_per_s', float('nan')):9.1f} "
+                f"{t.get('gflops_per_s', float('nan')):10.1f}  {r['load'][0]}->{r['load'][1]}"
+            )
+    if seed_rows:
+        print(
+            f"\nseeds ({seed_rows[0]['model']}@{seed_rows[0]['width']}, batch {BATCH}, "
+            f"load {seed_load[0]}->{seed_load[1]})"
+        )
+        print(
+            f"{'S':>3} {'strategy':8} {'step s':>8} {'S x single s':>12} {'per-seed ex/s':>13} "
+            f"{'vs sequential':>13}"
+        )
+        for r in seed_rows:
+            print(
+                f"{r['num_seeds']:3d} {r['seed_strategy']:8} {r['median_s']:8.3f} "
+                f"{r['sequential_s']:12.3f} {r['per_seed_examples_per_s']:13.1f} "
+                f"{r['speedup_vs_sequential']:12.2f}x"
+            )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="train,pgd,seeds", help="comma list of train,pgd,seeds")
+    p.add_argument("--models", default="cnn_cifar,vgg11", help="comma list of name[@width]")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per framework")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation")
+    p.add_argument("--pgd_steps", type=int, default=10)
+    p.add_argument("--seeds", default="1,4,8", help="seed counts of the seeds study")
+    p.add_argument("--strategies", default="map,vmap", help="seed strategies of the seeds study")
+    p.add_argument("--seed_model", default="cnn_cifar", help="name[@width] for the seeds study")
+    p.add_argument(
+        "--channels_last",
+        type=int,
+        default=1,
+        help="PyTorch memory format: 1 = channels-last (the faster here, see docs), 0 = NCHW",
+    )
+    p.add_argument("--no_torch", action="store_true", help="time jaxpoison only")
+    p.add_argument("--json_out", default="", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+
+    tr = None if args.no_torch else _torch_reference()
+    if tr is not None:
+        print(
+            f"torch {tr.torch.__version__}, {tr.torch.get_num_threads()} threads, "
+            f"channels_last={bool(args.channels_last)}"
+        )
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()}"
+    )
+    sink = []
+    gemm = sgemm(sink, max(3, args.reps), tr)
+    workloads = args.workloads.split(",")
+    rows = []
+    for workload in ("train", "pgd"):
+        if workload in workloads:
+            for spec in args.models.split(","):
+                head_to_head(workload, spec, args, tr, sink, rows)
+    seed_rows, seed_load = [], None
+    if "seeds" in workloads:
+        seed_rows, seed_load = seeds_study(args, sink, tr)
+    print_tables(gemm, rows, seed_rows, seed_load)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            for rec in sink:
+                f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""PyTorch reference models and workloads, equal in architecture to jaxpoison's.
+
+Used by `benchmarks/spine.py` to time jaxpoison against PyTorch on the same CPU. torch is an
+optional dependency (``pip install -e '.[torch]'``): this module imports it at import time, so
+import it lazily (`load()` below gives a clear message when torch is missing).
+
+Models (CIFAR shapes, NCHW tensors, optionally in channels-last memory format):
+  - ``cnn_cifar``: five 3x3 SAME convs (32, 64, 128, 128, 128) with bias, each ReLU + 2x2
+    max-pool while the spatial size is > 1, global mean, linear (jaxpoison.models.cnn.CifarCNN);
+  - ``vgg11``: VGG-11 with BatchNorm, bias-free convs, one linear classifier
+    (jaxpoison.models.vgg.VGG, depth 11);
+  - ``resnet18``: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), BasicBlocks,
+    1x1-conv + BN shortcuts (jaxpoison.models.resnet.ResNet18).
+Each takes the same `width` multiplier with the same rounding as the Flax models. BatchNorm:
+flax momentum 0.9 on the running average = PyTorch momentum 0.1; epsilon 1e-5.
+
+Workloads:
+  - `make_train_step`: SGD, momentum 0.9, coupled weight decay 5e-4, mean cross-entropy,
+    train-mode model; the batch is gathered by index from a resident training set (as the
+    jaxpoison trainer does).
+  - `make_pgd`: PGD ℓ∞ with random start on the eval-mode model, sign steps, projection onto
+    the ε-ball and the [0, 1] box; gradients only with respect to the input.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def load():
+    """Imports torch or raises an ImportError that says how to install it."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "PyTorch is not installed; the PyTorch reference needs it. Install the optional "
+            "extra: pip install -e '.[torch]' (or pip install torch==2.13.0 "
+            "--index-url https://download.pytorch.org/whl/cpu)."
+        ) from e
+
+
+torch = load()
+nn = torch.nn
+F = torch.nn.functional
+
+
+def _round(channels, width):
+    return max(1, int(round(channels * width)))
+
+
+class CifarCNN(nn.Module):
+    def __init__(self, num_classes=10, width=1.0, channels=(32, 64, 128, 128, 128)):
+        super().__init__()
+        chans = [3] + [_round(c, width) for c in channels]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin, cout, 3, padding=1)
+            for cin, cout in zip(chans[:-1], chans[1:], strict=True)
+        )
+        self.fc = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            if x.shape[2] > 1:
+                x = F.max_pool2d(x, 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+VGG_CFG = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    def __init__(self, num_classes=10, depth=11, width=1.0):
+        super().__init__()
+        layers, cin = [], 3
+        for v in VGG_CFG[depth]:
+            if v == "M":
+                layers.append("M")
+                continue
+            cout = max(1, int(v * width))
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout, eps=1e-5, momentum=0.1),
+                nn.ReLU(inplace=True),
+            ]
+            cin = cout
+        self.layers = nn.ModuleList(m for m in layers if m != "M")
+        self.plan = layers
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        it = iter(self.layers)
+        for v in self.plan:
+            if v == "M":
+                if x.shape[2] > 1:
+                    x = F.max_pool2d(x, 2)
+            else:
+                x = next(it)(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu((x if self.shortcut is None else self.shortcut(x)) + y)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes=10, width=1.0, stage_sizes=(2, 2, 2, 2)):
+        super().__init__()
+        base = max(1, int(64 * width))
+        self.stem = nn.Sequential(nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base))
+        blocks, cin = [], base
+        for i, n in enumerate(stage_sizes):
+            for j in range(n):
+                cout = base * 2**i
+                blocks.append(BasicBlock(cin, cout, 2 if i > 0 and j == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+MODELS = {
+    "cnn_cifar": CifarCNN,
+    "vgg11": lambda num_classes=10, width=1.0: VGG(num_classes, 11, width),
+    "vgg16": lambda num_classes=10, width=1.0: VGG(num_classes, 16, width),
+    "resnet18": ResNet18,
+}
+
+
+def make(name, *, num_classes=10, width=1.0, channels_last=True):
+    """The model `name` at `width`, in channels-last memory format if asked."""
+    if name not in MODELS:
+        raise ValueError(f"No PyTorch reference for {name!r}; use one of {sorted(MODELS)}.")
+    model = MODELS[name](num_classes=num_classes, width=width)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _to_format(x, channels_last):
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def make_train_step(
+    model, *, learning_rate=0.1, momentum=0.9, weight_decay=5e-4, channels_last=True
+):
+    """``step(x_train, y_train, idx) -> loss``: one SGD step on the batch ``x_train[idx]``."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+
+    def step(x_train, y_train, idx):
+        model.train()
+        x = _to_format(x_train[idx], channels_last)
+        loss = F.cross_entropy(model(x), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def make_pgd(model, *, epsilon=8 / 255, step_size=2 / 255, num_steps=10, channels_last=True):
+    """``attack(x, y, generator) -> delta``: PGD ℓ∞ with random start on the eval-mode model."""
+
+    def attack(x, y, generator=None):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        x = _to_format(x, channels_last)
+        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
+        delta = _to_format((x + delta).clamp_(0, 1) - x, channels_last)
+        for _ in range(num_steps):
+            delta.requires_grad_(True)
+            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = (delta + step_size * g.sign()).clamp_(-epsilon, epsilon)
+                delta = (x + delta).clamp_(0, 1) - x
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return delta.detach()
+
+    return attack
+
+
+def forward_flops(model, image_shape=(3, 32, 32)):
+    """Multiply-adds x 2 of the convolutions and linear layers for one example, and of the
+    first convolution alone (whose input gradient a training step does not need)."""
+    counts = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            per_out = module.in_channels // module.groups * kh * kw
+            counts.append(2 * output.numel() * per_out)
+        elif isinstance(module, nn.Linear):
+            counts.append(2 * output.numel() * module.in_features)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *image_shape))
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return sum(counts), counts[0]
