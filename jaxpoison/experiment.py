@@ -13,6 +13,11 @@ A run's workdir (same for every experiment)::
 Config fields (see configs/quickstart.py): ``seed``, ``data``, ``threat``, ``poisons`` (run name
 -> poison spec), ``include_clean``, ``objectives`` (label -> objective spec), ``surrogate``
 (the crafting model, for poisons that need one) and ``victim``.
+
+A poison spec holds ``name`` and the factory's keyword arguments, and optionally ``threat``,
+``batch_size`` (crafting), ``fraction`` / ``classes`` (partial poisoning) and ``clean_extra``: k
+extra clean training examples, class-balanced, from the part of the dataset outside
+``data.num_train``, added to that run's poisoned training set (clean-data addition).
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
                 f"{sorted(poisons.POISONS)}."
             )
         craft_kwargs = {k: spec.pop(k) for k in ("batch_size",) if k in spec}
+        spec.pop("clean_extra", None)  # used by `clean_additions`, not by the poison
         tm = make_threat(spec.pop("threat", config.threat))
         kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
         if name in poisons.REQUIRES_MODEL:
@@ -141,12 +147,48 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
     return out
 
 
+def clean_additions(config, dataset):
+    """{run name: (float images, labels)} of the extra clean examples of runs with ``clean_extra``.
+
+    They are the first examples of each class (class-balanced) among the training examples that
+    ``data.num_train`` left out, so they are disjoint from the poisoned set.
+    """
+    wanted = {
+        run: int(spec.get("clean_extra", 0))
+        for run, spec in config.poisons.items()
+        if spec.get("clean_extra", 0)
+    }
+    if not wanted:
+        return {}
+    full = data.load(ml_collections.ConfigDict(dict(_plain(config.data), num_train=0)))
+    subset = np.arange(len(full.y_train))
+    if len(dataset.y_train) < len(full.y_train):
+        subset = data.balanced_indices(full.y_train, len(dataset.y_train), full.num_classes)
+    if not np.array_equal(full.x_train[subset], dataset.x_train):
+        raise data.DataError("clean_extra: cannot locate the training subset in the full dataset.")
+    pool = np.setdiff1d(np.arange(len(full.y_train)), subset)
+    out = {}
+    for run, k in wanted.items():
+        if k > len(pool):
+            raise ValueError(
+                f"poisons.{run}.clean_extra={k} but only {len(pool)} training examples lie "
+                "outside data.num_train; lower clean_extra or data.num_train."
+            )
+        idx = pool[data.balanced_indices(full.y_train[pool], k, full.num_classes)]
+        out[run] = (full.x_train[idx].astype(np.float32) / 255.0, full.y_train[idx])
+    return out
+
+
 def _write_config(config, workdir):
     storage.write_json_atomic(Path(workdir) / "config.json", _plain(config))
 
 
 def train_and_evaluate(config, workdir, *, progress=True):
     """Runs the experiment `config` in `workdir` and returns the results dict."""
+    if config.get("experiment", "images") == "gaussian_theory":
+        from jaxpoison.theory import runner
+
+        return runner.run(config, workdir, progress=progress)
     workdir = Path(workdir)
     results_path = workdir / "results.json"
     if results_path.is_file():
@@ -166,6 +208,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
     if config.get("include_clean", True):
         train_sets["clean"] = (dataset.x_train, dataset.y_train)
     train_sets.update(craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress))
+    extras = clean_additions(config, dataset)
 
     val_size = config.data.get("val_size", 0)
     train_idx, val_idx = data.split_validation(
@@ -181,9 +224,14 @@ def train_and_evaluate(config, workdir, *, progress=True):
         )
         for set_name, (x_train, y_train) in train_sets.items():
             run_name = set_name if len(objectives) == 1 else f"{obj_label}/{set_name}"
+            x_fit, y_fit = x_train[train_idx], y_train[train_idx]
+            if set_name in extras:
+                x_extra, y_extra = extras[set_name]
+                x_fit = np.concatenate([data.to_float(x_fit), x_extra])  # crafted sets are float
+                y_fit = np.concatenate([y_fit, y_extra]).astype(np.int32)
             td = training.train_data_from(
-                x_train[train_idx],
-                y_train[train_idx],
+                x_fit,
+                y_fit,
                 dataset,
                 x_val=x_train[val_idx] if val_size else None,
                 y_val=y_train[val_idx] if val_size else None,
@@ -228,4 +276,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
     return results
 
 
-__all__ = ["craft_poisons", "make_threat", "train_and_evaluate", "train_surrogate"]
+__all__ = [
+    "clean_additions",
+    "craft_poisons",
+    "make_threat",
+    "train_and_evaluate",
+    "train_surrogate",
+]

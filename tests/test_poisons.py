@@ -255,3 +255,24 @@ def test_partial_poisoning(name, dataset, tm, surrogate):
     touched = np.asarray(state.mask)
     assert touched.sum() == (y != 1).sum() // 2 and not (touched & (y == 1)).any()
     assert not (changed & ~touched).any() and changed.sum() > touched.sum() // 2
+
+
+def test_clean_data_addition_comes_from_outside_the_subset():
+    import ml_collections
+
+    from jaxpoison import data, experiment
+
+    config = ml_collections.ConfigDict(
+        dict(
+            data=dict(source="embedded", name="cifar10", num_train=100, num_test=10),
+            poisons=dict(p=dict(name="random", clean_extra=20), q=dict(name="random")),
+        )
+    )
+    dataset = data.load(config.data)
+    extras = experiment.clean_additions(config, dataset)
+    assert set(extras) == {"p"}
+    x_extra, y_extra = extras["p"]
+    assert x_extra.shape == (20, 32, 32, 3) and x_extra.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(y_extra, minlength=10), np.full(10, 2))
+    subset = {im.tobytes() for im in dataset.x_train}
+    assert not any(np.round(im * 255).astype(np.uint8).tobytes() in subset for im in x_extra)

@@ -1,0 +1,124 @@
+"""Shared settings of configs/poison_family.py and configs/poisons/<name>_cifar10.py.
+
+Not a config itself: the config files load it by path, so it works however ml_collections
+imports them.
+"""
+
+import ml_collections
+
+# Run name -> poison spec (``name`` + factory keyword arguments + crafting ``batch_size``).
+# Step counts are cut from the papers' (P1 100, error-maximizing 250, error-minimizing 20 per
+# pass) so that crafting on 2 CPU cores takes minutes; override them for full runs.
+SPECS = {
+    "random": dict(name="random"),
+    "regions_1": dict(name="regions", num_patches=1),
+    "regions": dict(name="regions", num_patches=4),
+    "regions_16": dict(name="regions", num_patches=16),
+    "low_frequency": dict(name="low_frequency", frequency=4),
+    "adversarial": dict(name="adversarial", num_steps=20, batch_size=256),
+    "error_maximizing": dict(name="error_maximizing", num_steps=20, batch_size=256),
+    "mifgsm": dict(name="mifgsm", num_steps=10, batch_size=256),
+    "hypocritical": dict(name="hypocritical", num_steps=20, batch_size=256),
+    "universal_adversarial": dict(
+        name="universal_adversarial", num_epochs=1, num_steps=2, batch_size=256
+    ),
+    "universal_hypocritical": dict(
+        name="universal_hypocritical", num_epochs=1, num_steps=2, batch_size=256
+    ),
+    "error_minimizing": dict(
+        name="error_minimizing",
+        model=dict(name="cnn_cifar", width=0.25),
+        optimizer=dict(learning_rate=0.05),
+        num_epochs=4,
+        num_steps=10,
+        train_steps=10,
+        batch_size=256,
+    ),
+    "error_minimizing_class_wise": dict(
+        name="error_minimizing",
+        class_wise=True,
+        model=dict(name="cnn_cifar", width=0.25),
+        optimizer=dict(learning_rate=0.05),
+        num_epochs=4,
+        num_steps=10,
+        train_steps=10,
+        batch_size=256,
+    ),
+    "noise": dict(name="noise"),
+    "mislabeling": dict(name="mislabeling"),
+}
+
+# The runs of each configs/poisons/<name>_cifar10.py (registry name -> SPECS keys).
+GROUPS = {
+    "regions": ("regions_1", "regions", "regions_16"),
+    "error_minimizing": ("error_minimizing", "error_minimizing_class_wise"),
+}
+
+# What `:tiny` shrinks in the specs (everything small enough for a smoke run).
+TINY = {
+    "num_steps": 2,
+    "num_epochs": 1,
+    "batch_size": 50,
+}
+
+
+def get_config(runs, arg=None, *, title):
+    """A config that crafts `runs` (keys of SPECS) on a class-balanced CIFAR-10 subset and
+    trains the victims on each and on the clean data."""
+    config = ml_collections.ConfigDict()
+    config.name = title
+    config.seed = 0
+    config.data = dict(
+        source="npz",
+        name="cifar10",
+        num_train=2000,
+        num_test=1000,
+        val_size=0,
+        crop_padding=4,
+        flip=True,
+    )
+    epsilon = ml_collections.FieldReference(8 / 255)
+    config.threat = dict(norm="linf", epsilon=epsilon)
+    config.include_clean = True
+    config.poisons = {run: dict(SPECS[run]) for run in runs}
+    config.objectives = {"erm": dict(name="erm")}
+    config.loss_threshold = 0.5
+    optimizer = dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    model = dict(name="cnn_cifar", width=0.25)
+    config.victim = dict(
+        model=model,
+        epochs=6,
+        batch_size=64,
+        num_seeds=2,
+        seed_strategy="auto",
+        eval_batch_size=500,
+        checkpoint_every=5,
+        optimizer=optimizer,
+    )
+    # The crafting model of the poisons that need one (trained on the clean subset).
+    config.surrogate = dict(
+        model=dict(model),
+        epochs=6,
+        batch_size=64,
+        eval_batch_size=500,
+        checkpoint_every=5,
+        optimizer=dict(optimizer),
+    )
+    if arg == "tiny":
+        config.data.num_train = 200
+        config.data.num_test = 100
+        for cfg in (config.victim, config.surrogate):
+            cfg.model.width = 0.125
+            cfg.epochs = 1
+            cfg.batch_size = 50
+            cfg.checkpoint_every = 1
+        config.victim.num_seeds = 2
+        for spec in config.poisons.values():
+            for key, value in TINY.items():
+                if key in spec:
+                    spec[key] = value
+            if "model" in spec:
+                spec.model.width = 0.125
+    elif arg:
+        raise ValueError(f"Unknown config argument {arg!r}; use ':tiny' or nothing.")
+    return config

@@ -1,0 +1,31 @@
+r"""P2 hypocritical poison on a CIFAR-10 subset, beside the clean baseline.
+
+  jaxpoison --config=configs/poisons/hypocritical_cifar10.py --workdir=WORKDIR
+  (append :tiny to the config path for a smoke run)
+
+PGD minimizing the loss to the true label on a clean-trained CNN (Tao et al. 2021).
+ℓ∞, ε = 8/255, class-balanced 2,000 training / 1,000 test images of shared/data/cifar10.npz;
+standard training of the CIFAR CNN (width 0.25, 6 epochs, 2 seeds); clean test accuracy per
+epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
+(configs/poisons/_common.py).
+
+Expected: the hypocritical row(s) of the table in docs/poisons.md.
+"""
+
+from pathlib import Path
+
+
+def get_config(arg=None):
+    common = _common()
+    runs = common.GROUPS.get("hypocritical", ("hypocritical",))
+    return common.get_config(runs, arg, title="P2 hypocritical poison vs clean (CIFAR-10)")
+
+
+def _common():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "_common.py"
+    spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
