@@ -5,10 +5,16 @@ a slow generic path (measured on 2 cores: 4 GFLOP/s for a 3->32 channel 32x32 la
 55 GFLOP/s for the forward conv). `conv_general_dilated` below keeps XLA's convolution for the
 forward pass and the input gradient, and computes the kernel gradient as one GEMM over shifted
 views of the input (sum over positions of x_shift^T @ cotangent), which runs at matmul speed.
+Convolutions on tiny images (at most kh*kw pixels, e.g. the 2x2 maps at the end of the CIFAR
+CNN and VGG) are worse still on XLA:CPU (about 1 GFLOP/s, 20x behind oneDNN); there the
+convolution is written as one dense matrix product, ``x[B, H*W*Cin] @ W[H*W*Cin, Ho*Wo*Cout]``,
+whose matrix is the kernel scattered by a constant 0/1 tap-selection tensor; this needs no more
+multiply-adds than the convolution (H*W <= kh*kw) and all its gradients are matrix products.
 `max_pool` uses a reshape + max for non-overlapping windows, whose gradient is elementwise,
 instead of XLA's select-and-scatter. Both are drop-in: same signature, same numbers up to
 floating-point reassociation (tests compare them with `lax`), and both support grad-of-grad
 (the meta-gradients of L2C). Anything they do not cover falls back to `lax`.
+Measurements: docs/performance.md and benchmarks/conv_layers.py.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -67,7 +74,58 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    if _use_dense(lhs.shape, rhs.shape):
+        return dense_conv(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads)
+
+
+# Largest dense matrix (elements) the tiny-image path builds: 2x2 maps of 512 -> 512 channels
+# need 4*4*512*512 = 4.2M; the cap keeps a wide network's matrix under 256 MB.
+_DENSE_MAX_ELEMENTS = 1 << 26
+
+
+def _use_dense(x_shape, w_shape):
+    _, h, w, cin = x_shape
+    kh, kw, _, cout = w_shape
+    pixels = h * w
+    return pixels <= kh * kw and pixels * pixels * cin * cout <= _DENSE_MAX_ELEMENTS
+
+
+@functools.cache
+def _tap_selection(in_hw, kernel_hw, strides, pads):
+    """0/1 array [H*W, Ho*Wo, kh*kw]: 1 where output pixel q reads input pixel p through tap t."""
+    (h, w), (kh, kw), (sh, sw) = in_hw, kernel_hw, strides
+    ho = (h + pads[0][0] + pads[0][1] - kh) // sh + 1
+    wo = (w + pads[1][0] + pads[1][1] - kw) // sw + 1
+    sel = np.zeros((h * w, ho * wo, kh * kw), np.float32)
+    for oi in range(ho):
+        for oj in range(wo):
+            for i in range(kh):
+                for j in range(kw):
+                    ii, jj = oi * sh + i - pads[0][0], oj * sw + j - pads[1][0]
+                    if 0 <= ii < h and 0 <= jj < w:
+                        sel[ii * w + jj, oi * wo + oj, i * kw + j] = 1.0
+    return sel, (ho, wo)
+
+
+def dense_conv(x, w, strides, pads):
+    """The NHWC/HWIO convolution as one matrix product (fast for tiny images on CPU).
+
+    ``y[b, q, d] = sum_{p, c} x[b, p, c] * W[p, c, q, d]`` with ``W[p, c, q, d] = w[t(p, q), c, d]``
+    where tap t(p, q) links input pixel p to output pixel q (zero where none does). Plain jnp:
+    its gradients of every order are those of two contractions.
+    """
+    b, h, wd, cin = x.shape
+    kh, kw, _, cout = w.shape
+    sel, (ho, wo) = _tap_selection((h, wd), (kh, kw), tuple(strides), tuple(pads))
+    sel = jnp.asarray(sel, w.dtype)
+    dense = jnp.einsum("pqt,tcd->pcqd", sel, w.reshape(kh * kw, cin, cout))
+    y = jnp.dot(
+        x.reshape(b, h * wd * cin),
+        dense.reshape(h * wd * cin, ho * wo * cout),
+        preferred_element_type=jnp.float32,
+    )
+    return y.reshape(b, ho, wo, cout).astype(x.dtype)
 
 
 def _is_nhwc(dimension_numbers):

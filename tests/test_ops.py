@@ -1,0 +1,160 @@
+"""`jaxpoison.ops` against `jax.lax`: values, first- and second-order gradients, via the models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxpoison import models, ops
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+RTOL, ATOL = 2e-4, 2e-5
+
+# (input shape, kernel shape, strides, padding, which ops path is expected)
+CASES = [
+    ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), "SAME", "gemm"),
+    ((2, 9, 9, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), "gemm"),
+    ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), "SAME", "gemm"),
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), "VALID", "gemm"),
+    ((2, 6, 6, 3), (3, 2, 3, 4), (1, 2), ((2, 0), (1, 1)), "gemm"),
+    ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), "SAME", "gemm"),
+    ((3, 2, 2, 5), (3, 3, 5, 7), (1, 1), "SAME", "dense"),
+    ((3, 1, 1, 5), (3, 3, 5, 7), (1, 1), "SAME", "dense"),
+    ((3, 3, 3, 5), (3, 3, 5, 7), (2, 2), ((1, 1), (1, 1)), "dense"),
+    ((3, 3, 3, 5), (3, 3, 5, 7), (1, 1), "VALID", "dense"),
+    ((3, 2, 2, 4), (1, 1, 4, 6), (2, 2), "SAME", "gemm"),
+]
+# Second order on one case per path and kind of padding (compile time dominates on CPU).
+SECOND_ORDER = [CASES[i] for i in (1, 3, 4, 6, 8, 9)]
+IDS = [f"{c[4]}-{c[0][1]}x{c[0][2]}-k{c[1][0]}{c[1][1]}-s{c[2][0]}{c[2][1]}" for c in CASES]
+
+
+def _ops_conv(x, w, strides, padding):
+    return ops.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _lax_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _arrays(x_shape, w_shape, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, x_shape), 0.3 * jax.random.normal(kw, w_shape)
+
+
+def _close(a, b, scale=1.0):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL * scale)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,path", CASES, ids=IDS)
+def test_conv_values_and_gradients(x_shape, w_shape, strides, padding, path):
+    x, w = _arrays(x_shape, w_shape)
+    pads = ops._explicit_padding(padding, x_shape[1:3], w_shape[:2], strides)
+    assert ops._use_dense(x_shape, w_shape) == (path == "dense")
+    if path == "dense":
+        _close(ops.dense_conv(x, w, strides, pads), _lax_conv(x, w, strides, padding))
+    y = _ops_conv(x, w, strides, padding)
+    _close(y, _lax_conv(x, w, strides, padding))
+
+    ct = jax.random.normal(jax.random.key(7), y.shape)
+    _, vjp_ops = jax.vjp(lambda a, b: _ops_conv(a, b, strides, padding), x, w)
+    _, vjp_lax = jax.vjp(lambda a, b: _lax_conv(a, b, strides, padding), x, w)
+    for g_ops, g_lax in zip(vjp_ops(ct), vjp_lax(ct), strict=True):
+        _close(g_ops, g_lax, scale=10)
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,strides,padding,path",
+    SECOND_ORDER,
+    ids=[IDS[i] for i in (1, 3, 4, 6, 8, 9)],
+)
+def test_conv_second_order(x_shape, w_shape, strides, padding, path):
+    """d/dx and d/dw of <grad_w loss, v> and of <grad_x loss, u> (the terms of meta-gradients)."""
+    del path
+    x, w = _arrays(x_shape, w_shape, seed=1)
+    u = jax.random.normal(jax.random.key(2), x.shape)
+    v = jax.random.normal(jax.random.key(3), w.shape)
+
+    def second(conv):
+        loss = lambda a, b: jnp.sum(jnp.tanh(conv(a, b, strides, padding)) ** 2)
+        gw = lambda a, b: jnp.vdot(jax.grad(loss, 1)(a, b), v)
+        gx = lambda a, b: jnp.vdot(jax.grad(loss, 0)(a, b), u)
+        return jax.grad(gw, (0, 1))(x, w) + jax.grad(gx, (0, 1))(x, w)
+
+    for a, b in zip(second(_ops_conv), second(_lax_conv), strict=True):
+        _close(a, b, scale=100)
+
+
+def test_kernel_gradient_matches_lax():
+    x, w = _arrays((2, 8, 8, 3), (3, 3, 3, 4))
+    pads = ((1, 1), (1, 1))
+    ct = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
+    _, vjp = jax.vjp(lambda b: _lax_conv(x, b, (1, 1), pads), w)
+    _close(ops.kernel_gradient(x, ct, (3, 3), (1, 1), pads), vjp(ct)[0], scale=10)
+
+
+def test_unplain_convolutions_fall_back_to_lax():
+    x, w = _arrays((2, 6, 6, 4), (3, 3, 2, 6))
+    args = ((1, 1), "SAME")
+    y = ops.conv_general_dilated(x, w, *args, dimension_numbers=NHWC, feature_group_count=2)
+    _close(y, lax.conv_general_dilated(x, w, *args, dimension_numbers=NHWC, feature_group_count=2))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 2, 2, 4), (2, 6, 4, 1)])
+def test_max_pool_values_and_gradients(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    f_ops = lambda a: ops.max_pool(a, (2, 2), (2, 2))
+    f_ref = lambda a: nn.max_pool(a, (2, 2), (2, 2))
+    _close(f_ops(x), f_ref(x))
+    g = lambda f: jax.grad(lambda a: jnp.vdot(jnp.sin(f(a)).ravel(), jnp.arange(f(a).size)))
+    _close(g(f_ops)(x), g(f_ref)(x))
+    # Windows that do not tile the image fall back to flax.
+    y = ops.max_pool(x[:, :3, :3], (2, 2), (1, 1))
+    _close(y, nn.max_pool(x[:, :3, :3], (2, 2), (1, 1)))
+
+
+@pytest.fixture
+def lax_models(monkeypatch):
+    """Within the test, the models' convolutions are plain `lax` (the reference)."""
+
+    def use_lax():
+        monkeypatch.setattr(ops, "_conv", ops._lax_conv)
+        monkeypatch.setattr(ops, "_use_dense", lambda *_: False)
+
+    return use_lax
+
+
+@pytest.mark.parametrize("name,width", [("cnn_cifar", 0.25), ("resnet18", 1 / 16)])
+def test_models_match_lax(name, width, lax_models):
+    """Logits, parameter gradients (train mode) and an input meta-gradient of a whole model."""
+    module = models.make(name, num_classes=10, width=width)
+    apply_fn = models.make_apply_fn(module)
+    variables = models.init(module, jax.random.key(0), (8, 8, 3))
+    x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+    y = jnp.arange(4) % 10
+
+    def loss(params, x):
+        logits, _ = apply_fn({**variables, "params": params}, x, train=True)
+        return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), y])
+
+    def outputs():
+        logits = apply_fn(variables, x, train=False)[0]
+        grads = jax.grad(loss)(variables["params"], x)
+        # d/dx of the squared norm of the parameter gradient: an L2C-style second-order term.
+        meta = jax.grad(
+            lambda x_: sum(
+                jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(variables["params"], x_))
+            )
+        )(x)
+        return logits, grads, meta
+
+    fast = jax.jit(outputs)()
+    lax_models()
+    ref = jax.jit(outputs)()
+    _close(fast[0], ref[0])
+    for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(ref[1]), strict=True):
+        _close(a, b, scale=10)
+    meta_scale = float(jnp.max(jnp.abs(ref[2])))
+    np.testing.assert_allclose(fast[2], ref[2], rtol=1e-3, atol=1e-4 * meta_scale)
