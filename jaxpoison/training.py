@@ -296,7 +296,9 @@ class Trainer:
 
     def init_seeds(self, key, num_seeds, steps_per_epoch):
         keys = jax.random.split(jax.random.fold_in(key, 0), num_seeds)
-        return jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch)))(keys)
+        states = jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch)))(keys)
+        # Replicated, as the compiled step returns them: otherwise the step compiles twice.
+        return jax.device_put(states, NamedSharding(self.mesh, P()))
 
     def fit(
         self,
