@@ -1,4 +1,5 @@
-"""Command line: ``jaxpoison --config=configs/<name>.py[:tiny] --workdir=DIR [--config.a.b=v]``.
+"""Command line: ``jaxpoison --config=configs/<name>.py[:tiny] --workdir=DIR [--config.a.b=v]``,
+or ``jaxpoison report WORKDIR [WORKDIR...] [--out DIR]`` (see `jaxpoison.report`).
 
 Real logic lives in `jaxpoison.experiment`; this file only parses flags.
 """
@@ -34,6 +35,10 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from jaxpoison import report
+
+        sys.exit(report.main(sys.argv[2:]))
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 

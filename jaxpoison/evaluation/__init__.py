@@ -1,5 +1,9 @@
-"""Measurement: per-run summaries (peak, final, learning speed) and evaluators."""
+"""Measurement: per-run summaries, verification-time risks and learning-speed diagnostics.
 
-from jaxpoison.evaluation import summarize
+`EVALUATORS` (from `risk`) maps the names used in ``config.evals`` to evaluator factories.
+"""
 
-__all__ = ["summarize"]
+from jaxpoison.evaluation import risk, speed, summarize
+from jaxpoison.evaluation.risk import EVALUATORS
+
+__all__ = ["EVALUATORS", "risk", "speed", "summarize"]
