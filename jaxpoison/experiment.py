@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxpoison import __version__, data, plots, poisons, threat, training
-from jaxpoison.evaluation import summarize
+from jaxpoison.evaluation import risk, speed, summarize
 from jaxpoison.poisons import storage
 from jaxpoison.progress import say, set_log_file
 
@@ -179,6 +179,29 @@ def clean_additions(config, dataset):
     return out
 
 
+def run_evals(evals, trainer, states, td, *, num_classes, key):
+    """Runs ``config.evals`` ({label: {name, **kwargs}} of `risk.EVALUATORS`) on the test set."""
+    out = {}
+    for label, spec in evals.items():
+        spec = dict(spec)
+        evaluator = risk.make(
+            spec.pop("name"),
+            apply_fn=trainer.apply_fn,
+            num_classes=num_classes,
+            **spec,
+        )
+        values = jax.device_get(
+            evaluator(
+                states,
+                td.x_test,
+                td.y_test,
+                key=jax.random.fold_in(key, zlib.crc32(label.encode())),
+            )
+        )
+        out[label] = {k: np.asarray(v).tolist() for k, v in values.items()}
+    return out
+
+
 def _write_config(config, workdir):
     storage.write_json_atomic(Path(workdir) / "config.json", _plain(config))
 
@@ -215,6 +238,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         dataset.y_train, val_size, dataset.num_classes, seed=config.seed
     )
     objectives = _plain(config.get("objectives", {"erm": {"name": "erm"}}))
+    evals = _plain(config.get("evals", {}))
     runs = {}
     for obj_label, obj_spec in objectives.items():
         victim_cfg = ml_collections.ConfigDict(_plain(config.victim))
@@ -239,7 +263,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 flip=config.data.get("flip", False),
             )
             t0 = time.time()
-            _, history = trainer.fit(
+            states, history = trainer.fit(
                 td,
                 key=_run_key(root, f"victim/{run_name}"),
                 num_seeds=config.victim.num_seeds,
@@ -253,6 +277,15 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 "history": history,
                 "wall_time_s": time.time() - t0,
             }
+            if evals:
+                runs[run_name]["evals"] = run_evals(
+                    evals,
+                    trainer,
+                    states,
+                    td,
+                    num_classes=dataset.num_classes,
+                    key=_run_key(root, f"evals/{run_name}"),
+                )
 
     summary = {
         name: summarize.run_summary(r["history"], config.get("loss_threshold", 0.5))
@@ -267,6 +300,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         "config": _plain(config),
         "runs": runs,
         "summary": summary,
+        "learning_speed": speed.diagnostics(summary),
     }
     plots.curves(runs, workdir / "curves.png", title=config.get("name", ""))
     storage.write_json_atomic(results_path, results)

@@ -1,0 +1,121 @@
+"""End to end: the config run writes its workdir; the CLI refuses bad input with clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxpoison import experiment
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = [
+    "--config.data.source=digits",
+    "--config.data.name=digits",
+    "--config.victim.model.name=mlp",
+    "--config.victim.batch_size=64",
+]
+
+
+def load_config(name, arg=None):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart")
+    return workdir, experiment.train_and_evaluate(
+        load_config("quickstart", "tiny"), workdir, progress=False
+    )
+
+
+def test_quickstart_tiny_writes_the_standard_workdir(tiny_run):
+    workdir, results = tiny_run
+    for name in ("config.json", "results.json", "curves.png", "log.txt"):
+        assert (workdir / name).is_file(), name
+    assert (workdir / "poison" / "poisoned" / "metadata.json").is_file()
+    assert any((workdir / "checkpoints" / "clean").iterdir())
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["complete"] and set(on_disk["summary"]) == {"clean", "poisoned"}
+    for run in on_disk["summary"].values():
+        for key in ("final_test_acc", "peak_test_acc"):
+            assert 0.0 <= run[key]["mean"] <= 1.0 and run[key]["std"] >= 0.0
+    hist = on_disk["runs"]["poisoned"]["history"]["test/accuracy"]
+    assert len(hist) == 2 and len(hist[0]) == 2  # epochs x seeds
+    assert results["summary"] == on_disk["summary"]
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxpoison.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path):
+    proc = cli(
+        "--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--config.victim.epochz=3"
+    )
+    assert proc.returncode != 0 and "epochz" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.data.name=cifar11", "No cifar11.npz found"),
+        ("--config.threat.epsilon=8.0", "epsilon=8.0 > 1"),
+        ("--config.poisons.poisoned.name=regionz", "regionz"),
+        ("--config.victim.model.name=resnet7", "Unknown model 'resnet7'"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message):
+    args = ["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--quiet"]
+    if "cifar11" in override:
+        args += ["--config.data.source=npz", f"--config.data.data_dir={tmp_path}"]
+    proc = cli(*args, override)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "jaxpoison: error:" in proc.stderr and message in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_validation_split_gives_early_stopping_summary(tmp_path):
+    proc = cli(
+        "--config=configs/quickstart.py:tiny",
+        f"--workdir={tmp_path}",
+        "--quiet",
+        "--config.include_clean=False",
+        "--config.data.val_size=100",
+        "--config.victim.epochs=2",
+        *DIGITS[:3],
+        "--config.data.num_train=600",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]["poisoned"]
+    assert summary["early_stopped_epoch"][0] in (1, 2)
+    assert 0.0 <= summary["early_stopped_test_acc"]["mean"] <= 1.0
+
+
+
+def test_config_evals_are_run_and_stored(tmp_path):
+    config = load_config("quickstart", "tiny")
+    with config.unlocked():
+        config.data.update(source="digits", name="digits", num_train=300, num_test=60)
+        config.victim.model.name = "mlp"
+        config.victim.epochs = 1
+        config.include_clean = False
+        config.evals = {"risk": dict(name="risk", num_steps=3)}
+    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    evals = results["runs"]["poisoned"]["evals"]["risk"]
+    assert len(evals["acc/D"]) == 2  # one value per seed
+    assert all(0.0 <= a <= 1.0 for a in evals["acc/F"])
+    assert "learning_speed" in json.loads((tmp_path / "results.json").read_text())
