@@ -12,6 +12,7 @@ from jaxpoison.poisons import (
     adversarial,
     classwise,
     error_minimizing,
+    l2c,
     partial,
     substandard,
     universal,
@@ -32,6 +33,7 @@ POISONS = {
     "error_minimizing": error_minimizing.error_minimizing,
     "noise": substandard.noise,
     "mislabeling": substandard.mislabeling,
+    "l2c": l2c.l2c,
 }
 
 # Names of POISONS whose factory takes a trained model (apply_fn, variables).

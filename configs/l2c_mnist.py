@@ -1,0 +1,84 @@
+r"""Learning to Confuse (exact meta-gradient) on MNIST, ℓ∞ ε = 0.3, untargeted.
+
+  jaxpoison --config=configs/l2c_mnist.py --workdir=/tmp/l2c_mnist
+  (append :tiny to the config path for a smoke run; :cpu for the reduced run of docs/l2c.md)
+
+The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each way, output
+0.3·tanh) is trained by the exact hypergradient of the clean loss of the L2C MNIST CNN after
+T = 10 unrolled SGD+momentum steps on x + g(x) (batch 64 per step, victim restarted every
+trial, `jax.checkpoint` on the scanned step). Then CNN victims are trained on the clean and on
+the poisoned training set and tested on clean MNIST; `python -m jaxpoison.evaluation.l2c_victims
+--workdir=...` adds the random forest / RBF SVM victims and the noise-only diagnostic.
+
+Expected: see docs/l2c.md (numbers measured on 2 shared CPU cores with the :cpu variant; the
+full-size run has not been measured).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.name = "L2C exact, MNIST, linf 0.3"
+    config.seed = 0
+    config.data = dict(source="npz", name="mnist", num_train=0, num_test=0, val_size=0)
+    epsilon = ml_collections.FieldReference(0.3)
+    config.threat = dict(norm="linf", epsilon=epsilon)
+    config.include_clean = True
+    unroll_steps, inner_batch = 10, 64
+    config.poisons = {
+        "l2c": dict(
+            name="l2c",
+            method="exact",
+            generator=dict(name="autoencoder", width=1.0),
+            victim=dict(name="cnn_mnist", width=1.0),
+            inner_optimizer=dict(learning_rate=0.01, momentum=0.9, weight_decay=0.0),
+            unroll_steps=unroll_steps,
+            truncation=unroll_steps,
+            remat=True,
+            label_specific=False,
+            outer_batch_size=256,
+            meta_optimizer=dict(name="adam", learning_rate=1e-3),
+            num_epochs=5,
+            batch_size=unroll_steps * inner_batch,
+        )
+    }
+    config.objectives = {"erm": dict(name="erm")}
+    config.loss_threshold = 0.5
+    config.victim = dict(
+        model=dict(name="cnn_mnist", width=1.0),
+        epochs=10,
+        batch_size=128,
+        num_seeds=2,
+        seed_strategy="auto",
+        eval_batch_size=1000,
+        checkpoint_every=1,
+        optimizer=dict(learning_rate=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    )
+    l2c = config.poisons.l2c
+    if arg == "cpu":
+        # The reduced run of docs/l2c.md: 10k training images, narrower networks, T = 5.
+        config.data.num_train = 10000
+        config.data.num_test = 2000
+        l2c.generator.width = 0.5
+        l2c.victim.width = 0.5
+        l2c.unroll_steps = l2c.truncation = 5
+        l2c.batch_size = 5 * 64
+        l2c.outer_batch_size = 128
+        l2c.num_epochs = 2
+        config.victim.epochs = 5
+        config.victim.num_seeds = 1
+    elif arg == "tiny":
+        config.data.num_train = 200
+        config.data.num_test = 100
+        l2c.generator = dict(name="autoencoder", width=0.25)
+        l2c.victim.width = 0.25
+        l2c.unroll_steps = l2c.truncation = 2
+        l2c.batch_size = 2 * 16
+        l2c.outer_batch_size = 16
+        l2c.num_epochs = 1
+        config.victim.model.width = 0.25
+        config.victim.epochs = 1
+        config.victim.batch_size = 50
+        config.victim.num_seeds = 1
+    return config

@@ -1,0 +1,210 @@
+"""Victims of Learning to Confuse beyond the trainer: scikit-learn models and the noise diagnostic.
+
+The paper trains a random forest and an RBF SVM on the poisoned MNIST training set and tests
+them on clean MNIST; `sklearn_victims` does that for any (float image) training set. The
+diagnostic `noise_diagnostic` measures how well classifiers predict the labels from the
+perturbation g(x) alone. `evaluate_workdir` runs both on a finished `jaxpoison` run:
+
+    python -m jaxpoison.evaluation.l2c_victims --workdir=/tmp/l2c_mnist [--max_train=10000]
+
+It reads ``config.json``, the crafted artifact ``poison/<run>/`` and the victims' checkpoints
+``checkpoints/{clean,<run>}/``, and writes ``l2c_victims.json``.
+
+References:
+  Feng, Cai & Zhou, "Learning to Confuse: Generating Training Time Adversarial Data with
+  Auto-Encoder", NeurIPS 2019 (Table 1: random forest and SVM victims on MNIST; their code uses
+  an RBF SVC with C = 200, gamma = 0.01).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxpoison import checkpointing, data, experiment, poisons, training
+from jaxpoison.poisons import l2c, storage
+
+SKLEARN_VICTIMS = ("random_forest", "svm_rbf")
+
+
+def make_sklearn_victim(name, *, seed=0, n_jobs=2):
+    """A random forest of 300 trees or an RBF SVM (C = 200, gamma = 0.01, as the paper's code)."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.svm import SVC
+
+    if name == "random_forest":
+        return RandomForestClassifier(n_estimators=300, n_jobs=n_jobs, random_state=seed)
+    if name == "svm_rbf":
+        return SVC(C=200.0, kernel="rbf", gamma=0.01, cache_size=2000)
+    raise ValueError(f"Unknown scikit-learn victim {name!r}; use one of {SKLEARN_VICTIMS}.")
+
+
+def sklearn_victims(x_train, y_train, x_test, y_test, *, victims=SKLEARN_VICTIMS, seed=0, n_jobs=2):
+    """Trains each scikit-learn victim on (x_train, y_train), returns its clean test accuracy.
+
+    Args:
+      x_train, x_test: images [N, H, W, C], float in [0, 1] or uint8 (flattened to vectors).
+      y_train, y_test: int labels.
+      victims: names of `SKLEARN_VICTIMS`.
+      seed: random forest seed.
+      n_jobs: random forest worker processes.
+
+    Returns:
+      ``{name: {"test_accuracy": float, "fit_seconds": float}}``.
+    """
+    flat = lambda x: data.to_float(np.asarray(x)).reshape(len(x), -1)
+    xtr, xte = flat(x_train), flat(x_test)
+    out = {}
+    for name in victims:
+        model = make_sklearn_victim(name, seed=seed, n_jobs=n_jobs)
+        t0 = time.time()
+        model.fit(xtr, np.asarray(y_train))
+        out[name] = {
+            "test_accuracy": float(model.score(xte, np.asarray(y_test))),
+            "fit_seconds": time.time() - t0,
+        }
+    return out
+
+
+def noise_diagnostic(classifiers, noise, labels):
+    """Accuracy of each classifier on the perturbations alone: ``{name: acc of f(g(x))}``.
+
+    Args:
+      classifiers: ``{name: (apply_fn, variables)}``.
+      noise: g(x) [N, H, W, C] (see `l2c.perturbations`).
+      labels: int labels [N].
+    """
+    return {
+        name: l2c.noise_accuracy(apply_fn, variables, noise, labels)
+        for name, (apply_fn, variables) in classifiers.items()
+    }
+
+
+def _restore_victim(config, dataset, workdir, run_name):
+    """(apply_fn, variables of seed 0) of a victim the experiment trained, or None."""
+    ckpt = Path(workdir) / "checkpoints" / run_name.replace("/", "__")
+    if not ckpt.is_dir():
+        return None
+    trainer = training.Trainer.from_config(
+        config.victim, num_classes=dataset.num_classes, image_shape=dataset.image_shape
+    )
+    steps_per_epoch = max(1, len(dataset.y_train) // trainer.batch_size)
+    template = trainer.init_seeds(jax.random.key(0), config.victim.num_seeds, steps_per_epoch)
+    manager = checkpointing.Manager(ckpt)
+    if manager.latest_step() is None:
+        return None
+    states, _, _ = manager.restore(template)
+    manager.close()
+    state = jax.tree.map(lambda a: a[0], states)
+    return trainer.apply_fn, {"params": state.params, **state.model_state}
+
+
+def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICTIMS, n_jobs=2):
+    """scikit-learn victims on clean vs L2C data and the noise diagnostic of a finished run.
+
+    Args:
+      workdir: the run's workdir (with config.json and poison/<run>/).
+      run: the poison run name in ``config.poisons``.
+      max_train: train the scikit-learn victims on the first this many training examples only
+        (the RBF SVM is quadratic in N).
+      victims: names of `SKLEARN_VICTIMS`.
+      n_jobs: random forest worker processes.
+
+    Returns:
+      The dict also written to ``WORKDIR/l2c_victims.json``.
+    """
+    workdir = Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    dataset = data.load(config.data)
+    spec = dict(experiment._plain(config.poisons[run]))
+    name = spec.pop("name")
+    for k in ("batch_size", "clean_extra"):
+        spec.pop(k, None)
+    threat = experiment.make_threat(spec.pop("threat", config.threat))
+    poison = poisons.make(
+        name,
+        threat=threat,
+        num_classes=dataset.num_classes,
+        image_shape=dataset.image_shape,
+        **spec,
+    )
+    x_clean = data.to_float(dataset.x_train)
+    template = jax.eval_shape(
+        poison.init,
+        jax.random.key(0),
+        {
+            "image": jax.ShapeDtypeStruct(x_clean.shape, np.float32),
+            "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
+        },
+    )
+    state, _ = storage.load(workdir / "poison" / run, template, fingerprint=dataset.fingerprint())
+    x_poison, y_poison = poisons.apply_all(poison, state, x_clean, dataset.y_train)
+    n = len(y_poison) if max_train is None else min(int(max_train), len(y_poison))
+    result = {"run": run, "num_train": n, "num_test": int(len(dataset.y_test))}
+    result["sklearn"] = {
+        "clean": sklearn_victims(
+            x_clean[:n],
+            dataset.y_train[:n],
+            dataset.x_test,
+            dataset.y_test,
+            victims=victims,
+            n_jobs=n_jobs,
+        ),
+        run: sklearn_victims(
+            x_poison[:n],
+            y_poison[:n],
+            dataset.x_test,
+            dataset.y_test,
+            victims=victims,
+            n_jobs=n_jobs,
+        ),
+    }
+    if name == "l2c":
+        noise = l2c.perturbations(
+            state, data.to_float(dataset.x_test), generator=spec["generator"], threat=threat
+        )
+        classifiers = {}
+        for victim_run in ("clean", run):
+            restored = _restore_victim(config, dataset, workdir, victim_run)
+            if restored is not None:
+                classifiers[f"victim_{victim_run}"] = restored
+        result["noise_only_test_accuracy"] = noise_diagnostic(classifiers, noise, dataset.y_test)
+    storage.write_json_atomic(workdir / "l2c_victims.json", result)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--run", default="l2c")
+    parser.add_argument("--max_train", type=int, default=None)
+    parser.add_argument("--victims", default=",".join(SKLEARN_VICTIMS))
+    parser.add_argument("--n_jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = evaluate_workdir(
+        args.workdir,
+        run=args.run,
+        max_train=args.max_train,
+        victims=tuple(v for v in args.victims.split(",") if v),
+        n_jobs=args.n_jobs,
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "SKLEARN_VICTIMS",
+    "evaluate_workdir",
+    "make_sklearn_victim",
+    "noise_diagnostic",
+    "sklearn_victims",
+]

@@ -1,0 +1,161 @@
+"""Noise generators of Learning to Confuse: an image-to-perturbation network g_ξ(x).
+
+Both generators map float images [B, H, W, C] in [0, 1] to perturbations of the same shape
+whose every pixel lies in [-ε, ε] by construction (``ε·tanh`` of the last layer); with
+``norm='l2'`` the output is further scaled per example onto the ℓ2 ball of radius ε (a smooth
+projection, so gradients pass through it). Images whose sides are not multiples of the total
+downsampling factor are zero-padded at the bottom/right and the output cropped back, so MNIST's
+28x28 and CIFAR's 32x32 both work.
+
+The convolutions go through `jaxpoison.models.layers.Conv` (the CPU-friendly GEMM kernel
+gradient). The decoders upsample by nearest-neighbour repetition followed by a convolution
+("resize-convolution") instead of transposed convolutions: same receptive field and parameter
+count per layer, no checkerboard artefacts, and every convolution stays on the fast path.
+
+References:
+  Feng, Cai & Zhou, "Learning to Confuse: Generating Training Time Adversarial Data with
+  Auto-Encoder", NeurIPS 2019 (the encoder-decoder with 4x4 convolutions of 16/32/64/128
+  channels each way, and a U-Net for CIFAR-10).
+  Ronneberger, Fischer & Brox, "U-Net", MICCAI 2015.
+  Odena, Dumoulin & Olah, "Deconvolution and Checkerboard Artifacts", Distill 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpoison.models.layers import Conv, max_pool
+
+
+def _c(channels, width):
+    return max(1, int(round(channels * width)))
+
+
+def _pad_to_multiple(x, factor):
+    h, w = x.shape[1:3]
+    ph, pw = -h % factor, -w % factor
+    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0))), (h, w)
+
+
+def _upsample(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def bound_output(raw, *, epsilon, norm):
+    """``ε·tanh(raw)`` (every pixel in [-ε, ε]); for ℓ2 also scaled to per-example norm ≤ ε."""
+    delta = epsilon * jnp.tanh(raw)
+    if norm == "l2":
+        sq = jnp.sum(jnp.square(delta), axis=tuple(range(1, delta.ndim)), keepdims=True)
+        # sqrt(sq + tiny) keeps the gradient finite at delta = 0.
+        scale = jnp.minimum(1.0, epsilon / jnp.sqrt(sq + 1e-24))
+        delta = delta * scale
+    elif norm != "linf":
+        raise ValueError(f"norm must be 'linf' or 'l2', not {norm!r}.")
+    return delta
+
+
+class ConfuseAutoencoder(nn.Module):
+    """The encoder-decoder of Learning to Confuse.
+
+    Encoder: ``len(features)`` stride-2 4x4 convolutions (16, 32, 64, 128 channels at width 1),
+    each followed by a leaky ReLU. Decoder: the same number of (2x nearest upsampling, 4x4
+    convolution) layers back to the image size, with 64, 32, 16 channels and finally C; the
+    last one is linear and feeds ``ε·tanh``.
+
+    Attributes:
+      epsilon: the perturbation bound.
+      norm: ``'linf'`` or ``'l2'`` (see `bound_output`).
+      features: encoder channels; the decoder mirrors them.
+      width: channel multiplier (tests and CPU runs shrink it).
+      dtype: computation dtype (None: inferred from inputs and parameters).
+    """
+
+    epsilon: float
+    norm: str = "linf"
+    features: Sequence[int] = (16, 32, 64, 128)
+    width: float = 1.0
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        del train
+        channels = x.shape[-1]
+        feats = [_c(f, self.width) for f in self.features]
+        h, (height, wid) = _pad_to_multiple(x, 2 ** len(feats))
+        for f in feats:
+            h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(h)
+            h = nn.leaky_relu(h, 0.2)
+        decoder = [*feats[-2::-1], channels]
+        for i, f in enumerate(decoder):
+            h = Conv(f, (4, 4), padding="SAME", dtype=self.dtype)(_upsample(h))
+            if i < len(decoder) - 1:
+                h = nn.leaky_relu(h, 0.2)
+        raw = h[:, :height, :wid, :]
+        return bound_output(raw, epsilon=self.epsilon, norm=self.norm)
+
+
+class UNet(nn.Module):
+    """A small U-Net: per level two 3x3 convolutions + ReLU, 2x2 max-pool down, nearest
+    upsampling + concatenated skip connection up, 1x1 output convolution into ``ε·tanh``.
+
+    Attributes:
+      epsilon, norm, width, dtype: as in `ConfuseAutoencoder`.
+      features: channels per level; the last is the bottleneck.
+    """
+
+    epsilon: float
+    norm: str = "linf"
+    features: Sequence[int] = (16, 32, 64)
+    width: float = 1.0
+    dtype: jnp.dtype | None = None
+
+    def _block(self, h, f):
+        for _ in range(2):
+            h = nn.relu(Conv(f, (3, 3), padding="SAME", dtype=self.dtype)(h))
+        return h
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        del train
+        channels = x.shape[-1]
+        feats = [_c(f, self.width) for f in self.features]
+        h, (height, wid) = _pad_to_multiple(x, 2 ** (len(feats) - 1))
+        skips = []
+        for f in feats[:-1]:
+            h = self._block(h, f)
+            skips.append(h)
+            h = max_pool(h, (2, 2), (2, 2))
+        h = self._block(h, feats[-1])
+        for f, skip in zip(feats[-2::-1], skips[::-1], strict=True):
+            h = Conv(f, (3, 3), padding="SAME", dtype=self.dtype)(_upsample(h))
+            h = self._block(jnp.concatenate([nn.relu(h), skip], axis=-1), f)
+        raw = Conv(channels, (1, 1), dtype=self.dtype)(h)[:, :height, :wid, :]
+        return bound_output(raw, epsilon=self.epsilon, norm=self.norm)
+
+
+GENERATORS = {
+    "autoencoder": ConfuseAutoencoder,
+    "unet": UNet,
+}
+
+
+def make(name, *, epsilon, norm="linf", **kwargs):
+    """Builds the generator `name` of `GENERATORS` (sequence fields may come as lists)."""
+    if name not in GENERATORS:
+        raise ValueError(f"Unknown generator {name!r}; use one of {sorted(GENERATORS)}.")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return GENERATORS[name](epsilon=epsilon, norm=norm, **kwargs)
+
+
+def init(module, key, image_shape, dtype=jnp.float32):
+    """The generator's ``params`` for one image shape, in `dtype` (float64 for exactness tests)."""
+    x = jnp.zeros((1, *image_shape), dtype)
+    params = module.init(key, x)["params"]
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+__all__ = ["GENERATORS", "ConfuseAutoencoder", "UNet", "bound_output", "init", "make"]

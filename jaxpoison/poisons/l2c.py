@@ -1,0 +1,543 @@
+r"""Learning to Confuse (L2C): a noise generator trained through the victim's training.
+
+A generator g_ξ maps each training image to a bounded perturbation. One *trial* (one call of
+`update`) restarts a victim f_θ from a fresh initialisation θ_0 and trains it for T steps of
+its real optimizer (SGD or momentum, optax state included) on poisoned batches
+x_t + g_ξ(x_t):
+
+    θ_{t+1} = θ_t + optax_update(∇_θ L(f_θt(x_t + g_ξ(x_t)), y_t), opt_state_t)
+
+The generator's objective is the victim's loss on *clean* data after training:
+
+    untargeted:       min_ξ J(ξ) = - L(f_{θ_T(ξ)}(x), y)        (confuse the victim)
+    label-specific:   min_ξ J(ξ) =   L(f_{θ_T(ξ)}(x), η(y))     (e.g. η(y) = y + 1 mod K)
+
+``method`` picks how ∇_ξ J is computed, on the same networks, data and trial length:
+
+* ``'exact'``: the inner loop is a `jax.lax.scan` and `jax.grad` differentiates through it,
+  the exact hypergradient (reverse-over-reverse). With ``remat=True`` the scan body is wrapped
+  in `jax.checkpoint` and the scan is split into segments of ``checkpoint_segment`` steps (each
+  segment checkpointed too), so the backward pass keeps about T/S + S parameter carries instead
+  of T steps of activations. ``truncation=K`` differentiates only the last K of the T steps
+  (the first T - K run under `stop_gradient`). One generator step per trial.
+* ``'algorithm1'`` (the paper's Algorithm 1): train the victim on g_ξ0 for T steps recording
+  the trajectory θ_0..θ_{T-1} (T optimizer states kept in memory), then for each recorded θ_t
+  take the one-step pseudo-update θ'_t = θ_t + update(∇_θ L(f_θt(x_t + g_ξ(x_t)), y_t)) and
+  step ξ along -∇_ξ J evaluated at θ'_t on the clean x_t. T generator steps per trial.
+* ``'algorithm2'`` (the paper's memory-efficient Algorithm 2, its released code): one loop;
+  at each step the same pseudo-update drives a generator step, then the victim takes its real
+  step on the noise of a frozen copy ξ0 of the generator (the copy is refreshed at the end of
+  the trial). Nothing is recorded. The victim's trajectory depends only on ξ0 in both
+  algorithms, so Algorithms 1 and 2 compute the same updates (a test checks it); they differ
+  in memory, O(T) states for Algorithm 1 and O(1) for Algorithm 2.
+
+Each `update` receives one batch of the crafting engine and splits it into T inner batches
+(``inner_batch_size`` = batch // T unless given, then sampled from the batch); the exact
+method's outer loss uses ``outer_batch_size`` clean examples of the same batch. Keys: the
+victim's init, the inner split, the outer sample and the per-step keys are all folded from
+the update's key, the per-step keys being scan inputs.
+
+Example::
+
+    poison = l2c(threat=LpBall(0.3), num_classes=10, image_shape=(28, 28, 1),
+                 victim=dict(name='cnn_mnist', width=0.5), unroll_steps=10)
+    state = poison.init(key, {'image': x, 'label': y})
+    state, metrics = jax.jit(poison.update)(state, batch, key)
+    poisoned = poison.apply(state, batch)['image']
+
+References:
+  Feng, Cai & Zhou, "Learning to Confuse: Generating Training Time Adversarial Data with
+  Auto-Encoder", NeurIPS 2019 (Algorithms 1 and 2, the RF/SVM victims on MNIST).
+  Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
+  Learning", ICML 2015 (exact hypergradients through unrolled SGD with momentum).
+  Griewank & Walther, "Algorithm 799: Revolve", ACM TOMS 2000 (checkpointed reverse sweeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxpoison import losses, models, objectives
+from jaxpoison.models import generators
+from jaxpoison.poisons.base import Poison
+from jaxpoison.training import TrainState, make_optimizer
+
+METHODS = ("exact", "algorithm1", "algorithm2")
+
+
+@flax.struct.dataclass
+class L2CState:
+    """The crafting state: generator parameters ξ and the generator optimizer's state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_generator(generator, *, threat):
+    """A generator module from a name, a ``dict(name=..., **fields)`` spec, or a module."""
+    if isinstance(generator, nn.Module):
+        return generator
+    spec = {"name": generator} if isinstance(generator, str) else dict(generator)
+    return generators.make(spec.pop("name"), epsilon=threat.epsilon, norm=threat.norm, **spec)
+
+
+def make_victim(victim, *, num_classes):
+    """A victim module from a ``dict(name=..., width=..., **fields)`` spec or a module."""
+    if isinstance(victim, nn.Module):
+        return victim
+    spec = {"name": victim} if isinstance(victim, str) else dict(victim)
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return models.make(spec.pop("name"), num_classes=num_classes, **spec)
+
+
+def make_target(target, num_classes):
+    """η(y) of the label-specific attack: 'next' (y + 1 mod K), 'previous', or a callable."""
+    if callable(target):
+        return target
+    if target == "next":
+        return lambda y: (y + 1) % num_classes
+    if target == "previous":
+        return lambda y: (y - 1) % num_classes
+    raise ValueError(f"target must be 'next', 'previous' or a callable, not {target!r}.")
+
+
+def _scan(body, carry, xs, *, remat, segment):
+    """`lax.scan` of `body`; with `remat`, checkpointed per step and per segment of steps.
+
+    Two-level checkpointing: the outer scan stores one carry per segment; during the backward
+    pass each segment is recomputed, storing one carry per step inside it, and each step's
+    activations are recomputed from its carry. Memory: ~(T/segment + segment) carries.
+    """
+    length = jax.tree.leaves(xs)[0].shape[0]
+    if not remat:
+        return jax.lax.scan(body, carry, xs)
+    body = jax.checkpoint(body)
+    if segment <= 1 or segment >= length:
+        return jax.lax.scan(body, carry, xs)
+    n, r = divmod(length, segment)
+    head = jax.tree.map(lambda a: a[: n * segment].reshape(n, segment, *a.shape[1:]), xs)
+
+    @jax.checkpoint
+    def run_segment(c, seg_xs):
+        return jax.lax.scan(body, c, seg_xs)
+
+    carry, ys = jax.lax.scan(run_segment, carry, head)
+    ys = jax.tree.map(lambda a: a.reshape(n * segment, *a.shape[2:]), ys)
+    if r:
+        tail = jax.tree.map(lambda a: a[n * segment :], xs)
+        carry, ys_tail = jax.lax.scan(body, carry, tail)
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+    return carry, ys
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaProblem:
+    """The pieces of one L2C trial as pure functions (built by `meta_problem`).
+
+    Attributes:
+      delta_fn: ``(gen_params, x) -> delta``, inside the threat model, x + delta in [0, 1].
+      victim_init: ``key -> TrainState`` of a fresh victim (params in the data's dtype).
+      inner_step: ``(state, batch, key) -> (state, metrics)``, one real optimizer step on
+        `batch` (already poisoned).
+      outer_objective: ``(state, batch) -> J`` on a clean batch (to be minimised).
+      split: ``(batch, key) -> (inner [T, b, ...], outer [b_out, ...])`` batches of a trial.
+      meta_objective: ``(gen_params, victim0, inner, outer, keys[T]) -> (J, aux)`` through the
+        scanned inner loop (the exact method).
+    """
+
+    delta_fn: Callable
+    victim_init: Callable
+    inner_step: Callable
+    outer_objective: Callable
+    split: Callable
+    meta_objective: Callable
+    gen_module: Any
+    victim_module: Any
+    unroll_steps: int
+
+
+def meta_problem(
+    *,
+    threat,
+    num_classes,
+    image_shape,
+    generator="autoencoder",
+    victim=None,
+    inner_optimizer=None,
+    inner_objective=None,
+    unroll_steps=10,
+    truncation=None,
+    remat=True,
+    checkpoint_segment=None,
+    label_specific=False,
+    target="next",
+    inner_batch_size=None,
+    outer_batch_size=None,
+):
+    """Builds the `MetaProblem` of one L2C trial (arguments as in `l2c`)."""
+    num_steps = int(unroll_steps)
+    if num_steps < 1:
+        raise ValueError(f"unroll_steps={unroll_steps} must be >= 1.")
+    truncation = num_steps if truncation is None else int(truncation)
+    if not 1 <= truncation <= num_steps:
+        raise ValueError(f"truncation={truncation} must be in 1..unroll_steps={num_steps}.")
+    segment = (
+        max(1, round(math.sqrt(truncation)))
+        if checkpoint_segment is None
+        else int(checkpoint_segment)
+    )
+    gen_module = make_generator(generator, threat=threat)
+    victim_module = make_victim(victim or {"name": "cnn_mnist"}, num_classes=num_classes)
+    apply_fn = models.make_apply_fn(victim_module)
+    obj_spec = dict(inner_objective or {"name": "erm"})
+    objective = objectives.make(obj_spec.pop("name"), **obj_spec)
+    opt_kwargs = dict(learning_rate=0.01, momentum=0.9, weight_decay=0.0)
+    opt_kwargs.update(inner_optimizer or {})
+    tx = make_optimizer(schedule="constant", epochs=1, steps_per_epoch=num_steps, **opt_kwargs)
+    eta = make_target(target, num_classes)
+
+    def delta_fn(gen_params, x):
+        delta = gen_module.apply({"params": gen_params}, x)
+        return threat.project(delta, x)
+
+    def victim_init(key, dtype=jnp.float32):
+        variables = models.init(victim_module, key, image_shape)
+        params = jax.tree.map(lambda p: p.astype(dtype), variables.pop("params"))
+        return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
+
+    def inner_step(state, batch, key):
+        def loss_fn(params):
+            variables = {"params": params, **state.model_state}
+            return objective(variables, batch, key, apply_fn=apply_fn)
+
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, aux["model_state"], opt_state), aux["metrics"]
+
+    def outer_objective(state, batch):
+        # Training mode, as the paper's code evaluates its look-ahead model: BatchNorm victims use
+        # the clean batch's statistics (their running averages after T steps are meaningless).
+        variables = {"params": state.params, **state.model_state}
+        logits = apply_fn(variables, batch["image"], train=True)[0]
+        if label_specific:
+            return jnp.mean(losses.cross_entropy(logits, eta(batch["label"])))
+        return -jnp.mean(losses.cross_entropy(logits, batch["label"]))
+
+    def split(batch, key):
+        size = batch["label"].shape[0]
+        b = size // num_steps if inner_batch_size is None else int(inner_batch_size)
+        if b < 1 or b > size:
+            raise ValueError(
+                f"A batch of {size} examples cannot feed {num_steps} inner steps of "
+                f"{b} examples; raise the crafting batch_size to a multiple of unroll_steps."
+            )
+        inner_key, outer_key = jax.random.split(key)
+        if inner_batch_size is None:
+            idx = jax.random.permutation(inner_key, size)[: num_steps * b].reshape(num_steps, b)
+        else:
+            keys = jax.random.split(inner_key, num_steps)
+            idx = jax.vmap(lambda k: jax.random.choice(k, size, (b,), replace=False))(keys)
+        ob = b if outer_batch_size is None else min(int(outer_batch_size), size)
+        oidx = jax.random.choice(outer_key, size, (ob,), replace=False)
+        take = lambda i: {"image": batch["image"][i], "label": batch["label"][i]}
+        return take(idx), take(oidx)
+
+    def poisoned(gen_params, b):
+        return dict(b, image=b["image"] + delta_fn(gen_params, b["image"]))
+
+    def meta_objective(gen_params, victim0, inner, outer, keys):
+        def body(params_for_noise):
+            def step(state, inputs):
+                b, k = inputs
+                state, metrics = inner_step(state, poisoned(params_for_noise, b), k)
+                return state, metrics["loss"]
+
+            return step
+
+        head = num_steps - truncation
+        state = victim0
+        if head:
+            # The first T - K steps are not differentiated: no residuals are kept for them.
+            frozen = jax.lax.stop_gradient(gen_params)
+            xs = jax.tree.map(lambda a: a[:head], (inner, keys))
+            state, head_loss = jax.lax.scan(body(frozen), state, xs)
+            state = jax.lax.stop_gradient(state)
+        xs = jax.tree.map(lambda a: a[head:], (inner, keys))
+        state, inner_loss = _scan(body(gen_params), state, xs, remat=remat, segment=segment)
+        if head:
+            inner_loss = jnp.concatenate([head_loss, inner_loss])
+        return outer_objective(state, outer), {"state": state, "inner_loss": inner_loss}
+
+    return MetaProblem(
+        delta_fn=delta_fn,
+        victim_init=victim_init,
+        inner_step=inner_step,
+        outer_objective=outer_objective,
+        split=split,
+        meta_objective=meta_objective,
+        gen_module=gen_module,
+        victim_module=victim_module,
+        unroll_steps=num_steps,
+    )
+
+
+def _make_meta_optimizer(spec):
+    spec = dict(spec or {"name": "adam", "learning_rate": 1e-3})
+    name = spec.pop("name")
+    clip = spec.pop("max_grad_norm", None)
+    if not hasattr(optax, name):
+        raise ValueError(f"meta_optimizer name {name!r} is not an optax optimizer.")
+    tx = getattr(optax, name)(**spec)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def _global_norm(tree):
+    return optax.tree.norm(tree)
+
+
+def l2c(
+    *,
+    threat,
+    num_classes,
+    image_shape,
+    generator="autoencoder",
+    victim=None,
+    inner_optimizer=None,
+    inner_objective=None,
+    unroll_steps=10,
+    truncation=None,
+    remat=True,
+    checkpoint_segment=None,
+    method="exact",
+    label_specific=False,
+    target="next",
+    inner_batch_size=None,
+    outer_batch_size=None,
+    meta_optimizer=None,
+    num_epochs=1,
+):
+    """Learning to Confuse as a `Poison` whose state is the generator (see the module docstring).
+
+    Args:
+      threat: an `LpBall`; the generator's output is ``ε·tanh`` (ℓ∞) or scaled to the ℓ2 ball,
+        then projected into the threat model (mask, [0, 1] box).
+      num_classes: K.
+      image_shape: (H, W, C).
+      generator: ``'autoencoder'`` / ``'unet'``, a ``dict(name=..., width=..., ...)`` spec of
+        `jaxpoison.models.generators`, or a flax module.
+      victim: the crafting victim: ``dict(name=..., width=..., ...)`` of `jaxpoison.models`
+        (default ``cnn_mnist``) or a flax module; restarted from a fresh init every trial.
+      inner_optimizer: keyword arguments of `training.make_optimizer` for the victim's inner
+        steps (constant schedule; defaults: learning_rate 0.01, momentum 0.9, weight_decay 0).
+      inner_objective: the victim's training objective spec (default ``{'name': 'erm'}``).
+      unroll_steps: T, inner steps per trial.
+      truncation: K <= T; only the last K steps are differentiated (exact method). None = T.
+      remat: `jax.checkpoint` the scanned inner step (exact method).
+      checkpoint_segment: steps per checkpointed segment with `remat` (None: round(sqrt(K));
+        1: checkpoint every step only).
+      method: ``'exact'``, ``'algorithm1'`` or ``'algorithm2'``.
+      label_specific: minimise the loss toward η(y) instead of maximising the loss on y.
+      target: η: ``'next'`` (y + 1 mod K), ``'previous'``, or a callable.
+      inner_batch_size: examples per inner step (None: crafting batch // T, a partition).
+      outer_batch_size: clean examples of the outer loss (None: the inner batch size).
+      meta_optimizer: ``dict(name=<optax optimizer>, max_grad_norm=None, **kwargs)`` for ξ
+        (default Adam, learning rate 1e-3).
+      num_epochs: passes of the crafting engine over the training set.
+
+    Returns:
+      A `Poison`; ``update(state, batch, key)`` runs one trial and returns metrics
+      ``meta/objective``, ``meta/grad_norm``, ``victim/poisoned_loss``, ``victim/clean_loss``,
+      ``victim/clean_accuracy`` (of the victim after T steps, on the outer clean batch).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; use one of {METHODS}.")
+    problem = meta_problem(
+        threat=threat,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        generator=generator,
+        victim=victim,
+        inner_optimizer=inner_optimizer,
+        inner_objective=inner_objective,
+        unroll_steps=unroll_steps,
+        truncation=truncation,
+        remat=remat,
+        checkpoint_segment=checkpoint_segment,
+        label_specific=label_specific,
+        target=target,
+        inner_batch_size=inner_batch_size,
+        outer_batch_size=outer_batch_size,
+    )
+    meta_tx = _make_meta_optimizer(meta_optimizer)
+    num_steps = problem.unroll_steps
+
+    def init(key, dataset):
+        dtype = dataset["image"].dtype
+        params = generators.init(problem.gen_module, key, image_shape, dtype)
+        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params))
+
+    def victim_metrics(state, outer):
+        logits = problem.victim_module.apply(
+            {"params": state.params, **state.model_state}, outer["image"], train=False
+        )
+        return {
+            "victim/clean_loss": jnp.mean(losses.cross_entropy(logits, outer["label"])),
+            "victim/clean_accuracy": jnp.mean(losses.accuracy(logits, outer["label"])),
+        }
+
+    def generator_step(params, opt_state, grads):
+        updates, opt_state = meta_tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def lookahead_objective(gen_params, vstate, clean, key):
+        """J after the one-step pseudo-update θ' of Algorithms 1 and 2, on the clean batch."""
+        noisy = dict(clean, image=clean["image"] + problem.delta_fn(gen_params, clean["image"]))
+        new_state, _ = problem.inner_step(vstate, noisy, key)
+        return problem.outer_objective(new_state, clean)
+
+    lookahead_grad = jax.value_and_grad(lookahead_objective)
+
+    def update(state, batch, key):
+        dtype = batch["image"].dtype
+        victim0 = problem.victim_init(jax.random.fold_in(key, 0), dtype)
+        inner, outer = problem.split(batch, jax.random.fold_in(key, 1))
+        keys = jax.random.split(jax.random.fold_in(key, 2), num_steps)
+        params, opt_state = state.params, state.opt_state
+
+        if method == "exact":
+            (objective, aux), grads = jax.value_and_grad(problem.meta_objective, has_aux=True)(
+                params, victim0, inner, outer, keys
+            )
+            params, opt_state = generator_step(params, opt_state, grads)
+            final, inner_loss, grad_norm = aux["state"], aux["inner_loss"], _global_norm(grads)
+        else:
+            frozen = jax.lax.stop_gradient(params)
+
+            def real_step(vstate, b, k):
+                noisy = dict(b, image=b["image"] + problem.delta_fn(frozen, b["image"]))
+                return problem.inner_step(vstate, noisy, k)
+
+            def meta_step(params, opt_state, vstate, b, k):
+                j, grads = lookahead_grad(params, vstate, b, k)
+                params, opt_state = generator_step(params, opt_state, grads)
+                return params, opt_state, j, _global_norm(grads)
+
+            if method == "algorithm1":
+
+                def record(vstate, inputs):
+                    b, k = inputs
+                    new, metrics = real_step(vstate, b, k)
+                    return new, (vstate, metrics["loss"])
+
+                final, (trajectory, inner_loss) = jax.lax.scan(record, victim0, (inner, keys))
+
+                def replay(carry, inputs):
+                    vstate, b, k = inputs
+                    params, opt_state, j, g = meta_step(*carry, vstate, b, k)
+                    return (params, opt_state), (j, g)
+
+                (params, opt_state), (js, gs) = jax.lax.scan(
+                    replay, (params, opt_state), (trajectory, inner, keys)
+                )
+            else:
+
+                def single_loop(carry, inputs):
+                    params, opt_state, vstate = carry
+                    b, k = inputs
+                    params, opt_state, j, g = meta_step(params, opt_state, vstate, b, k)
+                    vstate, metrics = real_step(vstate, b, k)
+                    return (params, opt_state, vstate), (j, g, metrics["loss"])
+
+                (params, opt_state, final), (js, gs, inner_loss) = jax.lax.scan(
+                    single_loop, (params, opt_state, victim0), (inner, keys)
+                )
+            objective, grad_norm = jnp.mean(js), jnp.mean(gs)
+
+        metrics = {
+            "meta/objective": objective,
+            "meta/grad_norm": grad_norm,
+            "victim/poisoned_loss": jnp.mean(inner_loss),
+            **victim_metrics(final, outer),
+        }
+        return L2CState(state.step + 1, params, opt_state), metrics
+
+    def apply(state, batch):
+        x = batch["image"]
+        return dict(batch, image=x + problem.delta_fn(state.params, x))
+
+    return Poison(init=init, update=update, apply=apply, num_epochs=int(num_epochs))
+
+
+def perturbations(state, images, *, generator, threat, batch_size=1000):
+    """g_ξ(x) for a whole array of images, in jitted batches (numpy float32 [N, H, W, C]).
+
+    Args:
+      state: an `L2CState` (or anything with ``.params``) of a crafted L2C poison.
+      images: float images in [0, 1].
+      generator: the generator spec the poison was crafted with.
+      threat: the poison's `LpBall`.
+      batch_size: images per jitted call.
+    """
+    module = make_generator(generator, threat=threat)
+    fn = jax.jit(lambda p, x: threat.project(module.apply({"params": p}, x), x))
+    images = np.asarray(images, np.float32)
+    parts = [
+        np.asarray(fn(state.params, images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+def noise_accuracy(apply_fn, variables, noise, labels, *, batch_size=1000):
+    """The paper's diagnostic: accuracy of a classifier f on the perturbations g(x) alone.
+
+    A victim trained on L2C data that labels the bare noise correctly has learned the noise as
+    a shortcut; a clean model doing so means the noise carries class-like features.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)``.
+      variables: the classifier's variables.
+      noise: perturbations [N, H, W, C] (e.g. from `perturbations`), fed as images.
+      labels: int labels [N].
+      batch_size: images per jitted call.
+
+    Returns:
+      The accuracy as a Python float.
+    """
+    fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x, train=False)[0], -1))
+    noise, labels = np.asarray(noise), np.asarray(labels)
+    correct = sum(
+        int(
+            np.sum(
+                np.asarray(fn(variables, noise[i : i + batch_size])) == labels[i : i + batch_size]
+            )
+        )
+        for i in range(0, len(labels), batch_size)
+    )
+    return correct / max(1, len(labels))
+
+
+__all__ = [
+    "L2CState",
+    "METHODS",
+    "MetaProblem",
+    "l2c",
+    "make_generator",
+    "make_target",
+    "make_victim",
+    "meta_problem",
+    "noise_accuracy",
+    "perturbations",
+]

@@ -1,0 +1,267 @@
+"""Learning to Confuse: exactness of the meta-gradient, the approximations, the generators.
+
+Everything runs on 8x8 grey images, 3 classes, a 6-unit tanh MLP victim and a 2-channel
+autoencoder generator, so compile time stays small on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import chex
+import flax.linen as nn
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpoison import losses, poisons
+from jaxpoison.models import generators
+from jaxpoison.poisons import l2c
+from jaxpoison.threat import LpBall
+
+K, SHAPE, T, B = 3, (8, 8, 1), 4, 4
+LR, MOMENTUM = 0.5, 0.9
+
+
+class TinyMLP(nn.Module):
+    """A smooth victim (tanh), so central finite differences are accurate."""
+
+    num_classes: int = K
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = jnp.tanh(nn.Dense(6)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes)(x)
+
+
+class TinyGenerator(nn.Module):
+    """A dense generator, ε·tanh bounded: the exactness tests need no convolutions (whose
+    second-order programs take XLA:CPU long to compile); the conv generators are tested apart."""
+
+    epsilon: float = 0.3
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        raw = nn.Dense(x[0].size)(x.reshape(x.shape[0], -1)).reshape(x.shape)
+        return generators.bound_output(raw, epsilon=self.epsilon, norm="linf")
+
+
+@contextlib.contextmanager
+def logic_only(enable_x64=False):
+    """float64 (optional) and XLA's optimisations off: these tests check values, not speed."""
+    previous = [jax.config.read(k) for k in ("jax_enable_x64", "jax_disable_most_optimizations")]
+    jax.config.update("jax_enable_x64", enable_x64)
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous[0])
+        jax.config.update("jax_disable_most_optimizations", previous[1])
+
+
+def _data(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 1.0, (n, *SHAPE)).astype(dtype)
+    y = rng.integers(0, K, n).astype(np.int32)
+    return {"image": jnp.asarray(x), "label": jnp.asarray(y), "index": jnp.arange(n)}
+
+
+def _kwargs(**overrides):
+    kwargs = dict(
+        threat=LpBall(0.3),
+        num_classes=K,
+        image_shape=SHAPE,
+        generator=TinyGenerator(),
+        victim=TinyMLP(),
+        inner_optimizer=dict(learning_rate=LR, momentum=MOMENTUM, weight_decay=0.0),
+        unroll_steps=T,
+    )
+    return kwargs | overrides
+
+
+def _reference_objective(problem, gen_params, victim0, inner, outer, head=0):
+    """The same trial as a Python loop with hand-written SGD + momentum (no scan, no optax)."""
+    params = victim0.params
+    velocity = jax.tree.map(jnp.zeros_like, params)
+    module = problem.victim_module
+    for t in range(T):
+        gp = jax.lax.stop_gradient(gen_params) if t < head else gen_params
+        x, y = inner["image"][t], inner["label"][t]
+        xp = x + problem.delta_fn(gp, x)
+        loss = lambda p, xp=xp, y=y: jnp.mean(
+            losses.cross_entropy(module.apply({"params": p}, xp), y)
+        )
+        grads = jax.grad(loss)(params)
+        velocity = jax.tree.map(lambda v, g: MOMENTUM * v + g, velocity, grads)
+        params = jax.tree.map(lambda p, v: p - LR * v, params, velocity)
+        if t < head:
+            params, velocity = jax.lax.stop_gradient((params, velocity))
+    logits = module.apply({"params": params}, outer["image"])
+    return -jnp.mean(losses.cross_entropy(logits, outer["label"]))
+
+
+@pytest.fixture(scope="module")
+def exact64():
+    """Meta-gradients of one float64 trial: scan (remat on/off/segmented), loop, FD.
+
+    Everything is computed inside one `jax.jit` (op-by-op dispatch would compile every
+    primitive separately, which is far slower on CPU).
+    """
+    with logic_only(enable_x64=True):
+        problems = {
+            name: l2c.meta_problem(**_kwargs(**kw))
+            for name, kw in {
+                "remat": dict(remat=True),
+                "remat_every_step": dict(remat=True, checkpoint_segment=1),
+                "no_remat": dict(remat=False),
+                "truncated": dict(truncation=2),
+            }.items()
+        }
+        base = problems["remat"]
+        batch = _data(T * B, np.float64)
+        h = 1e-5
+
+        @jax.jit
+        def compute(batch):
+            inner, outer = base.split(batch, jax.random.key(1))
+            victim0 = base.victim_init(jax.random.key(2), jnp.float64)
+            keys = jax.random.split(jax.random.key(3), T)
+            gen_params = generators.init(base.gen_module, jax.random.key(4), SHAPE, jnp.float64)
+            # Larger weights so the noise is not tiny (tanh still far from saturation).
+            gen_params = jax.tree.map(lambda p: 3.0 * p, gen_params)
+
+            def objective(problem):
+                return lambda g: problem.meta_objective(g, victim0, inner, outer, keys)[0]
+
+            def reference(head):
+                return lambda g: _reference_objective(base, g, victim0, inner, outer, head)
+
+            out = {name: jax.grad(objective(p))(gen_params) for name, p in problems.items()}
+            out["loop"] = jax.grad(reference(0))(gen_params)
+            out["loop_truncated"] = jax.grad(reference(T - 2))(gen_params)
+            out["values"] = (objective(base)(gen_params), reference(0)(gen_params))
+            # Central finite difference along a random unit direction.
+            flat, unravel = jax.flatten_util.ravel_pytree(gen_params)
+            v = jax.random.normal(jax.random.key(5), flat.shape, jnp.float64)
+            v = v / jnp.linalg.norm(v)
+            f = lambda z: objective(base)(unravel(z))
+            out["fd"] = (f(flat + h * v) - f(flat - h * v)) / (2 * h)
+            out["directional"] = jnp.dot(jax.flatten_util.ravel_pytree(out["remat"])[0], v)
+            return out
+
+        return jax.device_get(compute(batch))
+
+
+def _assert_tree_close(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == np.float64
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def test_scan_meta_gradient_equals_python_loop(exact64):
+    np.testing.assert_allclose(*exact64["values"], rtol=0, atol=1e-12)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(exact64["loop"])) > 1e-6
+    _assert_tree_close(exact64["remat"], exact64["loop"], 1e-10)
+
+
+def test_remat_does_not_change_the_gradient(exact64):
+    _assert_tree_close(exact64["no_remat"], exact64["loop"], 1e-10)
+    _assert_tree_close(exact64["remat_every_step"], exact64["loop"], 1e-10)
+
+
+def test_truncated_meta_gradient_equals_truncated_loop(exact64):
+    _assert_tree_close(exact64["truncated"], exact64["loop_truncated"], 1e-10)
+
+
+def test_meta_gradient_matches_finite_difference(exact64):
+    fd, directional = float(exact64["fd"]), float(exact64["directional"])
+    assert abs(directional) > 1e-6
+    assert abs(fd - directional) <= 1e-6 * max(1.0, abs(directional))
+
+
+@pytest.mark.parametrize("name,norm,epsilon", [("autoencoder", "linf", 0.1), ("unet", "l2", 0.5)])
+def test_generator_output_respects_epsilon(name, norm, epsilon):
+    threat = LpBall(epsilon, norm=norm)
+    module = l2c.make_generator(dict(name=name, features=(2, 2), width=1.0), threat=threat)
+
+    @jax.jit
+    def delta_of(x):
+        params = generators.init(module, jax.random.key(0), x.shape[1:])
+        # Scale the weights up so tanh saturates and the bound is actually tested.
+        params = jax.tree.map(lambda p: 50.0 * p, params)
+        return module.apply({"params": params}, x)
+
+    x = jax.random.uniform(jax.random.key(1), (5, 9, 10, 2))
+    delta = delta_of(x)
+    assert delta.shape == x.shape
+    assert float(jnp.max(threat.norm_of(delta))) <= epsilon * (1 + 1e-6)
+    assert float(jnp.max(threat.norm_of(delta))) > 0.5 * epsilon
+
+
+@pytest.fixture(scope="module")
+def updated():
+    """One jitted update per method, run twice (a retrace would fail assert_max_traces)."""
+    batch = _data(T * B, np.float32)
+    out = {}
+    with logic_only():
+        for method in l2c.METHODS:
+            poison = l2c.l2c(
+                **_kwargs(method=method, meta_optimizer=dict(name="sgd", learning_rate=0.1))
+            )
+            chex.clear_trace_counter()  # the methods' updates share one code object
+            update = jax.jit(chex.assert_max_traces(poison.update, n=1))
+            state = jax.jit(poison.init)(jax.random.key(0), batch)
+            state, metrics = update(state, batch, jax.random.key(1))
+            state, metrics = update(state, batch, jax.random.key(2))
+            out[method] = (poison, state, jax.device_get(metrics))
+    return out, batch
+
+
+@pytest.mark.parametrize("method", l2c.METHODS)
+def test_every_method_updates_with_finite_metrics(updated, method):
+    out, batch = updated
+    poison, state, metrics = out[method]
+    assert int(state.step) == 2
+    assert set(metrics) >= {"meta/objective", "meta/grad_norm", "victim/clean_accuracy"}
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert float(metrics["meta/grad_norm"]) > 0
+    image = jax.jit(poison.apply)(state, batch)["image"]
+    delta = image - batch["image"]
+    assert float(jnp.max(jnp.abs(delta))) <= 0.3 + 1e-6
+    assert float(jnp.min(image)) >= 0.0 and float(jnp.max(image)) <= 1.0
+
+
+def test_algorithms_1_and_2_compute_the_same_updates(updated):
+    """Both replay the trajectory of the frozen generator; they differ only in memory."""
+    out, _ = updated
+    a1, a2 = out["algorithm1"][1].params, out["algorithm2"][1].params
+    for x, y in zip(jax.tree.leaves(a1), jax.tree.leaves(a2), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_label_specific_objective_targets_next_class():
+    problem = l2c.meta_problem(**_kwargs(label_specific=True))
+
+    @jax.jit
+    def both(batch):
+        state = problem.victim_init(jax.random.key(0))
+        logits = problem.victim_module.apply({"params": state.params}, batch["image"])
+        expected = jnp.mean(losses.cross_entropy(logits, (batch["label"] + 1) % K))
+        return problem.outer_objective(state, batch), expected
+
+    np.testing.assert_allclose(*both(_data(B, np.float32)), rtol=1e-6)
+
+
+def test_registry_and_noise_accuracy():
+    assert poisons.POISONS["l2c"] is l2c.l2c
+    # A classifier that reads the class off the sign of the noise is perfect on that noise.
+    labels = np.array([0, 1, 0, 1])
+    noise = np.where(labels[:, None, None, None] == 1, 0.1, -0.1) * np.ones((4, *SHAPE))
+
+    def apply_fn(variables, x, *, train):
+        m = jnp.mean(x, axis=(1, 2, 3))
+        return jnp.stack([-m, m], -1), variables
+
+    assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
