@@ -141,9 +141,9 @@ def plot(results, path, *, title=""):
 
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     dims = np.asarray(results["closed_form"]["dims"])
-    for label, _, _ in gaussian.MODELS:
+    for label, _, adversarial in gaussian.MODELS:
         curve = np.asarray(results["closed_form"]["accuracy"][label]) * 100
-        (line,) = ax.plot(dims, curve, label=label)
+        (line,) = ax.plot(dims, curve, "--" if adversarial else "-", label=label)
         mc = results["monte_carlo"][label]
         if mc:
             ax.errorbar(
@@ -168,7 +168,10 @@ def plot(results, path, *, title=""):
     ax.set_ylabel("natural accuracy on D (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title + "\nlines: closed form; o: Monte Carlo (±3 s.e.); x: trained", fontsize=9)
+    ax.set_title(
+        title + "\nlines: closed form (dashed: AT, ε = 2η); o: Monte Carlo (±3 s.e.); x: trained",
+        fontsize=9,
+    )
     plots.save_figure(fig, path)
 
 

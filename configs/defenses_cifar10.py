@@ -1,0 +1,147 @@
+r"""Defenses × delusive poisons on CIFAR-10: clean test accuracy of every training objective on
+clean data and on every poison, ℓ∞ ε = 8/255 for attacker and defender.
+
+  jaxpoison --config=configs/defenses_cifar10.py --workdir=/tmp/defenses_cifar10
+  jaxpoison --config=configs/defenses_cifar10.py:small --workdir=/tmp/defenses_small
+  (append :tiny to the config path for a smoke run)
+
+Objectives (``objectives.OBJECTIVES``): ST (erm), random noise, PGD-AT, TRADES (β = 6), THRM
+(λ = 6), MART (β = 6), FAT (τ = 0), GAIRAT (λ = -1); the defender's inner search uses 10 steps of
+2/255 (Madry et al.). Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
+hypocritical, P5 class-wise random noise, error-minimizing noise and Regions-4, crafted with the
+settings of configs/poisons/_common.py (one place for crafting settings); poisons not registered
+in ``poisons.POISONS`` at run time are left out, so the table grows as the registry does.
+``summary`` is keyed ``<objective>/<poison>`` (``clean`` for the unpoisoned training set).
+
+The defender's radius is ``config.defender_epsilon`` (a FieldReference shared by every defense,
+equal to the attacker's by default); sweep it with ``--config.defender_epsilon=...``.
+
+``:small`` is the measured CPU table of docs/defenses.md: ST vs PGD-AT on clean / P5 / Regions-4,
+5,000 training images, CIFAR CNN at width 0.5, 10 epochs, 2 seeds, PGD-AT with 5 steps of 2/255.
+
+Expected: the numbers in docs/defenses.md (``:small`` only; the full table is not measured).
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+# Poison run name -> key of configs/poisons/_common.py SPECS (P-numbers as in Tao et al. 2021).
+POISON_RUNS = {
+    "P1_adversarial": "adversarial",
+    "P2_hypocritical": "hypocritical",
+    "P3_universal_adversarial": "universal_adversarial",
+    "P4_universal_hypocritical": "universal_hypocritical",
+    "P5_random": "random",
+    "error_minimizing": "error_minimizing",
+    "regions4": "regions",
+}
+
+
+def _objectives(epsilon, num_steps, step_size):
+    defender = dict(norm="linf", epsilon=epsilon, num_steps=num_steps, step_size=step_size)
+    return {
+        "erm": dict(name="erm"),
+        "rand_noise": dict(name="rand_noise", norm="linf", epsilon=epsilon),
+        "pgd_at": dict(name="pgd_at", **defender),
+        "trades": dict(name="trades", beta=6.0, **defender),
+        "thrm": dict(name="thrm", beta=6.0, **defender),
+        "mart": dict(name="mart", beta=6.0, **defender),
+        "fat": dict(name="fat", tau=0, **defender),
+        "gairat": dict(name="gairat", lam=-1.0, **defender),
+    }
+
+
+def _specs():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "poisons" / "_common.py"
+    spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SPECS, module.TINY
+
+
+def get_config(arg=None):
+    from jaxpoison import poisons
+
+    if arg not in (None, "", "tiny", "small"):
+        raise ValueError(f"Unknown config argument {arg!r}; use ':tiny', ':small' or nothing.")
+    specs, tiny_overrides = _specs()
+    config = ml_collections.ConfigDict()
+    config.name = "defenses x poisons, CIFAR-10 (linf 8/255)"
+    config.seed = 0
+    config.data = dict(
+        source="npz",
+        name="cifar10",
+        num_train=10000,
+        num_test=0,
+        val_size=0,
+        crop_padding=4,
+        flip=True,
+    )
+    epsilon = ml_collections.FieldReference(8 / 255)
+    config.threat = dict(norm="linf", epsilon=epsilon)
+    config.defender_epsilon = ml_collections.FieldReference(8 / 255)
+    config.include_clean = True
+    config.poisons = {
+        run: dict(specs[key])
+        for run, key in POISON_RUNS.items()
+        if specs[key]["name"] in poisons.POISONS
+    }
+    config.objectives = _objectives(config.get_ref("defender_epsilon"), 10, 2 / 255)
+    config.loss_threshold = 0.5
+    optimizer = dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    config.victim = dict(
+        model=dict(name="cnn_cifar", width=1.0),
+        epochs=30,
+        batch_size=128,
+        num_seeds=3,
+        seed_strategy="auto",
+        eval_batch_size=1000,
+        checkpoint_every=1,
+        optimizer=optimizer,
+    )
+    # The crafting model of the poisons that need one (trained on the clean subset).
+    config.surrogate = dict(
+        model=dict(name="cnn_cifar", width=1.0),
+        epochs=15,
+        batch_size=128,
+        eval_batch_size=1000,
+        checkpoint_every=5,
+        optimizer=dict(optimizer),
+    )
+    if arg == "small":
+        config.name = "ST vs PGD-AT on clean / P5 / Regions-4, 5k CIFAR-10 (linf 8/255)"
+        config.data.num_train = 5000
+        config.data.num_test = 2000
+        config.poisons = {run: dict(specs[POISON_RUNS[run]]) for run in ("P5_random", "regions4")}
+        config.objectives = {
+            k: v
+            for k, v in _objectives(config.get_ref("defender_epsilon"), 5, 2 / 255).items()
+            if k in ("erm", "pgd_at")
+        }
+        config.victim.model.width = 0.5
+        config.victim.epochs = 10
+        config.victim.num_seeds = 2
+    elif arg == "tiny":
+        # Every objective, on clean data and P5 (the poisons have their own smoke runs in
+        # configs/poison_family.py:tiny): 16 small runs.
+        config.data.num_train = 200
+        config.data.num_test = 100
+        config.poisons = {"P5_random": dict(specs["random"])}
+        config.objectives = _objectives(config.get_ref("defender_epsilon"), 2, 4 / 255)
+        for cfg in (config.victim, config.surrogate):
+            cfg.model.width = 0.125
+            cfg.epochs = 1
+            cfg.batch_size = 50
+            cfg.eval_batch_size = 100
+            cfg.checkpoint_every = 1
+        config.victim.num_seeds = 2
+        for spec in config.poisons.values():
+            for key, value in tiny_overrides.items():
+                if key in spec:
+                    spec[key] = value
+            if "model" in spec:
+                spec.model.width = 0.125
+    return config
