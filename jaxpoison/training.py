@@ -1,4 +1,4 @@
-"""The victim trainer: one jitted step, several seeds at once with `vmap`, batches sharded on a Mesh.
+"""The victim trainer: one jitted step, seeds on a leading axis, batches sharded on a Mesh.
 
 The training set lives on the devices (replicated); each step gathers its batch by index inside
 the compiled program, so no images cross the host boundary during training. Seeds are a leading
@@ -159,7 +159,7 @@ class Trainer:
       objective: ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``.
       epochs, batch_size, eval_batch_size: loop sizes.
       optimizer_kwargs: keyword arguments of `make_optimizer` (without epochs/steps_per_epoch).
-      checkpoint_every: save every this many epochs (0 = only at the end), when a directory is given.
+      checkpoint_every: save every this many epochs (0 = only at the end) when given a directory.
     """
 
     module: Any
@@ -294,9 +294,20 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------
 
+    def _cached(self, name, arg, build):
+        """A jitted helper built once per (name, arg), so repeated `fit` calls reuse it."""
+        if (name, arg) not in self._compiled:
+            self._compiled[(name, arg)] = build()
+        return self._compiled[(name, arg)]
+
     def init_seeds(self, key, num_seeds, steps_per_epoch):
         keys = jax.random.split(jax.random.fold_in(key, 0), num_seeds)
-        states = jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch)))(keys)
+        init = self._cached(
+            "init",
+            steps_per_epoch,
+            lambda: jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch))),
+        )
+        states = init(keys)
         # Replicated, as the compiled step returns them: otherwise the step compiles twice.
         return jax.device_put(states, NamedSharding(self.mesh, P()))
 
@@ -334,18 +345,26 @@ class Trainer:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         step_fn = self.compiled_step(steps_per_epoch, train_data.crop_padding, train_data.flip)
         seed_keys = jax.random.split(key, num_seeds)
-        perm_fn = jax.jit(
-            jax.vmap(
-                lambda k, e: data.epoch_batches(
-                    jax.random.fold_in(jax.random.fold_in(k, 1), e), n, self.batch_size
-                ),
-                in_axes=(0, None),
-            )
+        perm_fn = self._cached(
+            "perms",
+            n,
+            lambda: jax.jit(
+                jax.vmap(
+                    lambda k, e: data.epoch_batches(
+                        jax.random.fold_in(jax.random.fold_in(k, 1), e), n, self.batch_size
+                    ),
+                    in_axes=(0, None),
+                )
+            ),
         )
-        step_keys_fn = jax.jit(
-            jax.vmap(
-                lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 2), s), in_axes=(0, None)
-            )
+        step_keys_fn = self._cached(
+            "step_keys",
+            None,
+            lambda: jax.jit(
+                jax.vmap(
+                    lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 2), s), in_axes=(0, None)
+                )
+            ),
         )
 
         manager = checkpointing.Manager(ckpt_dir) if ckpt_dir else None

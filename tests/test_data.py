@@ -19,8 +19,9 @@ def test_embedded_subset_is_balanced_and_uint8():
 
 
 def test_npz_source_reads_shared_data_with_balanced_subset(shared_data_dir):
-    ds = data.load(cfg(source="npz", name="mnist", data_dir=str(shared_data_dir), num_train=1000,
-                       num_test=200))
+    ds = data.load(
+        cfg(source="npz", name="mnist", data_dir=str(shared_data_dir), num_train=1000, num_test=200)
+    )
     assert ds.x_train.shape == (1000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ds.y_train), [100] * 10)
     assert ds.x_test.shape[0] == 200
@@ -38,12 +39,22 @@ def test_unknown_source_is_refused():
 
 def test_bad_arrays_are_refused(tmp_path):
     path = tmp_path / "bad.npz"
-    np.savez(path, x_train=np.zeros((4, 8, 8), np.float32), y_train=np.zeros(4),
-             x_test=np.zeros((2, 8, 8), np.float32), y_test=np.zeros(2))
+    np.savez(
+        path,
+        x_train=np.zeros((4, 8, 8), np.float32),
+        y_train=np.zeros(4),
+        x_test=np.zeros((2, 8, 8), np.float32),
+        y_test=np.zeros(2),
+    )
     with pytest.raises(data.DataError, match="uint8"):
         data.load(cfg(source="npz", name="bad", path=str(path)))
-    np.savez(path, x_train=np.zeros((4, 8, 8, 1), np.uint8), y_train=np.zeros(3),
-             x_test=np.zeros((2, 8, 8, 1), np.uint8), y_test=np.zeros(2))
+    np.savez(
+        path,
+        x_train=np.zeros((4, 8, 8, 1), np.uint8),
+        y_train=np.zeros(3),
+        x_test=np.zeros((2, 8, 8, 1), np.uint8),
+        y_test=np.zeros(2),
+    )
     with pytest.raises(data.DataError, match="do not match"):
         data.load(cfg(source="npz", name="bad", path=str(path)))
 

@@ -47,13 +47,19 @@ def test_quantize_lands_on_8bit_grid_inside_ball():
 
 def test_step_direction_has_unit_norm(tiny_images):
     g = jax.random.normal(jax.random.key(0), tiny_images[0].shape)
-    np.testing.assert_allclose(threat.make(norm="l2", epsilon=1.0).norm_of(
-        threat.make(norm="l2", epsilon=1.0).step_direction(g)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        threat.make(norm="l2", epsilon=1.0).norm_of(
+            threat.make(norm="l2", epsilon=1.0).step_direction(g)
+        ),
+        1.0,
+        rtol=1e-5,
+    )
     assert set(np.unique(threat.make(epsilon=0.1).step_direction(g))) <= {-1.0, 0.0, 1.0}
 
 
-@pytest.mark.parametrize("eps,norm,match", [(-0.1, "linf", ">= 0"), (8.0, "linf", "8/255"),
-                                            (0.1, "l1", "Unknown norm")])
+@pytest.mark.parametrize(
+    "eps,norm,match", [(-0.1, "linf", ">= 0"), (8.0, "linf", "8/255"), (0.1, "l1", "Unknown norm")]
+)
 def test_bad_threat_models_are_refused(eps, norm, match):
     with pytest.raises(ValueError, match=match):
         threat.make(norm=norm, epsilon=eps)

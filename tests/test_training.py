@@ -75,7 +75,8 @@ def test_step_compiles_once(digits):
     tx = trainer.optimizer(10)
     traced = chex.assert_max_traces(lambda s, b, k: trainer.train_step(s, b, k, tx=tx), n=1)
     step = jax.jit(traced)
-    state = trainer.init(jax.random.key(0), 10)
+    # Placed as `fit` places states (replicated on the mesh), so outputs match inputs.
+    state = jax.device_put(trainer.init(jax.random.key(0), 10), td.x_train.sharding)
     for i in range(3):
         idx = jnp.arange(i * 64, (i + 1) * 64)
         batch = {"image": td.x_train[idx], "label": td.y_train[idx], "index": idx}
@@ -119,7 +120,7 @@ def test_eight_devices_match_one_device():
         from jaxpoison import data, training
         assert jax.device_count() == 8
         ds = data.load(ml_collections.ConfigDict(dict(source="digits", name="digits")))
-        cfg = ml_collections.ConfigDict(dict(model=dict(name="vgg11", width=0.0625), epochs=2,
+        cfg = ml_collections.ConfigDict(dict(model=dict(name="vgg11", width=0.0625), epochs=1,
             batch_size=64, optimizer=dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
             schedule="constant"), objective=dict(name="erm")))
         res = {}
@@ -135,7 +136,9 @@ def test_eight_devices_match_one_device():
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
     res = json.loads(out.strip().splitlines()[-1])
-    np.testing.assert_allclose(res["8"]["train/loss"], res["1"]["train/loss"], rtol=1e-3)
+    # Same numbers up to float reassociation (sums over the batch are split across devices);
+    # such differences grow over a long chaotic training run, so one epoch is compared.
+    np.testing.assert_allclose(res["8"]["train/loss"], res["1"]["train/loss"], rtol=1e-4)
     np.testing.assert_allclose(res["8"]["test/accuracy"], res["1"]["test/accuracy"], atol=0.01)
 
 
