@@ -22,6 +22,7 @@ def get_config(arg=None):
     config.data = dict(
         source="embedded",
         name="cifar10",
+        data_dir="",
         num_train=0,
         num_test=0,
         val_size=0,
@@ -42,7 +43,9 @@ def get_config(arg=None):
         seed_strategy="auto",
         eval_batch_size=500,
         checkpoint_every=5,
-        optimizer=dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+        optimizer=dict(
+            name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"
+        ),
     )
     if arg == "tiny":
         config.data.num_train = 200

@@ -53,11 +53,13 @@ def make_optimizer(
     steps_per_epoch,
     milestones=(0.5, 0.75),
     decay_factor=0.1,
+    name="sgd",
 ):
-    """SGD with momentum and (PyTorch-style, coupled) weight decay, with an lr schedule.
+    """SGD with momentum (or Adam) and PyTorch-style coupled weight decay, with an lr schedule.
 
     Schedules: ``constant``; ``piecewise`` (multiply by `decay_factor` at the given fractions of
-    training); ``cosine`` (to zero at the end).
+    training); ``cosine`` (to zero at the end). `name` is ``sgd`` or ``adam`` (`momentum` and
+    `nesterov` apply to SGD only).
     """
     total = max(1, epochs * steps_per_epoch)
     if schedule == "constant":
@@ -70,10 +72,13 @@ def make_optimizer(
         lr = optax.cosine_decay_schedule(learning_rate, total)
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; use constant, piecewise or cosine.")
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.sgd(lr, momentum=momentum or None, nesterov=nesterov),
-    )
+    if name == "sgd":
+        base = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    elif name == "adam":
+        base = optax.adam(lr)
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; use sgd or adam.")
+    return optax.chain(optax.add_decayed_weights(weight_decay), base)
 
 
 def over_seeds(fn, strategy="auto"):
