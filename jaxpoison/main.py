@@ -40,7 +40,23 @@ def run():
 
         sys.exit(report.main(sys.argv[2:]))
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    """absl's parsing, with one clear line for a bad flag or a config key that does not exist."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raw = str(e.args[0]) if e.args else str(e)
+        message = " ".join(raw.replace("\\n", " ").replace("\\", "").replace("'", "").split())
+        print(
+            f"jaxpoison: error: bad flag ({message}). A --config.<key> override must name "
+            "a key that exists in the config file (with a value of its type); --config and "
+            "--workdir are required.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":

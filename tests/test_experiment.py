@@ -65,7 +65,8 @@ def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path):
     proc = cli(
         "--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--config.victim.epochz=3"
     )
-    assert proc.returncode != 0 and "epochz" in proc.stderr
+    assert proc.returncode == 2 and "epochz" in proc.stderr
+    assert "jaxpoison: error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "results.json").exists()
 
 
