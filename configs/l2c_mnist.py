@@ -63,7 +63,7 @@ def get_config(arg=None):
         l2c.generator.width = 0.5
         l2c.victim.width = 0.5
         l2c.unroll_steps = l2c.truncation = 5
-        l2c.batch_size = 5 * 64
+        l2c.batch_size = 5 * 32
         l2c.outer_batch_size = 128
         l2c.num_epochs = 2
         config.victim.epochs = 5
