@@ -19,7 +19,12 @@ Workloads:
     train-mode model; the batch is gathered by index from a resident training set (as the
     jaxpoison trainer does).
   - `make_pgd`: PGD ℓ∞ with random start on the eval-mode model, sign steps, projection onto
-    the ε-ball and the [0, 1] box; gradients only with respect to the input.
+    the ε-ball and the [0, 1] box; gradients only with respect to the input. ``maximize=False``
+    descends the loss (a targeted attack when given target labels: P1 crafting).
+  - `make_error_minimizing_pass`: one pass of error-minimizing noise (Huang et al. 2021) over
+    a training set, the loop of `jaxpoison.poisons.error_minimizing`: per batch an SGD step
+    of the crafting model on the perturbed batch (`train_steps` of them spread over the pass),
+    then PGD descent on the batch's δ, then the model's accuracy on the perturbed batch.
 """
 
 from __future__ import annotations
@@ -182,8 +187,17 @@ def make_train_step(
     return step
 
 
-def make_pgd(model, *, epsilon=8 / 255, step_size=2 / 255, num_steps=10, channels_last=True):
+def make_pgd(
+    model,
+    *,
+    epsilon=8 / 255,
+    step_size=2 / 255,
+    num_steps=10,
+    maximize=True,
+    channels_last=True,
+):
     """``attack(x, y, generator) -> delta``: PGD ℓ∞ with random start on the eval-mode model."""
+    sign = 1.0 if maximize else -1.0
 
     def attack(x, y, generator=None):
         model.eval()
@@ -197,13 +211,64 @@ def make_pgd(model, *, epsilon=8 / 255, step_size=2 / 255, num_steps=10, channel
             loss = F.cross_entropy(model(x + delta), y, reduction="sum")
             (g,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta = (delta + step_size * g.sign()).clamp_(-epsilon, epsilon)
+                delta = (delta + sign * step_size * g.sign()).clamp_(-epsilon, epsilon)
                 delta = (x + delta).clamp_(0, 1) - x
         for p in model.parameters():
             p.requires_grad_(True)
         return delta.detach()
 
     return attack
+
+
+def make_error_minimizing_pass(
+    model,
+    *,
+    epsilon=8 / 255,
+    step_size=0.8 / 255,
+    num_steps=20,
+    train_steps=10,
+    batch_size=256,
+    learning_rate=0.1,
+    channels_last=True,
+):
+    """``craft_pass(x_train, y_train, delta, order) -> accuracy``: one pass of error-minimizing
+    noise over the training set, updating `delta` [N, C, H, W] in place."""
+    opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9, weight_decay=5e-4)
+
+    def craft_pass(x_train, y_train, delta, order):
+        n = len(order)
+        steps = -(-n // batch_size)
+        train_every = max(1, steps // max(1, train_steps))
+        correct = 0
+        for i in range(steps):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            x = _to_format(x_train[idx], channels_last)
+            y = y_train[idx]
+            if i % train_every == 0 and i // train_every < train_steps:
+                model.train()
+                loss = F.cross_entropy(model((x + delta[idx]).clamp(0, 1)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            d = _to_format(delta[idx], channels_last)
+            for _ in range(num_steps):
+                d.requires_grad_(True)
+                loss = F.cross_entropy(model(x + d), y, reduction="sum")
+                (g,) = torch.autograd.grad(loss, d)
+                with torch.no_grad():
+                    d = (d - step_size * g.sign()).clamp_(-epsilon, epsilon)
+                    d = (x + d).clamp_(0, 1) - x
+            with torch.no_grad():
+                delta[idx] = d
+                correct += (model(x + d).argmax(1) == y).sum().item()
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return correct / n
+
+    return craft_pass
 
 
 def forward_flops(model, image_shape=(3, 32, 32)):

@@ -22,6 +22,8 @@ import numpy as np
 
 
 def get_config(arg=None):
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
     config = ml_collections.ConfigDict()
     config.experiment = "gaussian_theory"
     config.name = "Figure 2 (Tao et al. 2021): σ=1, η=0.01, ε=2η"

@@ -15,6 +15,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
     config = ml_collections.ConfigDict()
     config.name = "L2C exact, CIFAR-10 subset, linf 0.032"
     config.seed = 0

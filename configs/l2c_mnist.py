@@ -18,6 +18,8 @@ import ml_collections
 
 
 def get_config(arg=None):
+    if arg not in (None, "", "tiny", "cpu"):
+        raise ValueError(f"Unknown config argument {arg!r}; use tiny or cpu or nothing.")
     config = ml_collections.ConfigDict()
     config.name = "L2C exact, MNIST, linf 0.3"
     config.seed = 0

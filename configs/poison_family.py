@@ -6,12 +6,12 @@ r"""Every delusive poison of the registry on one CIFAR-10 subset, beside the cle
 
 Crafts P5 random noise, Regions-1/4/16, low-frequency noise, P1 adversarial, error-maximizing,
 MI-FGSM, P2 hypocritical, P3/P4 universal, error-minimizing (sample- and class-wise), and the
-substandard Noise and Mislabeling sets on a class-balanced 2,000-image subset of
-shared/data/cifar10.npz (ℓ∞, ε = 8/255), trains the 5-layer CIFAR CNN (width 0.25) with
-standard training on each (2 seeds, 6 epochs) and reports clean test accuracy on 1,000
-class-balanced test images; ``summary`` is keyed by run name = poison name (the Regions and
-class-wise variants have a suffix). Crafting step counts are reduced from the papers' (see
-configs/poisons/_common.py) so the whole run fits 2 CPU cores in under an hour.
+substandard Noise and Mislabeling sets on a class-balanced 2,500-image subset of
+shared/data/cifar10.npz (ℓ∞, ε = 8/255), trains the 5-layer CIFAR CNN (width 0.5, Adam, the
+quickstart's victim) with standard training on each (3 seeds, 6 epochs) and reports clean test
+accuracy on 1,000 class-balanced test images; ``summary`` is keyed by run name = poison name
+(the Regions and class-wise variants have a suffix). Crafting step counts are reduced from the
+papers' (see configs/poisons/_common.py) so the whole run fits 2 CPU cores in under an hour.
 
 Expected: the table in docs/poisons.md (measured on 2 shared CPU cores).
 """

@@ -120,3 +120,24 @@ def test_config_evals_are_run_and_stored(tmp_path):
     assert len(evals["acc/D"]) == 2  # one value per seed
     assert all(0.0 <= a <= 1.0 for a in evals["acc/F"])
     assert "learning_speed" in json.loads((tmp_path / "results.json").read_text())
+
+
+CONFIG_FILES = sorted(
+    p.relative_to(REPO / "configs")
+    for p in (REPO / "configs").rglob("*.py")
+    if not p.name.startswith("_")
+)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
+def test_every_config_builds_at_full_and_tiny_size(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, REPO / "configs" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full, tiny = module.get_config(None), module.get_config("tiny")
+    assert full.seed == tiny.seed
+    assert full.get("name") and tiny.get("name")
+    with pytest.raises(ValueError, match="config argument"):
+        module.get_config("no_such_size")

@@ -4,9 +4,9 @@ r"""Error-minimizing noise, sample- and class-wise on a CIFAR-10 subset, beside 
   (append :tiny to the config path for a smoke run)
 
 Bi-level min-min until the crafting CNN fits the noise (Huang et al. 2021).
-ℓ∞, ε = 8/255, class-balanced 2,000 training / 1,000 test images of shared/data/cifar10.npz;
-standard training of the CIFAR CNN (width 0.25, 6 epochs, 2 seeds); clean test accuracy per
-epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
+ℓ∞, ε = 8/255, class-balanced 2,500 training / 1,000 test images of shared/data/cifar10.npz;
+standard training of the CIFAR CNN (width 0.5, Adam, 6 epochs, 3 seeds); clean test accuracy
+per epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
 (configs/poisons/_common.py).
 
 Expected: the error_minimizing row(s) of the table in docs/poisons.md.

@@ -4,9 +4,9 @@ r"""Substandard Mislabeling set on a CIFAR-10 subset, beside the clean baseline.
   (append :tiny to the config path for a smoke run)
 
 Every training label replaced by a random one (Tao et al. 2022).
-ℓ∞, ε = 8/255, class-balanced 2,000 training / 1,000 test images of shared/data/cifar10.npz;
-standard training of the CIFAR CNN (width 0.25, 6 epochs, 2 seeds); clean test accuracy per
-epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
+ℓ∞, ε = 8/255, class-balanced 2,500 training / 1,000 test images of shared/data/cifar10.npz;
+standard training of the CIFAR CNN (width 0.5, Adam, 6 epochs, 3 seeds); clean test accuracy
+per epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
 (configs/poisons/_common.py).
 
 Expected: the mislabeling row(s) of the table in docs/poisons.md.

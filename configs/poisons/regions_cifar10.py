@@ -4,9 +4,9 @@ r"""Regions-1/4/16 synthetic noise on a CIFAR-10 subset, beside the clean baseli
   (append :tiny to the config path for a smoke run)
 
 Class-wise patches of ±ε colour, n = 1, 4, 16 (Sandoval-Segura et al. 2022).
-ℓ∞, ε = 8/255, class-balanced 2,000 training / 1,000 test images of shared/data/cifar10.npz;
-standard training of the CIFAR CNN (width 0.25, 6 epochs, 2 seeds); clean test accuracy per
-epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
+ℓ∞, ε = 8/255, class-balanced 2,500 training / 1,000 test images of shared/data/cifar10.npz;
+standard training of the CIFAR CNN (width 0.5, Adam, 6 epochs, 3 seeds); clean test accuracy
+per epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
 (configs/poisons/_common.py).
 
 Expected: the regions row(s) of the table in docs/poisons.md.
