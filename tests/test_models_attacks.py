@@ -62,6 +62,20 @@ def test_pgd_maximizes_and_minimizes_inside_the_ball(linear_model, norm, eps, st
     )
 
 
+def test_pgd_init_continues_an_attack_exactly(linear_model):
+    apply_fn, variables, x, y = linear_model
+    ball = threat.make(epsilon=0.1)
+    loss_fn = attacks.model_loss(apply_fn, variables)
+    kw = dict(key=jax.random.key(2), threat=ball, step_size=0.02, random_start=False)
+    ten = attacks.pgd(loss_fn, x, y, num_steps=10, **kw)
+    five = attacks.pgd(loss_fn, x, y, num_steps=5, **kw)
+    assert float(jnp.abs(five - ten).max()) > 1e-3
+    resumed = attacks.pgd(loss_fn, x, y, num_steps=5, init=five, **kw)
+    np.testing.assert_allclose(resumed, ten, atol=1e-7)
+    outside = attacks.pgd(loss_fn, x, y, num_steps=0, init=jnp.full_like(x, 0.5), **kw)
+    assert float(jnp.abs(outside).max()) <= 0.1 + 1e-7  # the start is projected
+
+
 def test_targeted_pgd_and_mifgsm(linear_model):
     apply_fn, variables, x, y = linear_model
     ball = threat.make(epsilon=0.3)

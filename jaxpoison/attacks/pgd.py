@@ -12,7 +12,8 @@ def model_loss(apply_fn, variables, *, loss="cross_entropy", target=None):
     """``loss_fn(x, y) -> [B]`` of a model in eval mode, toward `y` or toward `target(y)`.
 
     Args:
-      apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)`` (see `models.make_apply_fn`).
+      apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)``
+        (see `models.make_apply_fn`).
       variables: the model's variables.
       loss: a name of `losses.LOSSES`.
       target: optional callable mapping labels to target labels (for targeted attacks).
@@ -26,7 +27,19 @@ def model_loss(apply_fn, variables, *, loss="cross_entropy", target=None):
     return loss_fn
 
 
-def pgd(loss_fn, x, y, *, key, threat, num_steps, step_size, maximize=True, random_start=True):
+def pgd(
+    loss_fn,
+    x,
+    y,
+    *,
+    key,
+    threat,
+    num_steps,
+    step_size,
+    maximize=True,
+    random_start=True,
+    init=None,
+):
     """Projected steepest ascent (maximize=True) or descent on ``sum(loss_fn(x + delta, y))``.
 
     ``maximize=False`` gives hypocritical / error-minimizing noise (or a targeted attack when
@@ -43,6 +56,8 @@ def pgd(loss_fn, x, y, *, key, threat, num_steps, step_size, maximize=True, rand
       step_size: step length in the threat model's norm.
       maximize: ascend (True) or descend (False).
       random_start: start from a random point of the ball instead of zero.
+      init: optional starting perturbation (projected first); overrides `random_start`. Used
+        to continue an attack, e.g. error-minimizing noise refined from its current value.
 
     Returns:
       delta with the shape of `x`, inside the ball and with `x + delta` in [0, 1].
@@ -56,8 +71,13 @@ def pgd(loss_fn, x, y, *, key, threat, num_steps, step_size, maximize=True, rand
         delta = delta + sign * step_size * threat.step_direction(grad_fn(delta))
         return threat.project(delta, x), None
 
-    init = threat.random_init(key, x) if random_start else jnp.zeros_like(x)
-    return jax.lax.scan(step, init, length=num_steps)[0]
+    if init is not None:
+        start = threat.project(init, x)
+    elif random_start:
+        start = threat.random_init(key, x)
+    else:
+        start = jnp.zeros_like(x)
+    return jax.lax.scan(step, start, length=num_steps)[0]
 
 
 def mifgsm(loss_fn, x, y, *, key, threat, num_steps, step_size, decay=1.0, maximize=True):

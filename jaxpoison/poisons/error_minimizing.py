@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxpoison import losses, models, objectives, training
+from jaxpoison import attacks, losses, models, objectives, training
 from jaxpoison.poisons.base import Poison, perturb, project_pattern
 
 
@@ -165,26 +165,29 @@ def error_minimizing(
         # 2. PGD descent on δ against the updated model, from the current δ.
         variables = variables_of(model_state)
 
-        def loss_of(x_perturbed):
-            logits = apply_fn(variables, x_perturbed, train=False)[0]
-            return jnp.sum(losses.cross_entropy(logits, y))
-
+        loss_fn = attacks.model_loss(apply_fn, variables)
         if class_wise:
             # Gradient of the batch loss with respect to the K class patterns.
-            grad_fn = jax.grad(lambda d: loss_of(jnp.clip(x + d[y], 0.0, 1.0)))
-            project = lambda d: project_pattern(threat, d)
-            delta0 = state.delta
+            grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(jnp.clip(x + d[y], 0.0, 1.0), y)))
+
+            def step(d, _):
+                d = d - step_size * threat.step_direction(grad_fn(d))
+                return project_pattern(threat, d), None
+
+            delta = jax.lax.scan(step, state.delta, length=num_steps)[0]
         else:
-            grad_fn = jax.grad(lambda d: loss_of(x + d))
-            project = lambda d: threat.project(d, x)
-            delta0 = state.delta[index]
-
-        def step(delta, _):
-            delta = delta - step_size * threat.step_direction(grad_fn(delta))
-            return project(delta), None
-
-        new = jax.lax.scan(step, delta0, length=num_steps)[0]
-        delta = new if class_wise else state.delta.at[index].set(new)
+            new = attacks.pgd(
+                loss_fn,
+                x,
+                y,
+                key=key,
+                threat=threat,
+                num_steps=num_steps,
+                step_size=step_size,
+                maximize=False,
+                init=state.delta[index],
+            )
+            delta = state.delta.at[index].set(new)
 
         # 3. Running accuracy of the model on the perturbed data; stop check at the pass's end.
         logits = apply_fn(variables, perturbed(delta, x, y, index), train=False)[0]
