@@ -212,6 +212,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
         from jaxpoison.theory import runner
 
         return runner.run(config, workdir, progress=progress)
+    if config.get("experiment", "images") in ("simplicity_bias", "rotation_ssl"):
+        from jaxpoison import studies
+
+        return studies.run(config, workdir, progress=progress)
     workdir = Path(workdir)
     results_path = workdir / "results.json"
     if results_path.is_file():

@@ -1,10 +1,12 @@
-"""Datasets: sources (tfds, .npz files, the embedded CIFAR-10 subset, scikit-learn digits),
+"""Datasets: sources (tfds, .npz files, the embedded CIFAR-10 subset, scikit-learn digits,
+MNIST-CIFAR built from two .npz files: `data.mnist_cifar`),
 class-balanced subsets, validation splits, and the on-device pipeline (batches, augmentation).
 
 A batch is a dict ``{'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B],
 'index': int32 [B]}``, where `index` is the example's position in the training set.
 """
 
+from jaxpoison.data import mnist_cifar
 from jaxpoison.data.pipeline import augment, epoch_batches, to_float
 from jaxpoison.data.sources import SOURCES, DataError, Dataset, validate_arrays
 from jaxpoison.data.splits import balanced_indices, load, split_validation
@@ -17,6 +19,7 @@ __all__ = [
     "balanced_indices",
     "epoch_batches",
     "load",
+    "mnist_cifar",
     "split_validation",
     "to_float",
     "validate_arrays",

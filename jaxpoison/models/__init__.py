@@ -3,6 +3,8 @@
 `MODELS[name](num_classes=..., width=...)` builds a module whose `__call__(x, train)` maps float
 images in [0, 1] to logits. `make_apply_fn` wraps a module into the one calling convention the
 rest of the library uses: ``apply_fn(variables, x, *, train) -> (logits, new_model_state)``.
+Every classifier also sows its penultimate features (the input of its last linear layer) into the
+``intermediates`` collection; `make_features_fn` reads them (linear probes, `jaxpoison.ssl`).
 """
 
 from __future__ import annotations
@@ -54,10 +56,25 @@ def make_apply_fn(module):
     return apply_fn
 
 
+def make_features_fn(module):
+    """``features_fn(variables, x) -> [B, D]``: the eval-mode penultimate features of `module`.
+
+    They are what each model sows as ``intermediates/features`` just before its last linear
+    layer; the logits and the variables are unchanged (``init`` and ``apply`` do not keep the
+    ``intermediates`` collection unless asked to).
+    """
+
+    def features_fn(variables, x):
+        _, state = module.apply(variables, x, train=False, mutable=["intermediates"])
+        return state["intermediates"]["features"][0]
+
+    return features_fn
+
+
 def init(module, key, image_shape):
     """Initial variables (``{'params': ..., maybe 'batch_stats': ...}``) for one image shape."""
     x = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
     return dict(module.init(key, x, train=False))
 
 
-__all__ = ["MODELS", "init", "make", "make_apply_fn"]
+__all__ = ["MODELS", "init", "make", "make_apply_fn", "make_features_fn"]

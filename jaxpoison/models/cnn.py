@@ -25,6 +25,7 @@ class MnistCNN(nn.Module):
             x = max_pool(nn.relu(x), (2, 2), (2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(_c(500, self.width), dtype=self.dtype)(x))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -48,4 +49,5 @@ class CifarCNN(nn.Module):
             if x.shape[1] > 1:
                 x = max_pool(x, (2, 2), (2, 2))
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

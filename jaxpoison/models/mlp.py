@@ -19,4 +19,5 @@ class MLP(nn.Module):
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         for h in self.hidden:
             x = nn.relu(nn.Dense(max(1, int(h * self.width)), dtype=self.dtype)(x))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -64,6 +64,7 @@ class ResNet(nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 x = self.block(base * 2**i, stride, dtype=self.dtype)(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -111,4 +112,5 @@ class WideResNet28(nn.Module):
                 x = WideBlock(max(1, int(ch * k)), stride, dtype=self.dtype)(x, train)
         x = nn.relu(_bn(train, self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -60,4 +60,5 @@ class VGG(nn.Module):
             )(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,73 @@
+r"""Simplicity bias on MNIST-CIFAR (Shah et al. 2020), ST vs AT restricted to the MNIST half
+(Tao et al. 2021): does adversarial training make the network learn the CIFAR half?
+
+  jaxpoison --config=configs/simplicity_bias.py --workdir=/tmp/simplicity_bias
+  (append :tiny to the config path for a smoke run)
+
+Data: ``data.source='mnist_cifar'`` (jaxpoison/data/mnist_cifar.py) stacks an MNIST digit (0 or
+1, padded to 32x32x3) on a CIFAR-10 image (automobile or truck), 64x32x3, the two halves agreeing
+in training and test; 10,000 training and 1,960 test images from ../shared/data/mnist.npz and
+cifar10.npz (or ``--config.data.data_dir``). Victim: the CIFAR CNN at width 0.5 (sized for 2 CPU
+cores), SGD lr 0.05 / cosine, batch 128, 10 epochs, 2 seeds.
+
+Runs (``summary`` keys): ``st`` (erm) and ``at_mnist_half`` (pgd_at, ℓ∞ ε = 1 on the MNIST half
+only, nothing elsewhere: ``mask`` = rows 0-31; 5 steps of 0.3). Each is evaluated after every
+epoch on the normal test set (``final_test_acc``) and on the MNIST-randomized test set, whose
+digits are shuffled across the test set (``final_mnist_randomized_acc``; 50% = the CIFAR half is
+not used at all).
+
+Expected (papers, not measured here): ST ≈100% / ≈50%; AT restricted to the MNIST half ≈ the
+accuracy of a CIFAR car-vs-truck classifier on both. Not measured yet at full size.
+"""
+
+import ml_collections
+
+
+def _mnist_mask():
+    # = jaxpoison.data.mnist_cifar.mnist_mask(): rows 0-31 (the digit) may move, rows 32-63 not.
+    return [[[1.0]]] * 32 + [[[0.0]]] * 32
+
+
+def get_config(arg=None):
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"Unknown config argument {arg!r}; use ':tiny' or nothing.")
+    config = ml_collections.ConfigDict()
+    config.experiment = "simplicity_bias"
+    config.name = "simplicity bias: MNIST-CIFAR, ST vs AT on the MNIST half (linf 1)"
+    config.seed = 0
+    config.data = dict(
+        source="mnist_cifar", name="mnist_cifar", num_train=0, num_test=0, crop_padding=0
+    )
+    config.objectives = {
+        "st": dict(name="erm"),
+        "at_mnist_half": dict(
+            name="pgd_at",
+            norm="linf",
+            epsilon=1.0,
+            num_steps=5,
+            step_size=0.3,
+            mask=_mnist_mask(),
+        ),
+    }
+    config.loss_threshold = 0.1
+    config.victim = dict(
+        model=dict(name="cnn_cifar", width=0.5),
+        epochs=10,
+        batch_size=128,
+        num_seeds=2,
+        seed_strategy="auto",
+        eval_batch_size=1000,
+        checkpoint_every=1,
+        optimizer=dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    )
+    if arg == "tiny":
+        config.data.num_train = 200
+        config.data.num_test = 100
+        config.objectives.at_mnist_half.num_steps = 2
+        config.objectives.at_mnist_half.step_size = 0.5
+        config.victim.model.width = 0.125
+        config.victim.epochs = 1
+        config.victim.batch_size = 50
+        config.victim.num_seeds = 1
+        config.victim.eval_batch_size = 100
+    return config
