@@ -39,3 +39,45 @@ def curves(runs, path, *, metric="test/accuracy", title=""):
     if title:
         ax.set_title(title)
     save_figure(fig, path)
+
+
+def confusion_matrices(confusions, path, *, class_names=None, title=""):
+    """One panel per run: its confusion matrix on the clean test set, summed over seeds and
+    normalised per true class (rows), in %; the diagonal (annotated) holds the per-class
+    accuracies.
+
+    Args:
+      confusions: ``{run: [seeds][K][K] counts}`` (``results['runs'][run]['confusion']``).
+      path: the PNG (written atomically).
+      class_names: K tick labels (default 0..K-1).
+    """
+    names = list(confusions)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
+        counts = np.asarray(confusions[name], np.float64).sum(0)  # [K, K]
+        share = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        k = share.shape[0]
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+        ticks = class_names if class_names is not None and len(class_names) == k else range(k)
+        ax.set_xticks(range(k), ticks, rotation=90, fontsize=6)
+        ax.set_yticks(range(k), ticks, fontsize=6)
+        if k <= 20:  # the diagonal only: per-class accuracy (a full grid of texts is slow)
+            for i in range(k):
+                color = "white" if share[i, i] > 60 else "black"
+                ax.text(
+                    i, i, f"{share[i, i]:.0f}", ha="center", va="center", fontsize=5, color=color
+                )
+        acc = np.trace(counts) / max(counts.sum(), 1)
+        ax.set_title(f"{name}\nacc {100 * acc:.1f}%", fontsize=8)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+    return path

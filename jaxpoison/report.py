@@ -7,7 +7,14 @@ and writes, into the first workdir or ``--out``:
   threshold), any evaluator results found in ``results.json`` (``runs[name]['evals']``), the
   poison artifacts; across all runs the learning-speed correlations;
 * ``curves_<k>.png``: clean test accuracy per epoch of every run of workdir k;
-* ``learning_speed_*.png``: epoch-to-threshold vs peak and peak vs final accuracy (≥ 3 runs);
+* ``learning_speed_*.png``: epoch-to-threshold vs peak and peak vs final accuracy (≥ 3 trained
+  runs; untrained ``naive`` runs are left out);
+* ``confusion_<k>.png``: the confusion matrices of every run's final victims on the clean test
+  set (``runs[run]['confusion']``);
+* ``transfer_<k>.png`` / ``attack_transfer_<k>.png``: the heat maps of a run with
+  ``config.victims`` (training set × victim architecture, ``results['transfer']``), and its tables;
+* ``lambda_sweep_<k>.png``: the THRM / TRADES sweep (``results['lambda_sweep']``);
+* the evaluator table (``acc/D``, ``acc/A``, ``acc/F`` mean ± std) of runs with ``config.evals``;
 * ``perturbations_<k>_<run>.png``: a few clean training images, their poisoned versions and the
   rescaled δ, recomputed from the artifact with `jaxpoison.poisons` and the config's data (skipped
   with a note when the data or the artifact cannot be loaded).
@@ -27,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxpoison import plots
-from jaxpoison.evaluation import speed, summarize
+from jaxpoison.evaluation import speed, summarize, tradeoff, transfer
 
 NUM_IMAGES = 6
 
@@ -91,7 +98,7 @@ def perturbation_grid(config, run, artifact, path, *, num_images=NUM_IMAGES):
     dataset = data.load(config.data)
     spec = dict(experiment._plain(config.poisons[run]))
     name = spec.pop("name")
-    for k in ("batch_size", "clean_extra"):
+    for k in ("batch_size", "clean_extra", "surrogate"):
         spec.pop(k, None)
     tm = experiment.make_threat(spec.pop("threat", config.threat))
     kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
@@ -161,11 +168,10 @@ def report(workdirs, *, out=None):
             curves = out / f"curves_{k}.png"
             plots.curves(runs, curves, title=title)
             lines += _summary_rows(summary) + ["", f"![curves]({curves.name})", ""]
-        evals = _eval_rows(runs)
-        if evals:
-            lines += ["### Evaluators", "", *evals, ""]
+        lines += _eval_section(runs, summary)
+        lines += _figures_section(k, results, title, out)
         prefix = f"{workdir.name}/" if len(workdirs) > 1 else ""
-        all_summaries.update({prefix + n: s for n, s in summary.items()})
+        all_summaries.update({prefix + n: s for n, s in summary.items() if s.get("epochs", 1)})
         lines += _poison_section(k, workdir, config, out)
 
     lines += ["## Learning speed", ""]
@@ -188,6 +194,50 @@ def report(workdirs, *, out=None):
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _eval_section(runs, summary):
+    """The evaluator table (mean ± std over seeds) and every per-seed metric."""
+    rows = _eval_rows(runs)
+    if not rows:
+        return []
+    lines = ["### Evaluators", ""]
+    eval_summary = {n: s for n, s in summary.items() if "evals" in s}
+    if eval_summary:
+        lines += ["```", summarize.eval_table(eval_summary), "```", ""]
+    return lines + rows + [""]
+
+
+def _figures_section(k, results, title, out):
+    """Confusion matrices, the transfer heat maps and the λ sweep of one workdir's results."""
+    lines = []
+    runs = results.get("runs", {})
+    confusions = {n: r["confusion"] for n, r in runs.items() if "confusion" in r}
+    if confusions:
+        path = plots.confusion_matrices(
+            confusions, out / f"confusion_{k}.png", title=f"{title}: clean test set"
+        )
+        lines += ["### Confusion matrices (clean test set, final victims)", ""]
+        lines += [f"![confusion]({path.name})", ""]
+    if results.get("transfer"):
+        paths = transfer.save_plots(results["transfer"], out, suffix=f"_{k}")
+        lines += ["### Transfer across architectures", "", "```"]
+        lines += [transfer.table(results["transfer"]), "```", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in paths] + [""]
+    if results.get("lambda_sweep"):
+        path = tradeoff.plot(results["lambda_sweep"], out / f"lambda_sweep_{k}.png", title=title)
+        lines += ["### λ sweep: natural risk vs hypocritical risk on D-", ""]
+        for family, pts in results["lambda_sweep"].items():
+            lines.append(
+                f"- **{family}**: "
+                + "; ".join(
+                    f"λ={p['lambda']:g}: R_nat {100 * p['R_nat']['mean']:.1f}%, "
+                    f"R_hyp/D- {100 * p['R_hyp/D-']['mean']:.1f}%"
+                    for p in pts
+                )
+            )
+        lines += ["", f"![lambda sweep]({path.name})", ""]
+    return lines
 
 
 def _poison_section(k, workdir, config, out):

@@ -305,6 +305,24 @@ class Trainer:
             self._compiled[(name, arg)] = build()
         return self._compiled[(name, arg)]
 
+    def _untrained_history(self, states, train_data):
+        """The history of an untrained victim (``epochs=0``): one entry, its initialisation.
+
+        ``train/*`` are the eval-mode loss and accuracy on the training set (no step was taken to
+        average over), the other splits as after an epoch.
+        """
+        record = {
+            f"train/{k}": v
+            for k, v in self.evaluate(states, train_data.x_train, train_data.y_train).items()
+        }
+        for split in ("test", "val"):
+            x, y = getattr(train_data, f"x_{split}"), getattr(train_data, f"y_{split}")
+            if x is not None:
+                record |= {f"{split}/{k}": v for k, v in self.evaluate(states, x, y).items()}
+        return {
+            k: [[float(a) for a in np.atleast_1d(v)]] for k, v in jax.device_get(record).items()
+        }
+
     def init_seeds(self, key, num_seeds, steps_per_epoch):
         keys = jax.random.split(jax.random.fold_in(key, 0), num_seeds)
         init = self._cached(
@@ -326,6 +344,7 @@ class Trainer:
         name="",
         progress=True,
         epoch_callback=None,
+        epochs=None,
     ):
         """Trains `num_seeds` victims at once and evaluates them on the test set after every epoch.
 
@@ -338,12 +357,20 @@ class Trainer:
           name: shown on the progress bar.
           progress: show a progress bar.
           epoch_callback: optional ``f(epoch, states, history)`` called after each epoch.
+          epochs: stop after this many epochs of the schedule (default `self.epochs`, the whole
+            schedule; the learning-rate schedule always spans `self.epochs`). ``0`` returns the
+            untrained victim, e.g. the *Naive* model of Tao et al. 2022.
 
         Returns:
           (states, history), history mapping ``train/loss``, ``train/accuracy``,
           ``test/accuracy``, ``test/loss`` (and ``val/accuracy``, ``val/loss``) to lists over
-          epochs of lists over seeds.
+          epochs of lists over seeds. With zero epochs (``epochs=0`` here or in the config) the
+          states are the initialisation and the history holds one entry, its evaluation (see
+          `_untrained_history`).
         """
+        stop = self.epochs if epochs is None else epochs
+        if not 0 <= stop <= self.epochs:
+            raise ValueError(f"epochs={epochs} must lie in [0, {self.epochs}] (the schedule).")
         n = train_data.y_train.shape[0]
         steps_per_epoch = n // self.batch_size
         if steps_per_epoch == 0:
@@ -380,13 +407,15 @@ class Trainer:
             log.info("%s: resumed from epoch %d", name, start_epoch)
         states = jax.device_put(states, NamedSharding(self.mesh, P()))
 
+        if stop == 0 and not history:
+            history = self._untrained_history(states, train_data)
         bar = progress_bar(
-            total=self.epochs * steps_per_epoch,
+            total=stop * steps_per_epoch,
             initial=start_epoch * steps_per_epoch,
             desc=name or "train",
             disable=not progress,
         )
-        for epoch in range(start_epoch, self.epochs):
+        for epoch in range(start_epoch, stop):
             batches = perm_fn(seed_keys, epoch)
             sums = None
             for i in range(steps_per_epoch):
@@ -419,14 +448,14 @@ class Trainer:
                 test_acc=f"{np.mean(record['test/accuracy']):.3f}",
             )
             bar.log(
-                f"{name} epoch {epoch + 1}/{self.epochs} "
+                f"{name} epoch {epoch + 1}/{stop} "
                 + " ".join(f"{k}={np.mean(v):.4f}" for k, v in record.items())
             )
             if epoch_callback is not None:
                 epoch_callback(epoch, states, history)
             done = epoch + 1
             if manager is not None and (
-                done == self.epochs or (self.checkpoint_every and done % self.checkpoint_every == 0)
+                done == stop or (self.checkpoint_every and done % self.checkpoint_every == 0)
             ):
                 manager.save(done, states, history)
         bar.close()

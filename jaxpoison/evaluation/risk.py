@@ -407,10 +407,26 @@ def make_accuracy(*, apply_fn, num_classes, batch_size=500, seed_strategy="auto"
     )
 
 
+def make_confusion(*, apply_fn, num_classes, batch_size=500, seed_strategy="auto"):
+    """The confusion matrix per seed: ``confusion`` [S, K, K], entry (i, j) the number of
+    examples of true class i predicted as j (rows sum to the class counts)."""
+
+    def per_batch(variables, x, y, mask, key):
+        del key
+        pred = jnp.argmax(apply_fn(variables, x, train=False)[0], -1)
+        true = jax.nn.one_hot(y, num_classes) * mask[:, None]
+        return {"confusion": true.T @ jax.nn.one_hot(pred, num_classes)}
+
+    return _dataset_evaluator(
+        per_batch, lambda s: s, batch_size=batch_size, seed_strategy=seed_strategy, name="confusion"
+    )
+
+
 # ``config.evals = {label: dict(name=<key>, **factory kwargs)}``; every factory also takes
 # ``apply_fn`` and ``num_classes`` from the trainer.
 EVALUATORS = {
     "accuracy": make_accuracy,
+    "confusion": make_confusion,
     "risk": make_risk,
     "targeted": make_targeted,
 }
@@ -431,6 +447,7 @@ __all__ = [
     "hypocritical_examples",
     "make",
     "make_accuracy",
+    "make_confusion",
     "make_risk",
     "make_targeted",
     "make_threat",

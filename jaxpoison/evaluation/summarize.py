@@ -23,20 +23,22 @@ def first_epoch_below(losses, threshold):
     ]
 
 
-def run_summary(history, loss_threshold=0.5):
+def run_summary(history, loss_threshold=0.5, *, untrained=False):
     """Summary of one run's history (lists over epochs of lists over seeds).
 
     Returns final and peak clean test accuracy (mean/std over seeds), the epoch of the peak,
     the epoch at which the training loss first falls under `loss_threshold`, and, when a
     validation split exists, the test accuracy at the epoch of best validation accuracy
-    (early stopping).
+    (early stopping). ``untrained=True`` marks a victim trained for zero epochs, whose single
+    history entry is its initialisation: ``epochs`` and ``peak_epoch`` are then 0.
     """
     test = np.asarray(history["test/accuracy"])  # [epochs, seeds]
+    offset = 0 if untrained else 1
     summary = {
         "final_test_acc": mean_std(test[-1]),
         "peak_test_acc": mean_std(test.max(0)),
-        "peak_epoch": [int(e) + 1 for e in test.argmax(0)],
-        "epochs": int(test.shape[0]),
+        "peak_epoch": [int(e) + offset for e in test.argmax(0)],
+        "epochs": 0 if untrained else int(test.shape[0]),
         "seeds": int(test.shape[1]),
         "final_train_loss": mean_std(np.asarray(history["train/loss"])[-1]),
         "loss_threshold": loss_threshold,
@@ -48,6 +50,52 @@ def run_summary(history, loss_threshold=0.5):
         summary["early_stopped_test_acc"] = mean_std(test[best, np.arange(test.shape[1])])
         summary["early_stopped_epoch"] = [int(e) + 1 for e in best]
     return summary
+
+
+def eval_summary(evals):
+    """Mean ± std over seeds of every per-seed scalar of ``runs[name]['evals']``.
+
+    Args:
+      evals: ``{label: {metric: [value per seed] or [[...] per seed]}}`` (`experiment.run_evals`).
+
+    Returns:
+      ``{label: {metric: {'mean', 'std'}}}`` for the metrics with one scalar per seed (NaN, e.g.
+      a risk on an empty D-, propagates into the mean).
+    """
+    return {
+        label: {k: mean_std(v) for k, v in metrics.items() if np.ndim(v) == 1 and np.size(v) > 0}
+        for label, metrics in evals.items()
+    }
+
+
+EVAL_COLUMNS = ("acc/D", "acc/A", "acc/F")
+
+
+def eval_table(summary, columns=EVAL_COLUMNS):
+    """A plain-text table of the evaluator results in `summary` (``summary[run]['evals']``):
+    one row per run and evaluator label, the `columns` metrics as mean ± std in %.
+
+    Returns an empty string when no run has evaluator results.
+    """
+    rows = [("run", "eval", *columns, "seeds")]
+    for name, s in summary.items():
+        for label, metrics in s.get("evals", {}).items():
+            cells = []
+            for c in columns:
+                m = metrics.get(c)
+                cells.append("-" if m is None else f"{100 * m['mean']:.2f} ± {100 * m['std']:.2f}")
+            rows.append((name, label, *cells, str(s["seeds"])))
+    if len(rows) == 1:
+        return ""
+    return _format(rows)
+
+
+def _format(rows):
+    """Rows of strings as aligned plain-text columns, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def table(summary):
@@ -63,7 +111,4 @@ def table(summary):
                 str(s["seeds"]),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _format(rows)

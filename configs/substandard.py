@@ -1,0 +1,102 @@
+r"""Substandard models (Tao et al. 2022, "With False Friends Like These, Who Can Notice
+Mistakes?", Table 1): accuracy on clean (D), adversarial (A) and hypocritical (F) test examples.
+
+  jaxpoison --config=configs/substandard.py --workdir=/tmp/substandard
+  (append :tiny to the config path for a smoke run)
+
+One run trains the victim (the CIFAR CNN of the quickstart, width 0.5, Adam, 10 epochs, 3 seeds)
+on the five training sets of the paper, built from a class-balanced 2,500-image subset of
+shared/data/cifar10.npz, and evaluates it on 1,000 class-balanced test images:
+
+=============  ==========================================================================
+run            training set
+=============  ==========================================================================
+naive          none: the victim at initialisation (``include_naive``, zero epochs)
+noise          every image replaced by uniform noise (``poisons.substandard.noise``)
+mislabeling    every label replaced by a random one (``poisons.substandard.mislabeling``)
+poisoning      P1, the adversarial poison (PGD on a clean-trained surrogate, ℓ∞ 8/255)
+clean          the clean data: the paper's *Quality* model
+=============  ==========================================================================
+
+``config.evals`` runs the ``risk`` evaluator (`jaxpoison.evaluation.risk`) in the paper's two
+threat models, ℓ∞ 8/255 and ℓ2 0.5 (10 PGD steps each, to fit the CPU budget; the reference uses
+more): ``summary[run]['evals'][norm]['acc/D' | 'acc/A' | 'acc/F']`` hold mean ± std over seeds,
+printed as a table at the end and in ``jaxpoison report``. What to look for (the paper's point):
+a substandard model's accuracy on F lies far above its accuracy on D, so a false friend who
+controls the verification data can make it look as good as the Quality model.
+
+The THRM / TRADES λ sweep of the same paper is its own config, configs/lambda_sweep.py: it
+varies the training objective on the clean set, an axis orthogonal to these training sets (the
+experiment trains every objective on every set, so one config would train 5 × 9 victims).
+
+Expected: not measured yet.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
+    config = ml_collections.ConfigDict()
+    config.name = "substandard models: accuracy on D / A / F (CIFAR-10)"
+    config.seed = 0
+    config.data = dict(
+        source="npz",
+        name="cifar10",
+        num_train=2500,
+        num_test=1000,
+        val_size=0,
+        crop_padding=0,
+        flip=True,
+    )
+    epsilon = ml_collections.FieldReference(8 / 255)
+    config.threat = dict(norm="linf", epsilon=epsilon)
+    config.include_clean = True  # the Quality model
+    config.include_naive = True  # the Naive model: untrained
+    config.poisons = {
+        "noise": dict(name="noise"),
+        "mislabeling": dict(name="mislabeling"),
+        "poisoning": dict(name="adversarial", num_steps=20, batch_size=256),
+    }
+    config.objectives = {"erm": dict(name="erm")}
+    config.evals = {
+        "linf": dict(name="risk", norm="linf", epsilon=epsilon, num_steps=10, batch_size=500),
+        "l2": dict(name="risk", norm="l2", epsilon=0.5, num_steps=10, batch_size=500),
+    }
+    config.loss_threshold = 0.5
+    optimizer = dict(name="adam", learning_rate=1.5e-3, weight_decay=0.0, schedule="cosine")
+    config.victim = dict(
+        model=dict(name="cnn_cifar", width=0.5),
+        epochs=10,
+        batch_size=64,
+        num_seeds=3,
+        seed_strategy="auto",
+        eval_batch_size=500,
+        checkpoint_every=5,
+        optimizer=optimizer,
+    )
+    # The crafting model of the Poisoning set (trained on the clean subset).
+    config.surrogate = dict(
+        model=dict(name="cnn_cifar", width=0.5),
+        epochs=10,
+        batch_size=64,
+        eval_batch_size=500,
+        checkpoint_every=5,
+        optimizer=dict(optimizer),
+    )
+    if arg == "tiny":
+        config.data.num_train = 200
+        config.data.num_test = 100
+        for cfg in (config.victim, config.surrogate):
+            cfg.model.width = 0.125
+            cfg.epochs = 1
+            cfg.batch_size = 50
+            cfg.checkpoint_every = 1
+        config.victim.num_seeds = 2
+        config.poisons.poisoning.num_steps = 2
+        config.poisons.poisoning.batch_size = 50
+        for spec in config.evals.values():
+            spec.num_steps = 3
+            spec.batch_size = 100
+    return config
