@@ -22,7 +22,7 @@ def _per_example_norm(v):
 
 @flax.struct.dataclass
 class LpBall:
-    """The ℓp ball ``{delta : ||mask * delta||_p <= epsilon, delta = mask * delta, x + delta in [0,1]}``.
+    """The ℓp ball ``{δ : ||mask * δ||_p <= epsilon, δ = mask * δ, x + δ in [0,1]}``.
 
     Attributes:
       epsilon: radius, in the units of images scaled to [0, 1] (8/255 for the usual CIFAR ℓ∞).

@@ -75,7 +75,7 @@ class Dataset:
         return self.x_train.shape[1:]
 
     def fingerprint(self):
-        """sha256 of the training images and labels: identifies the clean data a poison was made on."""
+        """sha256 of the training images and labels: the clean data a poison was made on."""
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.x_train).tobytes())
         h.update(np.ascontiguousarray(self.y_train).astype(np.int64).tobytes())
@@ -183,7 +183,8 @@ def load_tfds(name, *, data_dir=None, download=False, **_):
         )
     except Exception as e:  # tfds raises several types for a dataset that is not prepared
         raise DataError(
-            f"tfds dataset {name!r} is not available in data_dir={data_dir or '~/tensorflow_datasets'}"
+            f"tfds dataset {name!r} is not available in "
+            f"data_dir={data_dir or '~/tensorflow_datasets'}"
             f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet, set "
             "data.download=True once; offline, use data.source='npz' with a local .npz file "
             "or data.source='embedded'."

@@ -1,4 +1,4 @@
-"""ResNet-18/50 with the CIFAR stem (He et al. 2016) and WideResNet-28-10 (Zagoruyko & Komodakis 2016)."""
+"""ResNet-18/50 (CIFAR stem; He et al. 2016) and WideResNet-28-10 (Zagoruyko & Komodakis 2016)."""
 
 import functools
 
