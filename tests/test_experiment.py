@@ -106,7 +106,6 @@ def test_validation_split_gives_early_stopping_summary(tmp_path):
     assert 0.0 <= summary["early_stopped_test_acc"]["mean"] <= 1.0
 
 
-
 def test_config_evals_are_run_and_stored(tmp_path):
     config = load_config("quickstart", "tiny")
     with config.unlocked():

@@ -17,8 +17,9 @@ def test_every_model_builds_and_maps_images_to_logits(name):
     logits, state = apply_fn(variables, x, train=True)
     assert logits.shape == (2, 5) and jnp.isfinite(logits).all()
     if "batch_stats" in variables:  # train mode updates the running statistics, eval uses them
-        changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                               state["batch_stats"])
+        changed = jax.tree.map(
+            lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], state["batch_stats"]
+        )
         assert any(jax.tree.leaves(changed))
         eval_logits, eval_state = apply_fn(variables, x, train=False)
         assert not np.allclose(eval_logits, logits)
