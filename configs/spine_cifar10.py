@@ -10,9 +10,8 @@ flip, 15 epochs, 2 seeds per run, on a class-balanced 10,000-image subset of ../
 cifar10.npz, evaluated on the full 10,000-image test set after every epoch. Poisons: class-wise
 Regions-4 and class-wise random noise (P5), both ℓ∞ ε = 8/255.
 
-15 epochs rather than 30 to fit the CPU budget of a 2-core machine (about 20 minutes per run of
-2 seeds on an idle one). `:clean30` is the evidence that the trainer trains: the clean run alone,
-30 epochs, 1 seed (about 20 minutes on 2 idle cores).
+15 epochs rather than 30 to fit the CPU budget of a 2-core machine. `:clean30` is the evidence
+that the trainer trains: the clean run alone, 30 epochs, 1 seed (39 minutes on 2 shared cores).
 
 Expected: see README.md ("Measured") for the numbers of the last run.
 """
