@@ -56,21 +56,21 @@ from jaxpoison.poisons import storage
 from jaxpoison.progress import say, set_log_file
 
 
-def _plain(value):
+def plain(value):
     if isinstance(value, ml_collections.ConfigDict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
-def _run_key(root, name):
+def run_key(root, name):
     """A key for the named part of the experiment, independent of the order parts run in."""
     return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def make_threat(spec):
-    return threat.make(**_plain(spec))
+    return threat.make(**plain(spec))
 
 
 def _merged(base, overrides):
@@ -87,7 +87,7 @@ def train_surrogate(config, dataset, *, key, workdir, progress, spec=None, name=
     `spec` (default ``config.surrogate``) is the crafting model's victim-style spec; `name`
     names its checkpoint directory.
     """
-    spec = ml_collections.ConfigDict(spec if spec is not None else _plain(config.surrogate))
+    spec = ml_collections.ConfigDict(spec if spec is not None else plain(config.surrogate))
     trainer = training.Trainer.from_config(
         spec, num_classes=dataset.num_classes, image_shape=dataset.image_shape
     )
@@ -123,7 +123,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
     x_clean = dataset.x_train.astype(np.float32) / 255.0
     fingerprint = dataset.fingerprint()
     for run_name, spec in config.poisons.items():
-        spec = _plain(spec)
+        spec = plain(spec)
         name = spec.pop("name")
         if name not in poisons.POISONS:
             raise ValueError(
@@ -137,16 +137,16 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
         kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
         if name in poisons.REQUIRES_MODEL:
             if surrogate_overrides:
-                surrogate_spec = _merged(_plain(config.surrogate), surrogate_overrides)
+                surrogate_spec = _merged(plain(config.surrogate), surrogate_overrides)
                 tag = f"surrogate_{run_name}"
             else:
-                surrogate_spec, tag = _plain(config.surrogate), "surrogate"
+                surrogate_spec, tag = plain(config.surrogate), "surrogate"
             cache = json.dumps(surrogate_spec, sort_keys=True)
             if cache not in surrogates:
                 surrogates[cache] = train_surrogate(
                     config,
                     dataset,
-                    key=_run_key(key, "surrogate" if tag == "surrogate" else cache),
+                    key=run_key(key, "surrogate" if tag == "surrogate" else cache),
                     workdir=workdir,
                     progress=progress,
                     spec=surrogate_spec,
@@ -154,7 +154,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
                 )
             kwargs.update(apply_fn=surrogates[cache][0], variables=surrogates[cache][1])
         poison = poisons.make(name, **kwargs, **spec)
-        pkey = _run_key(key, f"poison/{run_name}")
+        pkey = run_key(key, f"poison/{run_name}")
         artifact = Path(workdir) / "poison" / run_name
         if (artifact / "metadata.json").is_file():
             template = jax.eval_shape(
@@ -206,7 +206,7 @@ def clean_additions(config, dataset):
     }
     if not wanted:
         return {}
-    full = data.load(ml_collections.ConfigDict(dict(_plain(config.data), num_train=0)))
+    full = data.load(ml_collections.ConfigDict(dict(plain(config.data), num_train=0)))
     subset = np.arange(len(full.y_train))
     if len(dataset.y_train) < len(full.y_train):
         subset = data.balanced_indices(full.y_train, len(dataset.y_train), full.num_classes)
@@ -258,7 +258,7 @@ def run_evals(evals, trainer, states, td, *, num_classes, key, evaluators=None):
 
 
 def _write_config(config, workdir):
-    storage.write_json_atomic(Path(workdir) / "config.json", _plain(config))
+    storage.write_json_atomic(Path(workdir) / "config.json", plain(config))
 
 
 def train_and_evaluate(config, workdir, *, progress=True):
@@ -303,10 +303,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
     train_idx, val_idx = data.split_validation(
         dataset.y_train, val_size, dataset.num_classes, seed=config.seed
     )
-    objectives = _plain(config.get("objectives", {"erm": {"name": "erm"}}))
-    evals = _plain(config.get("evals", {}))
-    victims = _plain(config.get("victims", {}))
-    sweep_eval = _plain(config.get("lambda_sweep") or {}).get("eval")
+    objectives = plain(config.get("objectives", {"erm": {"name": "erm"}}))
+    evals = plain(config.get("evals", {}))
+    victims = plain(config.get("victims", {}))
+    sweep_eval = plain(config.get("lambda_sweep") or {}).get("eval")
     if sweep_eval is not None and evals.get(sweep_eval, {}).get("name") not in ("risk", "targeted"):
         raise ValueError(
             f"lambda_sweep.eval={sweep_eval!r} must name a 'risk' evaluator of config.evals "
@@ -315,7 +315,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
     runs, attack_transfer = {}, {}
     for obj_label, obj_spec in objectives.items():
         for victim_name, victim_overrides in (victims or {"": {}}).items():
-            victim_cfg = ml_collections.ConfigDict(_merged(_plain(config.victim), victim_overrides))
+            victim_cfg = ml_collections.ConfigDict(_merged(plain(config.victim), victim_overrides))
             victim_cfg.objective = obj_spec
             trainer = training.Trainer.from_config(
                 victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape
@@ -348,7 +348,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 t0 = time.time()
                 states, history = trainer.fit(
                     td,
-                    key=_run_key(root, f"victim/{run_name}"),
+                    key=run_key(root, f"victim/{run_name}"),
                     num_seeds=victim_cfg.num_seeds,
                     ckpt_dir=workdir / "checkpoints" / run_name.replace("/", "__"),
                     name=run_name,
@@ -374,7 +374,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                         states,
                         td,
                         num_classes=dataset.num_classes,
-                        key=_run_key(root, f"evals/{run_name}"),
+                        key=run_key(root, f"evals/{run_name}"),
                         evaluators=evaluators,
                     )
                 if victims and set_name == "clean":
@@ -397,7 +397,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "wall_time_s": time.time() - t_start,
-        "config": _plain(config),
+        "config": plain(config),
         "runs": runs,
         "summary": summary,
         "learning_speed": speed.diagnostics(trained),
@@ -414,7 +414,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         figures += speed.save_plots(results["learning_speed"]["runs"], workdir)
     sweep_cfg = config.get("lambda_sweep")
     if sweep_cfg:
-        sweep_cfg = _plain(sweep_cfg)
+        sweep_cfg = plain(sweep_cfg)
         results["lambda_sweep"] = tradeoff.points(
             objectives,
             runs,
@@ -431,7 +431,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         results["transfer"] = {
             "victims": list(victims),
             "crafted_with": {
-                t: transfer.crafting_architecture(_plain(config), t) for t in train_sets
+                t: transfer.crafting_architecture(plain(config), t) for t in train_sets
             },
             "accuracy": transfer.accuracy_matrix(runs, summary),
             "attack_transfer": attack_transfer,

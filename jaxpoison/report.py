@@ -96,7 +96,7 @@ def perturbation_grid(config, run, artifact, path, *, num_images=NUM_IMAGES):
 
     config = ml_collections.ConfigDict(config)
     dataset = data.load(config.data)
-    spec = dict(experiment._plain(config.poisons[run]))
+    spec = dict(experiment.plain(config.poisons[run]))
     name = spec.pop("name")
     for k in ("batch_size", "clean_extra", "surrogate"):
         spec.pop(k, None)

@@ -122,7 +122,7 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
     workdir = Path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     dataset = data.load(config.data)
-    spec = dict(experiment._plain(config.poisons[run]))
+    spec = dict(experiment.plain(config.poisons[run]))
     name = spec.pop("name")
     for k in ("batch_size", "clean_extra"):
         spec.pop(k, None)

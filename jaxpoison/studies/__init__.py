@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import zlib
 from pathlib import Path
 
-import jax
-import ml_collections
-
+from jaxpoison.experiment import plain, run_key
 from jaxpoison.poisons.storage import write_json_atomic
 from jaxpoison.progress import say, set_log_file
 
@@ -41,20 +38,6 @@ def run(config, workdir, *, progress=True):
             f"config.experiment={name!r} is not a study; use one of {sorted(RUNNERS)}."
         )
     return importlib.import_module(RUNNERS[name]).run(config, workdir, progress=progress)
-
-
-def plain(value):
-    """A ConfigDict (or nested lists of them) as plain dicts and lists, for JSON."""
-    if isinstance(value, ml_collections.ConfigDict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def run_key(root, name):
-    """A key for the named part of the study, independent of the order parts run in."""
-    return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def open_workdir(config, workdir):

@@ -19,21 +19,12 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
-from jaxpoison import __version__, plots
+from jaxpoison import __version__, experiment, plots
 from jaxpoison.poisons.storage import write_json_atomic
 from jaxpoison.progress import say, set_log_file
 from jaxpoison.theory import gaussian, linear
-
-
-def _plain(value):
-    if isinstance(value, ml_collections.ConfigDict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def check_theorems(dims, *, eta, sigma, epsilon=None):
@@ -187,7 +178,7 @@ def run(config, workdir, *, progress=True):
             return results
     workdir.mkdir(parents=True, exist_ok=True)
     set_log_file(workdir / "log.txt")
-    write_json_atomic(workdir / "config.json", _plain(config))
+    write_json_atomic(workdir / "config.json", experiment.plain(config))
     t_start = time.time()
     th = config.theory
     sigma, eta = float(th.sigma), float(th.eta)
@@ -229,7 +220,7 @@ def run(config, workdir, *, progress=True):
         "complete": True,
         "jaxpoison_version": __version__,
         "backend": jax.default_backend(),
-        "config": _plain(config),
+        "config": experiment.plain(config),
         "closed_form": {"dims": dims, "accuracy": {k: v.tolist() for k, v in curves.items()}},
         "theorems": theorems,
         "monte_carlo": mc,
