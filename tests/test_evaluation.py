@@ -14,6 +14,8 @@ from jaxpoison import experiment, main, models, report, threat
 from jaxpoison.evaluation import EVALUATORS, risk, speed
 from jaxpoison.training import TrainState
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 N, SHAPE, SEEDS = 40, (4, 4, 1), 2
 
 

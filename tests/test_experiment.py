@@ -9,6 +9,8 @@ import pytest
 
 from jaxpoison import experiment
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = [
     "--config.data.source=digits",

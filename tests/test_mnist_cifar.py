@@ -16,12 +16,7 @@ from jaxpoison.data.sources import Dataset
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def fake_sources(n_mnist=(7, 9, 5), n_cifar=(4, 6, 8, 3, 3, 3, 3, 3, 3, 5), seed=0):

@@ -6,6 +6,8 @@ import pytest
 
 from jaxpoison import attacks, losses, models, threat
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_builds_and_maps_images_to_logits(name):

@@ -12,6 +12,8 @@ import pytest
 from jaxpoison import attacks, losses, models, objectives, threat
 from jaxpoison.objectives import gairat, inner
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 EPS = 8 / 255
 SHAPE = (8, 8, 3)
 BATCH = 16

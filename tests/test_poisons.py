@@ -17,6 +17,8 @@ import pytest
 from jaxpoison import losses, models, poisons, threat
 from jaxpoison.poisons import error_minimizing, storage
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 NUM_CLASSES = 3
 IMAGE_SHAPE = (8, 8, 3)
 N = 48

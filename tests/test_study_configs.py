@@ -17,13 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS = dict(source="digits", name="digits", num_train=200, num_test=100)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """These tests check logic, not speed: XLA's cheaper compiles halve their run time."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def load_config(name, arg="tiny"):
