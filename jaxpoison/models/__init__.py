@@ -14,6 +14,7 @@ import functools
 import jax
 
 from jaxpoison.models.cnn import CifarCNN, MnistCNN
+from jaxpoison.models.linf_dist import LinfDistNet
 from jaxpoison.models.mlp import MLP
 from jaxpoison.models.resnet import ResNet18, ResNet50, WideResNet28
 from jaxpoison.models.vgg import VGG
@@ -28,6 +29,7 @@ MODELS = {
     "resnet18": ResNet18,
     "resnet50": ResNet50,
     "wrn28_10": WideResNet28,
+    "linf_dist": LinfDistNet,
 }
 
 
