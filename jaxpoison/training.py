@@ -161,7 +161,9 @@ class Trainer:
 
     Attributes:
       module: the flax model.
-      objective: ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``.
+      objective: ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; its batch
+        holds ``image``, ``label``, ``index`` and the float32 scalars ``progress`` (fraction of
+        the schedule done, in [0, 1)) and ``epoch`` (see `train_step`).
       epochs, batch_size, eval_batch_size: loop sizes.
       optimizer_kwargs: keyword arguments of `make_optimizer` (without epochs/steps_per_epoch).
       checkpoint_every: save every this many epochs (0 = only at the end) when given a directory.
@@ -224,12 +226,25 @@ class Trainer:
         tx = self.optimizer(steps_per_epoch)
         return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
 
-    def train_step(self, state, batch, key, *, tx, crop_padding=0, flip=False):
-        """One optimisation step of one seed: ``(state, batch, key) -> (state, metrics)``."""
+    def train_step(
+        self, state, batch, key, *, tx, crop_padding=0, flip=False, steps_per_epoch=None
+    ):
+        """One optimisation step of one seed: ``(state, batch, key) -> (state, metrics)``.
+
+        With `steps_per_epoch` the objective's batch also carries the position in the schedule,
+        computed from ``state.step`` inside the compiled step (no host round trip, no retrace):
+        ``progress = step / (epochs * steps_per_epoch)``, a float32 in [0, 1), and
+        ``epoch = step / steps_per_epoch``, a float32 (2.5 = halfway through the third epoch).
+        Objectives with schedules (FAT's τ, GAIRAT's burn-in and λ) read ``progress``.
+        """
         aug_key, obj_key = jax.random.split(key)
         batch = dict(
             batch, image=data.augment(aug_key, batch["image"], crop_padding=crop_padding, flip=flip)
         )
+        if steps_per_epoch is not None:
+            step = state.step.astype(jnp.float32)
+            total = max(1, self.epochs * steps_per_epoch)
+            batch |= {"progress": step / total, "epoch": step / steps_per_epoch}
 
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
@@ -260,7 +275,13 @@ class Trainer:
                 labels = jax.lax.with_sharding_constraint(y[idx], self._batch_sharding(2))
                 batch = {"image": images, "label": labels, "index": idx}
                 one = lambda s, b, k: self.train_step(
-                    s, b, k, tx=tx, crop_padding=crop_padding, flip=flip
+                    s,
+                    b,
+                    k,
+                    tx=tx,
+                    crop_padding=crop_padding,
+                    flip=flip,
+                    steps_per_epoch=steps_per_epoch,
                 )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 

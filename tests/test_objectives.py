@@ -2,6 +2,8 @@
 the defender's ball and run in eval mode, one compilation per configuration, and the vectorised
 early stopping of FAT / the geometry values of GAIRAT against plain per-example loops."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpoison import attacks, losses, models, objectives, threat
+from jaxpoison import attacks, losses, models, objectives, threat, training
 from jaxpoison.objectives import gairat, inner
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -307,3 +309,178 @@ def test_gair_weights():
     np.testing.assert_allclose(gairat.gair_weights(kappa, 10, lam=float("inf")), 1.0)
     with pytest.raises(ValueError, match="weight_fn"):
         gairat.make(weight_fn="cubic")
+
+
+# ----- schedules over training: batch['progress'] ----------------------------------------------
+
+FAST = dict(epsilon=EPS, num_steps=3, step_size=EPS / 2)
+
+
+def make_progress_step(objective):
+    """Jitted ``(variables, batch, key) -> (loss, aux)``: one trace for every progress value."""
+
+    def step(variables, batch, key):
+        return objective(variables, batch, key, apply_fn=APPLY)
+
+    return jax.jit(chex.assert_max_traces(step, n=1))
+
+
+def _at(batch, progress):
+    return batch | {"progress": jnp.float32(progress)}
+
+
+def test_fat_dynamic_tau_follows_progress(setup):
+    """τ of the reference's dynamic schedule (0 before 50/120, 1, then 2 from 90/120), picked
+    from batch['progress'] in one compiled program, reaches the early-stopped search: examples
+    move further with each τ (the traced τ itself is checked against the loop reference in
+    `test_early_stopped_pgd_with_traced_tau_matches_loop`)."""
+    variables, batch, _, key = setup
+    chex.clear_trace_counter()
+    step = make_progress_step(objectives.make("fat", tau_schedule="dynamic", **FAST))
+    steps = {}
+    for progress, tau in [(0.0, 0), (0.41, 0), (50 / 120, 1), (0.6, 1), (0.75, 2), (0.99, 2)]:
+        _, aux = step(variables, _at(batch, progress), key)
+        assert float(aux["metrics"]["tau"]) == tau, progress
+        steps.setdefault(tau, set()).add(float(aux["metrics"]["mean_steps"]))
+    assert all(len(v) == 1 for v in steps.values())  # same key, same τ: same search
+    assert min(steps[0]) < min(steps[1]) < min(steps[2])
+    chex.clear_trace_counter()
+
+
+def test_early_stopped_pgd_with_traced_tau_matches_loop(linear_problem):
+    """τ as a traced argument (FAT's schedule): one compiled search, per-example loop results."""
+    logits_fn, x, y, key = linear_problem[:4]
+    eps, step_size, num_steps = 0.1, 0.03, 5
+    tm = threat.make(epsilon=eps)
+    delta0 = tm.random_init(key, x)
+    chex.clear_trace_counter()
+
+    def search(tau):
+        kw = dict(delta=delta0, threat=tm, num_steps=num_steps, step_size=step_size)
+        return inner.pgd_with_stats(logits_fn, losses.cross_entropy, x, y, tau=tau, **kw)
+
+    search = jax.jit(chex.assert_max_traces(search, n=1))
+    for tau in (0, 1, 2):
+        delta, stats = search(jnp.int32(tau))
+        ref_delta, _, ref_moves = _loop_reference(
+            linear_problem, delta0, eps=eps, step_size=step_size, num_steps=num_steps, tau=tau
+        )
+        np.testing.assert_allclose(delta, ref_delta, atol=1e-6)
+        np.testing.assert_array_equal(stats["num_moves"], ref_moves)
+    chex.clear_trace_counter()
+
+
+GAIRAT_SCHEDULES = [
+    # (keywords, [(progress, λ the weights must use; None = burn-in, all weights 1)])
+    (
+        dict(begin=0.5, lam_schedule="piecewise"),
+        [(0.0, None), (0.49, None), (0.5, -1.0), (0.7, -1.0), (0.75, -2.0), (0.95, -2.5)],
+    ),
+    (
+        dict(begin=0.25, lam_schedule="linear", lam_max=2.0),
+        [(0.2, None), (0.25, 2.0 - 0.25 * 3.0), (0.9, 2.0 - 0.9 * 3.0)],
+    ),
+    (dict(lam=1.0, lam_schedule=((0.3, 0.0), (0.6, -2.0))), [(0.1, 1.0), (0.3, 0.0), (0.8, -2.0)]),
+    (dict(begin=0.5, weight_fn="discrete"), [(0.3, None), (0.6, -1.0)]),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected", GAIRAT_SCHEDULES, ids=["piecewise", "linear", "pairs", "discrete"]
+)
+def test_gairat_schedule_follows_progress(setup, kwargs, expected):
+    variables, batch, _, key = setup
+    chex.clear_trace_counter()
+    step = make_progress_step(objectives.make("gairat", **FAST, **kwargs))
+    for progress, lam in expected:
+        _, aux = step(variables, _at(batch, progress), key)
+        assert len(np.unique(aux["kappa"])) > 1  # else every λ gives equal weights
+        if lam is None:
+            np.testing.assert_array_equal(aux["weights"], 1.0)
+        else:
+            want = gairat.gair_weights(
+                aux["kappa"], 3, lam=lam, weight_fn=kwargs.get("weight_fn", "tanh")
+            )
+            np.testing.assert_allclose(
+                aux["weights"], want, rtol=1e-5, atol=1e-6, err_msg=f"{progress}"
+            )
+            assert float(np.std(aux["weights"])) > 1e-3
+        if "begin" in kwargs:
+            assert float(aux["metrics"]["reweighted"]) == (lam is not None)
+        else:
+            assert "reweighted" not in aux["metrics"]
+    chex.clear_trace_counter()
+
+
+def test_gairat_burn_in_is_pgd_at(setup):
+    """Before `begin` GAIRAT is plain PGD-AT: the same loss as `pgd_at` with the same key."""
+    variables, batch, _, key = setup
+    run = lambda obj: jax.jit(lambda v, b, k: obj(v, b, k, apply_fn=APPLY))
+    loss, _ = run(objectives.make("gairat", begin=0.5, **FAST))(variables, _at(batch, 0.2), key)
+    ref, _ = run(objectives.make("pgd_at", **FAST))(variables, batch, key)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_missing_progress_is_the_start_of_training(setup, caplog):
+    """Callers that build their own batches (no 'progress') get the schedule's start, a warning,
+    and no crash."""
+    variables, batch, _, key = setup
+    assert float(inner.progress_of({}, name="x")) == 0.0
+    assert float(inner.progress_of({"progress": jnp.float32(0.3)}, name="x")) == pytest.approx(0.3)
+    for name, kwargs in [("fat", dict(tau_schedule="dynamic")), ("gairat", dict(begin=0.5))]:
+        caplog.clear()
+        objective = functools.partial(objectives.make(name, **kwargs), apply_fn=APPLY)
+        loss, _ = jax.eval_shape(objective, variables, batch, key)
+        assert loss.shape == ()
+        assert any(name in r.message and "progress" in r.message for r in caplog.records)
+
+
+def test_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="tau_schedule"):
+        objectives.make("fat", tau_schedule="cosine")
+    with pytest.raises(ValueError, match="fractions"):
+        objectives.make("fat", tau_schedule=((1.5, 1),))
+    with pytest.raises(ValueError, match="integer"):
+        objectives.make("fat", tau_schedule=((0.5, 1.5),))
+    with pytest.raises(ValueError, match="integer"):
+        objectives.make("fat", tau_schedule=((0.5, float("inf")),))
+    with pytest.raises(ValueError, match="lam_schedule"):
+        objectives.make("gairat", lam_schedule="cosine")
+    with pytest.raises(ValueError, match="finite"):
+        objectives.make("gairat", lam_schedule="linear")  # lam_max = +inf, as in the reference
+    with pytest.raises(ValueError, match="begin"):
+        objectives.make("gairat", begin=60)
+
+
+def test_trainer_puts_progress_into_every_batch():
+    """`Trainer.fit` gives the objective progress = k / total and epoch = k / steps_per_epoch at
+    global step k, for 2 epochs of 3 steps, from one compiled step."""
+    seen, traces = [], []
+
+    def spy(variables, batch, key, *, apply_fn):
+        traces.append(1)
+        logits, state = apply_fn(variables, batch["image"], train=True)
+        loss = jnp.mean(losses.cross_entropy(logits, batch["label"]))
+        record = lambda p, e: seen.append((float(p), float(e)))
+        jax.debug.callback(record, batch["progress"], batch["epoch"])
+        metrics = {"loss": loss, "progress": batch["progress"], "epoch": batch["epoch"]}
+        return loss, {"model_state": state, "metrics": metrics}
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((14, *SHAPE), dtype=np.float32), np.arange(14) % 10
+    data = training.TrainData.create(x[:12], y[:12], x[12:], y[12:])
+    trainer = training.Trainer(
+        module=MODULE,
+        objective=spy,
+        image_shape=SHAPE,
+        epochs=2,
+        batch_size=4,
+        optimizer_kwargs=dict(learning_rate=0.01, schedule="constant"),
+    )
+    _, history = trainer.fit(data, key=jax.random.key(0), progress=False)
+    assert len(traces) == 1  # one trace (so one compilation) for the whole run
+    total = 6
+    expected = [(k / total, k / 3) for k in range(total)]
+    np.testing.assert_allclose(sorted(seen), expected, rtol=1e-6)
+    # Epoch means of the metric: ((0 + 1 + 2) / 3) / 6 and ((3 + 4 + 5) / 3) / 6.
+    np.testing.assert_allclose(np.ravel(history["train/progress"]), [1 / 6, 4 / 6], rtol=1e-6)

@@ -73,7 +73,9 @@ def test_step_compiles_once(digits):
         victim_config(), num_classes=10, image_shape=ds.image_shape
     )
     tx = trainer.optimizer(10)
-    traced = chex.assert_max_traces(lambda s, b, k: trainer.train_step(s, b, k, tx=tx), n=1)
+    traced = chex.assert_max_traces(
+        lambda s, b, k: trainer.train_step(s, b, k, tx=tx, steps_per_epoch=10), n=1
+    )
     step = jax.jit(traced)
     # Placed as `fit` places states (replicated on the mesh), so outputs match inputs.
     state = jax.device_put(trainer.init(jax.random.key(0), 10), td.x_train.sharding)

@@ -2,8 +2,9 @@
 
     objective(variables, batch, key, *, apply_fn) -> (loss, aux)
 
-`variables` is ``{'params': ..., **model_state}``, `batch` a dict with 'image' and 'label',
-`loss` a scalar (the mean over the batch) and ``aux = {'model_state': ..., 'metrics': {...}}``
+`variables` is ``{'params': ..., **model_state}``, `batch` a dict with 'image' and 'label'
+(the trainer adds 'index', and 'progress', the fraction of training done, and 'epoch'), `loss` a
+scalar (the mean over the batch) and ``aux = {'model_state': ..., 'metrics': {...}}``
 (objectives with an inner attack also put the example they trained on in ``aux['adversarial']``).
 A factory ``make(**hyperparameters)`` returns the objective; the trainer takes the gradient of
 `loss` with respect to ``variables['params']`` and never needs to know which objective it runs.
@@ -11,6 +12,9 @@ A factory ``make(**hyperparameters)`` returns the objective; the trainer takes t
 Every defense takes the defender's own threat model as keywords (``norm``, ``epsilon``, ``mask``,
 and ``num_steps``, ``step_size`` for the inner search), independent of the attacker's. Inner
 attacks run the model in eval mode (BatchNorm running statistics); see `objectives.inner`.
+Schedules over training read ``batch['progress']`` (`inner.progress_of`; a batch without it
+counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIRAT's ``begin``
+(equal-weight burn-in) and ``lam_schedule``. Without them the objectives ignore the progress.
 
 ==============  =====================================================================
 ``erm``         standard training (cross-entropy)

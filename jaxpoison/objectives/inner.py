@@ -12,14 +12,24 @@ updates are chained, as two successive ``model(x)`` calls in PyTorch would do.
 
 The inner attack never carries gradient into the parameters: it sees ``stop_gradient(variables)``
 and its output is ``stop_gradient``-ed, as the reference code detaches ``x_adv``.
+
+Schedules over training (FAT's dynamic τ, GAIRAT's burn-in and λ schedule) read the fraction of
+training done from ``batch['progress']``, which the trainer adds inside its compiled step
+(`progress_of`); `piecewise_constant` turns a list of ``(fraction, value)`` pairs into a traced
+value, so the whole run stays one compiled program.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxpoison import threat as threat_lib
+
+log = logging.getLogger(__name__)
 
 
 def defender_threat(*, norm, epsilon, mask=None):
@@ -50,6 +60,62 @@ def train_forward(apply_fn, variables, x):
 def model_state_of(variables):
     """The non-parameter collections of `variables` (``{}`` for models without BatchNorm)."""
     return {k: v for k, v in variables.items() if k != "params"}
+
+
+def progress_of(batch, *, name):
+    """The fraction of training done, ``batch['progress']`` (float32 in [0, 1)), or 0.
+
+    `training.Trainer` adds ``progress = step / (epochs * steps_per_epoch)`` to every batch. A
+    caller that trains with an objective directly (a hand-written loop, a wrapper that rebuilds
+    the batch) may not: the schedule of objective `name` then stays at its start, and a warning
+    says so when the objective is traced.
+    """
+    if "progress" not in batch:
+        log.warning(
+            "%s: the batch has no 'progress'; its schedule stays at the start of training "
+            "(progress 0). Train with `training.Trainer`, or add batch['progress'].",
+            name,
+        )
+        return jnp.zeros((), jnp.float32)
+    return jnp.asarray(batch["progress"], jnp.float32)
+
+
+def check_schedule(pairs, *, name):
+    """Validates ``(fraction, value)`` pairs: fractions in [0, 1]; returns them sorted, as floats.
+
+    Args:
+      pairs: a sequence of ``(fraction of training, value)``; the value holds from its fraction
+        on, until the next pair's fraction.
+      name: what is scheduled, for the error message.
+    """
+    try:
+        out = sorted((float(f), float(v)) for f, v in pairs)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: a schedule is a sequence of (fraction, value) pairs, got {pairs!r}."
+        ) from None
+    if not out or not all(0.0 <= f <= 1.0 for f, _ in out):
+        raise ValueError(f"{name}: schedule fractions must lie in [0, 1], got {pairs!r}.")
+    if any(math.isnan(v) for _, v in out):
+        raise ValueError(f"{name}: schedule values must not be NaN, got {pairs!r}.")
+    return tuple(out)
+
+
+def piecewise_constant(progress, pairs, initial):
+    """`initial` before the first fraction of `pairs`, then each pair's value from its fraction on.
+
+    Args:
+      progress: traced float32 scalar, the fraction of training done.
+      pairs: sorted ``(fraction, value)`` pairs (see `check_schedule`).
+      initial: the value before the first fraction.
+
+    Returns:
+      A float32 scalar: ``value_i`` for the last ``fraction_i <= progress``, else `initial`.
+    """
+    value = jnp.asarray(initial, jnp.float32)
+    for fraction, v in pairs:
+        value = jnp.where(progress >= jnp.float32(fraction), jnp.float32(v), value)
+    return value
 
 
 def _expand(mask, x):
@@ -97,7 +163,8 @@ def pgd_with_stats(
       target: second argument of `loss_fn` (defaults to `labels`; TRADES passes clean logits).
       maximize: ascend (True) or descend (False, hypocritical examples).
       tau: None for plain PGD, or the number of misclassified checks an example may pass
-        before it stops (0 = stop as soon as it is misclassified).
+        before it stops (0 = stop as soon as it is misclassified): a Python int or a traced int
+        scalar (a τ schedule; the program does not depend on its value).
       omega: standard deviation of the Gaussian noise added to every step (FAT's escape noise).
       key: PRNG key, needed only when ``omega > 0``.
 
@@ -159,11 +226,14 @@ def perturbation_metrics(threat, delta):
 
 
 __all__ = [
+    "check_schedule",
     "defender_threat",
     "eval_logits_fn",
     "gaussian_start",
     "model_state_of",
     "perturbation_metrics",
     "pgd_with_stats",
+    "piecewise_constant",
+    "progress_of",
     "train_forward",
 ]

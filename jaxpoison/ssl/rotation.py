@@ -59,7 +59,8 @@ def pretext(objective):
 
     def rotation_objective(variables, batch, key, *, apply_fn):
         images, labels = rotate(batch["image"])
-        rotated = {"image": images, "label": labels}
+        # Keep the trainer's per-batch scalars (`progress`, `epoch`) for scheduled objectives.
+        rotated = {**batch, "image": images, "label": labels}
         if "index" in batch:
             rotated["index"] = jnp.tile(batch["index"], NUM_ROTATIONS)
         return objective(variables, rotated, key, apply_fn=apply_fn)
