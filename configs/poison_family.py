@@ -2,7 +2,8 @@ r"""Every delusive poison of the registry on one CIFAR-10 subset, beside the cle
 
   jaxpoison --config=configs/poison_family.py --workdir=/tmp/poison_family
   (append :tiny to the config path for a smoke run; :static / :crafted split the run in two:
-  the poisons that need no crafting model plus clean, and the others)
+  the poisons that need no crafting model plus clean, and the others; :long trains the victims
+  20 epochs instead of 6; :only=<run>+<run> keeps some runs, e.g. :long,only=random+regions)
 
 Crafts P5 random noise, Regions-1/4/16, low-frequency noise, P1 adversarial, error-maximizing,
 MI-FGSM, P2 hypocritical, P3/P4 universal, error-minimizing (sample- and class-wise), and the

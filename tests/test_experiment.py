@@ -142,3 +142,18 @@ def test_every_config_builds_at_full_and_tiny_size(path):
     assert full.get("name") and tiny.get("name")
     with pytest.raises(ValueError, match="config argument"):
         module.get_config("no_such_size")
+
+
+def test_family_config_selects_runs_and_lengthens_victims():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("family", REPO / "configs" / "poison_family.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("long,only=random+error_minimizing")
+    assert sorted(config.poisons) == ["error_minimizing", "random"]
+    assert config.victim.epochs == 20 and module.get_config(None).victim.epochs == 6
+    assert config.poisons.error_minimizing.optimizer.name == "adam"
+    assert sorted(module.get_config("crafted,only=random+regions").poisons) == []
+    with pytest.raises(ValueError, match="not among the runs"):
+        module.get_config("only=random+no_such_poison")
