@@ -32,26 +32,21 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpoison import models, poisons, threat
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from spine import _emit, _torch_reference, interleaved, parse_model  # noqa: E402
+from harness import (  # noqa: E402
+    DATA,
+    emit,
+    interleaved,
+    load1,
+    load_images,
+    parse_model,
+    torch_reference,
+)
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10.npz")
 EPSILON = 8 / 255
-
-
-def load_images(n, path):
-    """(images float [n, 32, 32, 3] in [0, 1], labels int [n], source description)."""
-    if os.path.exists(path):
-        with np.load(path) as f:
-            images, labels = f["x_train"][:n], f["y_train"][:n]
-        return images.astype(np.float32) / 255, labels.astype(np.int32), os.path.abspath(path)
-    rng = np.random.default_rng(0)
-    images = rng.random((n, 32, 32, 3), np.float32)
-    return images, (np.arange(n) % 10).astype(np.int32), "uniform noise (no cifar10.npz)"
 
 
 def jax_p1(name, width, images, labels, args):
@@ -162,7 +157,7 @@ def main(argv=None):
     p.add_argument("--no_torch", action="store_true", help="time jaxpoison only")
     args = p.parse_args(argv)
 
-    tr = None if args.no_torch else _torch_reference()
+    tr = None if args.no_torch else torch_reference()
     if tr is not None:
         tr.torch.set_num_threads(os.cpu_count())
     name, width = parse_model(args.model)
@@ -177,11 +172,11 @@ def main(argv=None):
         fns = {"jax": make_jax(name, width, images, labels, args)}
         if tr is not None:
             fns["torch"] = make_torch(tr, name, width, images, labels, args)
-        load_before = round(os.getloadavg()[0], 2)
+        load_before = load1()
         times = interleaved(fns, args.reps)
         med = {k: statistics.median(v) for k, v in times.items()}
         for framework, t in med.items():
-            _emit(
+            emit(
                 {
                     "workload": workload,
                     "model": args.model,
@@ -194,7 +189,7 @@ def main(argv=None):
                 sink,
             )
         ratio = med["jax"] / med["torch"] if "torch" in med else float("nan")
-        rows.append((workload, med, ratio, f"{load_before}->{round(os.getloadavg()[0], 2)}"))
+        rows.append((workload, med, ratio, f"{load_before}->{load1()}"))
 
     n = args.num_examples
     steps = {"p1": f"{args.p1_steps} PGD steps", "minmin": f"1 pass, {args.minmin_steps} steps"}

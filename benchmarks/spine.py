@@ -26,11 +26,9 @@ gradient (2F); achieved GFLOP/s is compared with this CPU's measured 2048² sgem
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,54 +39,19 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpoison import attacks, models, threat, training
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (  # noqa: E402
+    emit,
+    interleaved,
+    load1,
+    parse_model,
+    torch_reference,
+    write_json_lines,
+)
+
 BATCH = 128
 IMAGE_SHAPE = (32, 32, 3)
 NUM_TRAIN = 1024
-
-
-def _torch_reference():
-    """The lazily imported PyTorch reference module, or None (with a message) without torch."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    try:
-        import torch_reference
-    except ImportError as e:
-        print(f"PyTorch reference unavailable, timing jaxpoison only: {e}", file=sys.stderr)
-        return None
-    return torch_reference
-
-
-def _load():
-    return round(os.getloadavg()[0], 2)
-
-
-def _emit(record, sink):
-    record = {**record, "load1": _load()}
-    print("JSON " + json.dumps(record), flush=True)
-    sink.append(record)
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved(fns, reps, warmup=1):
-    """Runs each of `fns` (a dict of zero-argument callables that block until done) `warmup`
-    times, then `reps` rounds of one call each, and returns the per-call times per name."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    return times
-
-
-def parse_model(spec):
-    name, _, width = spec.partition("@")
-    return name, float(width) if width else 1.0
 
 
 # ----- sgemm --------------------------------------------------------------------------------------
@@ -111,7 +74,7 @@ def sgemm(sink, reps, torch_ref):
     for name, ts in times.items():
         med = statistics.median(ts)
         result[name] = 2 * n**3 / med / 1e9
-        _emit(
+        emit(
             {"workload": "sgemm2048", "framework": name, "median_s": med, "gflops": result[name]},
             sink,
         )
@@ -247,9 +210,9 @@ def head_to_head(workload, spec, args, tr, sink, rows):
         if tr is not None:
             fns["torch"] = TorchPGD(tr, name, width, args.channels_last, num_steps=args.pgd_steps)
         work = None if flops is None else BATCH * args.pgd_steps * 2 * flops[0]
-    load_before = _load()
+    load_before = load1()
     times = interleaved(fns, args.reps, warmup=args.warmup)
-    row = {"workload": workload, "model": spec, "load": (load_before, _load())}
+    row = {"workload": workload, "model": spec, "load": (load_before, load1())}
     for fw, ts in times.items():
         med = statistics.median(ts)
         rec = {
@@ -265,12 +228,12 @@ def head_to_head(workload, spec, args, tr, sink, rows):
         if work is not None:
             rec["gflop"] = work / 1e9
             rec["gflops_per_s"] = work / med / 1e9
-        _emit(rec, sink)
+        emit(rec, sink)
         row[fw] = rec
     if "torch" in row:
         ratio = row["jax"]["median_s"] / row["torch"]["median_s"]
         per_rep = [j / t for j, t in zip(times["jax"], times["torch"], strict=True)]
-        _emit(
+        emit(
             {
                 "workload": workload,
                 "model": name,
@@ -294,7 +257,7 @@ def seeds_study(args, sink, tr):
             if s == 1 and strat != strategies[0]:
                 continue
             fns[(s, strat)] = JaxTrain(name, width, num_seeds=s, seed_strategy=strat)
-    load_before = _load()
+    load_before = load1()
     times = interleaved(fns, args.reps, warmup=args.warmup)
     t1 = statistics.median(times[(1, strategies[0])])
     rows = []
@@ -312,9 +275,9 @@ def seeds_study(args, sink, tr):
             "sequential_s": s * t1,
             "speedup_vs_sequential": s * t1 / med,
         }
-        _emit(rec, sink)
+        emit(rec, sink)
         rows.append(rec)
-    return rows, (load_before, _load())
+    return rows, (load_before, load1())
 
 
 # ----- printing -----------------------------------------------------------------------------------
@@ -373,7 +336,7 @@ def main(argv=None):
     p.add_argument("--json_out", default="", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
-    tr = None if args.no_torch else _torch_reference()
+    tr = None if args.no_torch else torch_reference()
     if tr is not None:
         print(
             f"torch {tr.torch.__version__}, {tr.torch.get_num_threads()} threads, "
@@ -395,10 +358,7 @@ def main(argv=None):
     if "seeds" in workloads:
         seed_rows, seed_load = seeds_study(args, sink, tr)
     print_tables(gemm, rows, seed_rows, seed_load)
-    if args.json_out:
-        with open(args.json_out, "a") as f:
-            for rec in sink:
-                f.write(json.dumps(rec) + "\n")
+    write_json_lines(args.json_out, sink)
 
 
 if __name__ == "__main__":

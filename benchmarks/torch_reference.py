@@ -1,8 +1,9 @@
 """PyTorch reference models and workloads, equal in architecture to jaxpoison's.
 
-Used by `benchmarks/spine.py` to time jaxpoison against PyTorch on the same CPU. torch is an
-optional dependency (``pip install -e '.[torch]'``): this module imports it at import time, so
-import it lazily (`load()` below gives a clear message when torch is missing).
+Used by `benchmarks/spine.py`, `crafting.py` and `defenses.py` to time jaxpoison against
+PyTorch on the same CPU. torch is an optional dependency (``pip install -e '.[torch]'``): this
+module imports it at import time, so import it lazily (`load()` below gives a clear message
+when torch is missing).
 
 Models (CIFAR shapes, NCHW tensors, optionally in channels-last memory format):
   - ``cnn_cifar``: five 3x3 SAME convs (32, 64, 128, 128, 128) with bias, each ReLU + 2x2
@@ -21,6 +22,12 @@ Workloads:
   - `make_pgd`: PGD ℓ∞ with random start on the eval-mode model, sign steps, projection onto
     the ε-ball and the [0, 1] box; gradients only with respect to the input. ``maximize=False``
     descends the loss (a targeted attack when given target labels: P1 crafting).
+  - `make_pgd_at_step`: one PGD-AT step (Madry et al. 2018), `jaxpoison.objectives.pgd_at`:
+    `make_pgd` (uniform random start, eval-mode model) on the batch, then one SGD step on the
+    mean cross-entropy at the detached x + δ with the model in train mode.
+  - `make_trades_step`: one TRADES step (Zhang et al. 2019), `jaxpoison.objectives.trades`:
+    the KL maximisation from 0.001·N(0, I) on the eval-mode model against its clean
+    predictions, then one SGD step on CE(f(x), y) + β KL(p(x) ‖ p(x_adv)) in train mode.
   - `make_error_minimizing_pass`: one pass of error-minimizing noise (Huang et al. 2021) over
     a training set, the loop of `jaxpoison.poisons.error_minimizing`: per batch an SGD step
     of the crafting model on the perturbed batch (`train_steps` of them spread over the pass),
@@ -29,6 +36,7 @@ Workloads:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 
@@ -167,22 +175,49 @@ def _to_format(x, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
+def _sgd(model, learning_rate, momentum, weight_decay):
+    """SGD with momentum and coupled weight decay (optax's add_decayed_weights + sgd)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+def _sgd_step(opt, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+@contextlib.contextmanager
+def _frozen_eval(model):
+    """The model in eval mode with its parameters frozen: an inner attack needs gradients only
+    with respect to the input (the caller puts the model back in train mode for its loss)."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _project_linf(delta, x, epsilon, channels_last):
+    """Clips delta to the ℓ∞ ball of radius epsilon and x + delta to the [0, 1] box."""
+    return _to_format((x + delta.clamp(-epsilon, epsilon)).clamp_(0, 1) - x, channels_last)
+
+
 def make_train_step(
     model, *, learning_rate=0.1, momentum=0.9, weight_decay=5e-4, channels_last=True
 ):
     """``step(x_train, y_train, idx) -> loss``: one SGD step on the batch ``x_train[idx]``."""
-    opt = torch.optim.SGD(
-        model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
-    )
+    opt = _sgd(model, learning_rate, momentum, weight_decay)
 
     def step(x_train, y_train, idx):
         model.train()
         x = _to_format(x_train[idx], channels_last)
-        loss = F.cross_entropy(model(x), y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+        return _sgd_step(opt, F.cross_entropy(model(x), y_train[idx]))
 
     return step
 
@@ -200,24 +235,112 @@ def make_pgd(
     sign = 1.0 if maximize else -1.0
 
     def attack(x, y, generator=None):
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
         x = _to_format(x, channels_last)
-        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
-        delta = _to_format((x + delta).clamp_(0, 1) - x, channels_last)
-        for _ in range(num_steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-            (g,) = torch.autograd.grad(loss, delta)
-            with torch.no_grad():
-                delta = (delta + sign * step_size * g.sign()).clamp_(-epsilon, epsilon)
-                delta = (x + delta).clamp_(0, 1) - x
-        for p in model.parameters():
-            p.requires_grad_(True)
+        with _frozen_eval(model):
+            delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
+            delta = _to_format((x + delta).clamp_(0, 1) - x, channels_last)
+            for _ in range(num_steps):
+                delta.requires_grad_(True)
+                loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+                (g,) = torch.autograd.grad(loss, delta)
+                with torch.no_grad():
+                    delta = (delta + sign * step_size * g.sign()).clamp_(-epsilon, epsilon)
+                    delta = (x + delta).clamp_(0, 1) - x
         return delta.detach()
 
     return attack
+
+
+def make_pgd_at_step(
+    model,
+    *,
+    epsilon=8 / 255,
+    step_size=2 / 255,
+    num_steps=10,
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    channels_last=True,
+):
+    """``step(x_train, y_train, idx, generator) -> loss``: one PGD-AT step on ``x_train[idx]``.
+
+    The inner maximisation is `make_pgd` (ℓ∞, uniform random start, eval-mode model, summed
+    cross-entropy); the outer loss is the mean cross-entropy at the detached x + δ* with the
+    model in train mode, as `jaxpoison.objectives.pgd_at` computes it (Madry et al. 2018).
+    """
+    attack = make_pgd(
+        model,
+        epsilon=epsilon,
+        step_size=step_size,
+        num_steps=num_steps,
+        channels_last=channels_last,
+    )
+    opt = _sgd(model, learning_rate, momentum, weight_decay)
+
+    def step(x_train, y_train, idx, generator=None):
+        x = _to_format(x_train[idx], channels_last)
+        y = y_train[idx]
+        x_adv = x + attack(x, y, generator)
+        model.train()
+        return _sgd_step(opt, F.cross_entropy(model(x_adv), y))
+
+    return step
+
+
+def make_trades_step(
+    model,
+    *,
+    beta=6.0,
+    epsilon=8 / 255,
+    step_size=2 / 255,
+    num_steps=10,
+    init_scale=1e-3,
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    channels_last=True,
+):
+    """``step(x_train, y_train, idx, generator) -> loss``: one TRADES step on ``x_train[idx]``.
+
+    As `jaxpoison.objectives.trades` computes it (Zhang et al. 2019): on the eval-mode model,
+    δ starts at ``init_scale * N(0, I)`` (projected) and ascends the summed KL(p(x) ‖ p(x + δ))
+    by ℓ∞ sign steps against the clean predictions p(x), computed once; then, in train mode,
+    two passes (clean, adversarial) give ``CE(f(x), y) + beta * mean KL(p(x) ‖ p(x_adv))`` with
+    the gradient through both distributions. The reference code recomputes the clean
+    predictions at every inner step and a third time in the outer loss; computing them once is
+    the same mathematics, so both frameworks do the same work here.
+    """
+    opt = _sgd(model, learning_rate, momentum, weight_decay)
+
+    def step(x_train, y_train, idx, generator=None):
+        x = _to_format(x_train[idx], channels_last)
+        y = y_train[idx]
+        with _frozen_eval(model):
+            with torch.no_grad():
+                log_p = F.log_softmax(model(x), dim=1)
+                delta = init_scale * torch.randn(x.shape, generator=generator)
+                delta = _project_linf(delta, x, epsilon, channels_last)
+            for _ in range(num_steps):
+                delta.requires_grad_(True)
+                log_q = F.log_softmax(model(x + delta), dim=1)
+                kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+                (g,) = torch.autograd.grad(kl, delta)
+                with torch.no_grad():
+                    delta = _project_linf(delta + step_size * g.sign(), x, epsilon, channels_last)
+        x_adv = x + delta.detach()
+        model.train()
+        logits = model(x)
+        logits_adv = model(x_adv)
+        natural = F.cross_entropy(logits, y)
+        robust = F.kl_div(
+            F.log_softmax(logits_adv, dim=1),
+            F.log_softmax(logits, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return _sgd_step(opt, natural + beta * robust)
+
+    return step
 
 
 def make_error_minimizing_pass(
