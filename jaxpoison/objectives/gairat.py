@@ -168,17 +168,13 @@ def make(
             step_size=step_size,
         )
         metrics = {}
-        if scheduled:
-            progress = inner.progress_of(batch, name="gairat")
-            weights = gair_weights(
-                stats["kappa"], num_steps, lam=lam_fn(progress), weight_fn=weight_fn
-            )
-            if begin is not None:
-                active = progress >= jnp.float32(begin)
-                weights = jnp.where(active, weights, 1.0)
-                metrics["reweighted"] = active.astype(jnp.float32)
-        else:
-            weights = gair_weights(stats["kappa"], num_steps, lam=lam, weight_fn=weight_fn)
+        # Only a schedule reads the progress (a batch without it would log a warning).
+        progress = inner.progress_of(batch, name="gairat") if scheduled else jnp.float32(0)
+        weights = gair_weights(stats["kappa"], num_steps, lam=lam_fn(progress), weight_fn=weight_fn)
+        if begin is not None:
+            active = progress >= jnp.float32(begin)
+            weights = jnp.where(active, weights, 1.0)
+            metrics["reweighted"] = active.astype(jnp.float32)
         weights = jax.lax.stop_gradient(weights)
         x_adv = jax.lax.stop_gradient(x + delta)
         logits, model_state = apply_fn(variables, x_adv, train=True)
