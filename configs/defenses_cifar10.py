@@ -16,10 +16,19 @@ in ``poisons.POISONS`` at run time are left out, so the table grows as the regis
 The defender's radius is ``config.defender_epsilon`` (a FieldReference shared by every defense,
 equal to the attacker's by default); sweep it with ``--config.defender_epsilon=...``.
 
-``:small`` is the measured CPU table of docs/defenses.md: ST vs PGD-AT on clean / P5 / Regions-4,
-5,000 training images, CIFAR CNN at width 0.5, 10 epochs, 2 seeds, PGD-AT with 5 steps of 2/255.
+Options, comma-separated after the config path:
 
-Expected: the numbers in docs/defenses.md (``:small`` only; the full table is not measured).
+* ``small``: ST vs PGD-AT on clean / P5 / Regions-4, 5,000 training images, CIFAR CNN at width
+  0.5, 10 epochs, 2 seeds, PGD-AT with 5 steps of 2/255.
+* ``family``: the data, victim and crafting settings of configs/poison_family.py (2,500-image
+  subset, CNN width 0.5, Adam, 6 epochs, 3 seeds, the same poison specs), so the poison
+  artifacts and surrogate of a poison_family workdir can be copied in and reused (their
+  fingerprints match); defender inner search 5 steps of 2/255.
+* ``objectives=<a>+<b>``, ``poisons=<a>+<b>``: keep some objectives / poison runs (the full
+  cross product is long on a CPU; split it over workdirs).
+* ``tiny``: a smoke run.
+
+Expected: the measured ``family`` table of docs/defenses.md; the full table is not measured.
 """
 
 from pathlib import Path
@@ -34,6 +43,7 @@ POISON_RUNS = {
     "P4_universal_hypocritical": "universal_hypocritical",
     "P5_random": "random",
     "error_minimizing": "error_minimizing",
+    "error_minimizing_class_wise": "error_minimizing_class_wise",
     "regions4": "regions",
 }
 
@@ -52,21 +62,86 @@ def _objectives(epsilon, num_steps, step_size):
     }
 
 
-def _specs():
+def _common():
     import importlib.util
 
     path = Path(__file__).resolve().parent / "poisons" / "_common.py"
     spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _specs():
+    module = _common()
     return module.SPECS, module.TINY
+
+
+def _options(arg):
+    options = set(arg.split(",")) if arg else set()
+    keep = {}
+    for option in sorted(options):
+        field, sep, value = option.partition("=")
+        if sep and field in ("objectives", "poisons"):
+            keep[field] = value.split("+")
+            options.discard(option)
+    unknown = options - {"tiny", "small", "family"}
+    if unknown or {"small", "family"} <= options:
+        raise ValueError(
+            f"Unknown config argument {arg!r}; use a comma-separated list of tiny, small or "
+            "family, objectives=<a>+<b> and poisons=<a>+<b>."
+        )
+    return options, keep
+
+
+def _keep(table, chosen, what):
+    missing = sorted(set(chosen) - set(table))
+    if missing:
+        raise ValueError(f"{what}={'+'.join(chosen)}: {missing} not among {sorted(table)}.")
+    return {k: v for k, v in table.items() if k in chosen}
 
 
 def get_config(arg=None):
     from jaxpoison import poisons
 
-    if arg not in (None, "", "tiny", "small"):
-        raise ValueError(f"Unknown config argument {arg!r}; use ':tiny', ':small' or nothing.")
+    options, keep = _options(arg)
+    if "family" in options:
+        config = _family_config(options)
+    else:
+        config = _own_config(options)
+    if "objectives" in keep:
+        config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
+    if "poisons" in keep:
+        chosen = [p for p in keep["poisons"] if p != "clean"]
+        config.include_clean = "clean" in keep["poisons"]
+        config.poisons = _keep(dict(config.poisons), chosen, "poisons")
+    config.poisons = {
+        run: spec for run, spec in config.poisons.items() if spec["name"] in poisons.POISONS
+    }
+    return config
+
+
+def _family_config(options):
+    """poison_family's settings, with the defenses' objectives and poison run names.
+
+    A poison_family workdir's artifacts are reused by copying ``poison/<SPECS key>`` to
+    ``poison/<run name of POISON_RUNS>`` (and ``checkpoints/surrogate``) into the new workdir.
+    """
+    common = _common()
+    config = common.get_config(
+        tuple(POISON_RUNS.values()),
+        "tiny" if "tiny" in options else None,
+        title="defenses x poisons, CIFAR-10 subset, poison_family settings (linf 8/255)",
+    )
+    config.poisons = {run: dict(config.poisons[key]) for run, key in POISON_RUNS.items()}
+    config.defender_epsilon = ml_collections.FieldReference(8 / 255)
+    steps, size = (2, 4 / 255) if "tiny" in options else (5, 2 / 255)
+    config.objectives = _objectives(config.get_ref("defender_epsilon"), steps, size)
+    return config
+
+
+def _own_config(options):
+    arg = "small" if "small" in options else "tiny" if "tiny" in options else None
     specs, tiny_overrides = _specs()
     config = ml_collections.ConfigDict()
     config.name = "defenses x poisons, CIFAR-10 (linf 8/255)"
@@ -84,11 +159,7 @@ def get_config(arg=None):
     config.threat = dict(norm="linf", epsilon=epsilon)
     config.defender_epsilon = ml_collections.FieldReference(8 / 255)
     config.include_clean = True
-    config.poisons = {
-        run: dict(specs[key])
-        for run, key in POISON_RUNS.items()
-        if specs[key]["name"] in poisons.POISONS
-    }
+    config.poisons = {run: dict(specs[key]) for run, key in POISON_RUNS.items()}
     config.objectives = _objectives(config.get_ref("defender_epsilon"), 10, 2 / 255)
     config.loss_threshold = 0.5
     optimizer = dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
