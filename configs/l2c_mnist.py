@@ -41,6 +41,9 @@ def get_config(arg=None):
             label_specific=False,
             outer_batch_size=256,
             meta_optimizer=dict(name="adam", learning_rate=1e-3),
+            # One victim per crafting epoch (ceil(60,000 / 640) trials), as the released code
+            # restarts its victim every epoch: the generator meets victims at every stage.
+            victim_reset_every=94,
             num_epochs=5,
             batch_size=unroll_steps * inner_batch,
         )
@@ -67,7 +70,8 @@ def get_config(arg=None):
         l2c.unroll_steps = l2c.truncation = 5
         l2c.batch_size = 5 * 32
         l2c.outer_batch_size = 128
-        l2c.num_epochs = 2
+        l2c.num_epochs = 8
+        l2c.victim_reset_every = 63  # ceil(10,000 / 160)
         config.victim.epochs = 5
         config.victim.num_seeds = 1
     elif arg == "tiny":
@@ -79,6 +83,7 @@ def get_config(arg=None):
         l2c.batch_size = 2 * 16
         l2c.outer_batch_size = 16
         l2c.num_epochs = 1
+        l2c.victim_reset_every = 2
         config.victim.model.width = 0.25
         config.victim.epochs = 1
         config.victim.batch_size = 50

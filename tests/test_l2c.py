@@ -200,6 +200,55 @@ def test_generator_output_respects_epsilon(name, norm, epsilon):
     assert float(jnp.max(threat.norm_of(delta))) > 0.5 * epsilon
 
 
+def test_normalized_generator_does_not_saturate_when_its_weights_grow():
+    """The bug the normalization fixes: Adam grows the conv weights, the pre-tanh output
+    follows, tanh saturates at ±ε and the meta-gradient vanishes. With instance normalization
+    after every convolution, scaling every conv's kernel and bias leaves g(x) unchanged."""
+    threat = LpBall(0.3)
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
+
+    def saturated_fraction(normalization, scale):
+        spec = dict(name="autoencoder", features=(4, 4), normalization=normalization)
+        module = l2c.make_generator(spec, threat=threat)
+        params = generators.init(module, jax.random.key(0), x.shape[1:])
+        params = {
+            k: jax.tree.map(lambda p: scale * p, v) if k.startswith("Conv") else v
+            for k, v in params.items()
+        }
+        delta = jax.jit(module.apply)({"params": params}, x)
+        return delta, float(jnp.mean(jnp.abs(delta) > 0.99 * 0.3))
+
+    base, _ = saturated_fraction("instance", 1.0)
+    grown, frac = saturated_fraction("instance", 50.0)
+    np.testing.assert_allclose(grown, base, atol=1e-4)
+    assert frac < 0.2
+    _, frac_bare = saturated_fraction("none", 50.0)
+    assert frac_bare > 0.5
+
+
+def test_persistent_victim_continues_across_trials():
+    """victim_reset_every=R: trial 2 starts where trial 1 left the victim; trial R+1 restarts."""
+    batch = _data(T * B, np.float32)
+    states = {}
+    with logic_only():
+        for reset_every in (1, 2):
+            poison = l2c.l2c(**_kwargs(victim_reset_every=reset_every))
+            update = jax.jit(poison.update)
+            state = jax.jit(poison.init)(jax.random.key(0), batch)
+            trail = []
+            for i in range(3):
+                state, _ = update(state, batch, jax.random.key(10 + i))
+                trail.append(state)
+            states[reset_every] = trail
+    fresh, kept = states[1], states[2]
+    # Same first trial; the second continues the victim (T more steps) or restarts it.
+    chex.assert_trees_all_close(kept[0].params, fresh[0].params)
+    assert [int(s.victim.step) for s in fresh] == [T, T, T]
+    assert [int(s.victim.step) for s in kept] == [T, 2 * T, T]
+    gap = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), kept[1].params, fresh[1].params)
+    assert max(jax.tree.leaves(gap)) > 0
+
+
 @pytest.fixture(scope="module")
 def updated():
     """One jitted update per method, run twice (a retrace would fail assert_max_traces)."""

@@ -1,9 +1,9 @@
 r"""Learning to Confuse (L2C): a noise generator trained through the victim's training.
 
 A generator g_ξ maps each training image to a bounded perturbation. One *trial* (one call of
-`update`) restarts a victim f_θ from a fresh initialisation θ_0 and trains it for T steps of
-its real optimizer (SGD or momentum, optax state included) on poisoned batches
-x_t + g_ξ(x_t):
+`update`) takes a victim f_θ at θ_0 (a fresh initialisation, or with ``victim_reset_every``
+> 1 the victim where the last trial left it) and trains it for T steps of its real optimizer
+(SGD or momentum, optax state included) on poisoned batches x_t + g_ξ(x_t):
 
     θ_{t+1} = θ_t + optax_update(∇_θ L(f_θt(x_t + g_ξ(x_t)), y_t), opt_state_t)
 
@@ -77,11 +77,13 @@ METHODS = ("exact", "algorithm1", "algorithm2")
 
 @flax.struct.dataclass
 class L2CState:
-    """The crafting state: generator parameters ξ and the generator optimizer's state."""
+    """The crafting state: generator parameters ξ, the generator optimizer's state, and the
+    victim at the end of the last trial (where the next trial starts unless it restarts)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    victim: Any
 
 
 def make_generator(generator, *, threat):
@@ -326,6 +328,7 @@ def l2c(
     inner_batch_size=None,
     outer_batch_size=None,
     meta_optimizer=None,
+    victim_reset_every=1,
     num_epochs=1,
 ):
     """Learning to Confuse as a `Poison` whose state is the generator (see the module docstring).
@@ -354,6 +357,13 @@ def l2c(
       outer_batch_size: clean examples of the outer loss (None: the inner batch size).
       meta_optimizer: ``dict(name=<optax optimizer>, max_grad_norm=None, **kwargs)`` for ξ
         (default Adam, learning rate 1e-3).
+      victim_reset_every: R; a trial starts from a fresh victim when the trial number is a
+        multiple of R and otherwise continues the victim where the last trial left it (trained
+        on the generator's noise of its time). R = 1 (default) restarts every trial, as
+        Algorithm 1; R = trials per epoch is the released code's schedule (one victim per
+        epoch). With R > 1 the generator meets victims at every stage of training, not only
+        their first T steps; each trial's meta-gradient is still exact through its own T steps
+        and stops at the trial's start.
       num_epochs: passes of the crafting engine over the training set.
 
     Returns:
@@ -382,11 +392,15 @@ def l2c(
     )
     meta_tx = _make_meta_optimizer(meta_optimizer)
     num_steps = problem.unroll_steps
+    reset_every = int(victim_reset_every)
+    if reset_every < 1:
+        raise ValueError(f"victim_reset_every={victim_reset_every} must be >= 1 (trials).")
 
     def init(key, dataset):
         dtype = dataset["image"].dtype
         params = generators.init(problem.gen_module, key, image_shape, dtype)
-        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params))
+        victim = problem.victim_init(jax.random.fold_in(key, 1), dtype)
+        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params), victim)
 
     def victim_metrics(state, outer):
         logits = problem.victim_module.apply(
@@ -411,7 +425,12 @@ def l2c(
 
     def update(state, batch, key):
         dtype = batch["image"].dtype
-        victim0 = problem.victim_init(jax.random.fold_in(key, 0), dtype)
+        fresh = problem.victim_init(jax.random.fold_in(key, 0), dtype)
+        if reset_every == 1:
+            victim0 = fresh
+        else:
+            restart = state.step % reset_every == 0
+            victim0 = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, state.victim)
         inner, outer = problem.split(batch, jax.random.fold_in(key, 1))
         keys = jax.random.split(jax.random.fold_in(key, 2), num_steps)
         params, opt_state = state.params, state.opt_state
@@ -471,7 +490,8 @@ def l2c(
             "victim/poisoned_loss": jnp.mean(inner_loss),
             **victim_metrics(final, outer),
         }
-        return L2CState(state.step + 1, params, opt_state), metrics
+        final = jax.lax.stop_gradient(final)
+        return L2CState(state.step + 1, params, opt_state, final), metrics
 
     def apply(state, batch):
         x = batch["image"]
