@@ -24,6 +24,9 @@ Options, comma-separated after the config path:
   subset, CNN width 0.5, Adam, 6 epochs, 3 seeds, the same poison specs), so the poison
   artifacts and surrogate of a poison_family workdir can be copied in and reused (their
   fingerprints match); defender inner search 5 steps of 2/255.
+* ``sweep`` (with ``family``): the defender-budget sweep, PGD-AT at ε_def in {2, 4, 8, 12, 16}/255
+  (5 steps of ε_def / 4) beside ST (ε_def = 0), ``budget_sweep.png``; ``pgd_at`` (8/255) and
+  ``erm`` are the table's runs, so a sweep in the table's workdir reuses their checkpoints.
 * ``objectives=<a>+<b>``, ``poisons=<a>+<b>``: keep some objectives / poison runs (the full
   cross product is long on a CPU; split it over workdirs).
 * ``tiny``: a smoke run.
@@ -46,6 +49,10 @@ POISON_RUNS = {
     "error_minimizing_class_wise": "error_minimizing_class_wise",
     "regions4": "regions",
 }
+
+
+# The defender-budget sweep's radii (/255) besides the table's 8/255: 0 to 2x the attacker's.
+SWEEP_EPSILONS = (2, 4, 12, 16)
 
 
 def _objectives(epsilon, num_steps, step_size):
@@ -85,11 +92,11 @@ def _options(arg):
         if sep and field in ("objectives", "poisons"):
             keep[field] = value.split("+")
             options.discard(option)
-    unknown = options - {"tiny", "small", "family"}
-    if unknown or {"small", "family"} <= options:
+    unknown = options - {"tiny", "small", "family", "sweep"}
+    if unknown or {"small", "family"} <= options or ("sweep" in options) > ("family" in options):
         raise ValueError(
             f"Unknown config argument {arg!r}; use a comma-separated list of tiny, small or "
-            "family, objectives=<a>+<b> and poisons=<a>+<b>."
+            "family (with sweep), objectives=<a>+<b> and poisons=<a>+<b>."
         )
     return options, keep
 
@@ -137,6 +144,15 @@ def _family_config(options):
     config.defender_epsilon = ml_collections.FieldReference(8 / 255)
     steps, size = (2, 4 / 255) if "tiny" in options else (5, 2 / 255)
     config.objectives = _objectives(config.get_ref("defender_epsilon"), steps, size)
+    if "sweep" in options:
+        sweep = {"erm": config.objectives.erm, "pgd_at": config.objectives.pgd_at}
+        for k in SWEEP_EPSILONS:
+            eps = k / 255
+            sweep[f"pgd_at_eps{k}"] = dict(
+                name="pgd_at", norm="linf", epsilon=eps, num_steps=steps, step_size=eps / 4
+            )
+        config.objectives = sweep
+        config.budget_sweep = dict(objective="pgd_at")
     return config
 
 

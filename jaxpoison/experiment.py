@@ -33,6 +33,9 @@ Optional fields, all off by default:
   transfer (`jaxpoison.evaluation.transfer`), drawn in ``transfer.png`` / ``attack_transfer.png``.
 * ``lambda_sweep``: ``{eval: <label of a risk evaluator>, train_set: 'clean'}``: the THRM / TRADES
   sweep of `jaxpoison.evaluation.tradeoff` in ``results['lambda_sweep']`` and ``lambda_sweep.png``.
+* ``budget_sweep``: ``{objective: 'pgd_at'}``: clean accuracy against the defender's ε over the
+  objectives of that name (``erm`` is ε = 0), per training set, in ``results['budget_sweep']``
+  and ``budget_sweep.png`` (`tradeoff.budget_points`).
 
 Every run also stores its victims' confusion matrices on the clean test set
 (``runs[run]['confusion']``, [seeds][K][K]; ``confusion.png``), and with at least three trained
@@ -425,6 +428,19 @@ def train_and_evaluate(config, workdir, *, progress=True):
         figures.append(
             tradeoff.plot(
                 results["lambda_sweep"], workdir / "lambda_sweep.png", title=config.get("name", "")
+            )
+        )
+    budget_cfg = config.get("budget_sweep")
+    if budget_cfg:
+        results["budget_sweep"] = tradeoff.budget_points(
+            objectives, runs, summary, objective=plain(budget_cfg).get("objective", "pgd_at")
+        )
+        figures.append(
+            tradeoff.budget_plot(
+                results["budget_sweep"],
+                workdir / "budget_sweep.png",
+                attacker_epsilon=config.threat.get("epsilon"),
+                title=config.get("name", ""),
             )
         )
     if victims:

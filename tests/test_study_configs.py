@@ -1,5 +1,6 @@
-"""Issue 6 config runs on tiny sizes (digits + MLP): the untrained victim, substandard models,
-the THRM / TRADES λ sweep, learning speed, transfer across architectures, and their report."""
+"""Study config runs on tiny sizes (digits + MLP): the untrained victim, substandard models,
+the THRM / TRADES λ sweep, the defender-budget sweep, learning speed, transfer across
+architectures, and their report."""
 
 import importlib.util
 import json
@@ -169,6 +170,46 @@ def test_lambda_sweep_points_and_plot(tmp_path):
     with pytest.raises(ValueError, match="lambda_sweep.eval='l2' must name a 'risk' evaluator"):
         experiment.train_and_evaluate(config, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_defenses_config_options_and_budget_sweep(tmp_path):
+    full = load_config("defenses_cifar10", None)
+    assert set(full.objectives) == {
+        "erm",
+        "rand_noise",
+        "pgd_at",
+        "trades",
+        "thrm",
+        "mart",
+        "fat",
+        "gairat",
+    }
+    family = load_config("defenses_cifar10", "family,objectives=erm+pgd_at,poisons=clean+regions4")
+    assert family.data.num_train == 2500 and family.victim.num_seeds == 3
+    assert list(family.poisons) == ["regions4"] and family.include_clean
+    assert list(family.objectives) == ["erm", "pgd_at"]
+    for bad, match in (("sweep", "Unknown config argument"), ("family,poisons=P9", "P9")):
+        with pytest.raises(ValueError, match=match):
+            load_config("defenses_cifar10", bad)
+    # ε_def sweep on digits: ST (ε = 0) and PGD-AT at 4/255, on clean data and P5.
+    config = on_digits(
+        load_config(
+            "defenses_cifar10",
+            "family,sweep,tiny,objectives=erm+pgd_at_eps4,poisons=clean+P5_random",
+        )
+    )
+    with config.unlocked():
+        config.victim.num_seeds = 1
+        config.victim.checkpoint_every = 0
+    results = experiment.train_and_evaluate(config, tmp_path / "run", progress=False)
+    sweep = results["budget_sweep"]
+    assert set(sweep) == {"clean", "P5_random"}
+    for train_set, points in sweep.items():
+        assert [p["epsilon"] for p in points] == [0.0, pytest.approx(4 / 255)]
+        assert [p["run"] for p in points] == [f"erm/{train_set}", f"pgd_at_eps4/{train_set}"]
+        final = results["summary"][points[1]["run"]]["final_test_acc"]
+        assert points[1]["final_test_acc"] == final
+    assert (tmp_path / "run" / "budget_sweep.png").stat().st_size > 0
 
 
 def test_learning_speed_tiny_writes_figures_and_correlation(tmp_path):

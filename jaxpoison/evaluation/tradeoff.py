@@ -1,4 +1,6 @@
-r"""The λ sweep of THRM / TRADES: natural risk against hypocritical risk on the misclassified.
+r"""Sweeps over a defense's strength: the λ sweep of THRM / TRADES (natural risk against
+hypocritical risk on the misclassified) and the defender-budget sweep (clean accuracy against
+the adversarial-training radius ε_def, `budget_points` / `budget_plot`).
 
 Each TRADES-like objective (``trades``, ``thrm``, any objective whose spec sets ``beta``) trades
 natural accuracy for stability at its weight λ (``beta``). Tao et al. 2022 plot, for a
@@ -97,4 +99,51 @@ def plot(sweep, path, *, title=""):
     return path
 
 
-__all__ = ["X_METRIC", "Y_METRIC", "plot", "points"]
+def budget_points(objectives, runs, summary, *, objective="pgd_at"):
+    """The defender-budget sweep: clean test accuracy against the defender's radius ε_def.
+
+    Every objective of config.objectives named `objective` (e.g. ``pgd_at`` at several
+    ``epsilon``) is one point per training set; standard training (``erm``) is ε_def = 0.
+
+    Returns:
+      ``{training set: [{'epsilon', 'run', 'final_test_acc': {mean, std},
+      'peak_test_acc': {mean, std}}, ...]}`` sorted by ε_def.
+    """
+    sweep = {}
+    for name, run in runs.items():
+        spec = objectives.get(run.get("objective"), {})
+        if spec.get("name") == "erm":
+            eps = 0.0
+        elif spec.get("name") == objective:
+            eps = float(spec["epsilon"])
+        else:
+            continue
+        point = {"epsilon": eps, "run": name}
+        point.update({k: summary[name][k] for k in ("final_test_acc", "peak_test_acc")})
+        sweep.setdefault(run["poison"], []).append(point)
+    return {k: sorted(v, key=lambda p: p["epsilon"]) for k, v in sweep.items()}
+
+
+def budget_plot(sweep, path, *, attacker_epsilon=None, title=""):
+    """Final clean test accuracy (%) against ε_def (in /255), one line per training set, ±1
+    std error bars over seeds; a dotted line at the attacker's ε."""
+    plt = plots.plt
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    for train_set, pts in sweep.items():
+        x = np.array([p["epsilon"] for p in pts]) * 255
+        y = np.array([p["final_test_acc"]["mean"] for p in pts]) * 100
+        err = np.array([p["final_test_acc"]["std"] for p in pts]) * 100
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, label=train_set)
+    if attacker_epsilon is not None:
+        ax.axvline(attacker_epsilon * 255, ls=":", color="grey", label="attacker ε")
+    ax.set_xlabel("defender's ε (/255); 0 = standard training")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    plots.save_figure(fig, path)
+    return path
+
+
+__all__ = ["X_METRIC", "Y_METRIC", "budget_plot", "budget_points", "plot", "points"]
