@@ -5,8 +5,9 @@ r"""Learning to Confuse (exact meta-gradient) on MNIST, ℓ∞ ε = 0.3, untarge
 
 The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each way, output
 0.3·tanh) is trained by the exact hypergradient of the clean loss of the L2C MNIST CNN after
-T = 10 unrolled SGD+momentum steps on x + g(x) (batch 64 per step, victim restarted every
-trial, `jax.checkpoint` on the scanned step). Then CNN victims are trained on the clean and on
+T = 10 unrolled SGD+momentum steps on x + g(x) (batch 64 per step, `jax.checkpoint` on the
+scanned step; the victim continues across the trials of a crafting epoch and restarts every
+epoch, as the released code does). Then CNN victims are trained on the clean and on
 the poisoned training set and tested on clean MNIST; `python -m jaxpoison.evaluation.l2c_victims
 --workdir=...` adds the random forest / RBF SVM victims and the noise-only diagnostic.
 
