@@ -54,12 +54,15 @@ def make_optimizer(
     milestones=(0.5, 0.75),
     decay_factor=0.1,
     name="sgd",
+    eps_root=0.0,
 ):
     """SGD with momentum (or Adam) and PyTorch-style coupled weight decay, with an lr schedule.
 
     Schedules: ``constant``; ``piecewise`` (multiply by `decay_factor` at the given fractions of
     training); ``cosine`` (to zero at the end). `name` is ``sgd`` or ``adam`` (`momentum` and
-    `nesterov` apply to SGD only).
+    `nesterov` apply to SGD only). `eps_root` (Adam only) is added under Adam's square root;
+    differentiating *through* Adam steps (L2C's inner loop) needs it > 0, or the derivative of
+    √v at v = 0 makes the meta-gradient NaN.
     """
     total = max(1, epochs * steps_per_epoch)
     if schedule == "constant":
@@ -75,7 +78,7 @@ def make_optimizer(
     if name == "sgd":
         base = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
     elif name == "adam":
-        base = optax.adam(lr)
+        base = optax.adam(lr, eps_root=eps_root)
     else:
         raise ValueError(f"Unknown optimizer {name!r}; use sgd or adam.")
     return optax.chain(optax.add_decayed_weights(weight_decay), base)

@@ -226,6 +226,31 @@ def test_normalized_generator_does_not_saturate_when_its_weights_grow():
     assert frac_bare > 0.5
 
 
+class IdleParamMLP(nn.Module):
+    """TinyMLP with a parameter that never gets a gradient (like a dead ReLU channel)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        idle = self.param("idle", nn.initializers.zeros, (2,))
+        return TinyMLP()(x) + 0.0 * jnp.sum(idle)
+
+
+def test_meta_gradient_through_adam_is_finite():
+    """Adam's √v has an infinite derivative at v = 0 (a parameter whose gradient is 0): without
+    eps_root the exact meta-gradient through an Adam inner loop is NaN; l2c sets it."""
+    batch = _data(T * B, np.float32)
+    adam = dict(name="adam", learning_rate=0.01, weight_decay=0.0)
+    norms = {}
+    with logic_only():
+        for label, optimizer in (("default", adam), ("no eps_root", dict(adam, eps_root=0.0))):
+            poison = l2c.l2c(**_kwargs(victim=IdleParamMLP(), inner_optimizer=optimizer))
+            state = jax.jit(poison.init)(jax.random.key(0), batch)
+            _, metrics = jax.jit(poison.update)(state, batch, jax.random.key(1))
+            norms[label] = float(metrics["meta/grad_norm"])
+    assert np.isfinite(norms["default"]) and norms["default"] > 0
+    assert np.isnan(norms["no eps_root"])
+
+
 def test_persistent_victim_continues_across_trials():
     """victim_reset_every=R: trial 2 starts where trial 1 left the victim; trial R+1 restarts."""
     batch = _data(T * B, np.float32)

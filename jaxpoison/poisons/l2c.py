@@ -206,6 +206,9 @@ def meta_problem(
     objective = objectives.make(obj_spec.pop("name"), **obj_spec)
     opt_kwargs = dict(learning_rate=0.01, momentum=0.9, weight_decay=0.0)
     opt_kwargs.update(inner_optimizer or {})
+    if opt_kwargs.get("name") == "adam":
+        # The meta-gradient goes through Adam's √v, whose derivative is infinite at v = 0.
+        opt_kwargs.setdefault("eps_root", 1e-8)
     tx = make_optimizer(schedule="constant", epochs=1, steps_per_epoch=num_steps, **opt_kwargs)
     eta = make_target(target, num_classes)
 
@@ -343,7 +346,8 @@ def l2c(
       victim: the crafting victim: ``dict(name=..., width=..., ...)`` of `jaxpoison.models`
         (default ``cnn_mnist``) or a flax module; restarted from a fresh init every trial.
       inner_optimizer: keyword arguments of `training.make_optimizer` for the victim's inner
-        steps (constant schedule; defaults: learning_rate 0.01, momentum 0.9, weight_decay 0).
+        steps (constant schedule; defaults: learning_rate 0.01, momentum 0.9, weight_decay 0;
+        ``name='adam'`` gets ``eps_root=1e-8`` unless given, so the meta-gradient is finite).
       inner_objective: the victim's training objective spec (default ``{'name': 'erm'}``).
       unroll_steps: T, inner steps per trial.
       truncation: K <= T; only the last K steps are differentiated (exact method). None = T.
