@@ -2,7 +2,8 @@ r"""Substandard models (Tao et al. 2022, "With False Friends Like These, Who Can
 Mistakes?", Table 1): accuracy on clean (D), adversarial (A) and hypocritical (F) test examples.
 
   jaxpoison --config=configs/substandard.py --workdir=/tmp/substandard
-  (append :tiny to the config path for a smoke run)
+  (append :tiny to the config path for a smoke run; :linf evaluates the ℓ∞ threat model only,
+  half the evaluation cost)
 
 One run trains the victim (the CIFAR CNN of the quickstart, width 0.5, Adam, 10 epochs, 3 seeds)
 on the five training sets of the paper, built from a class-balanced 2,500-image subset of
@@ -36,8 +37,8 @@ import ml_collections
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
+    if arg not in (None, "", "tiny", "linf"):
+        raise ValueError(f"Unknown config argument {arg!r}; use tiny, linf or nothing.")
     config = ml_collections.ConfigDict()
     config.name = "substandard models: accuracy on D / A / F (CIFAR-10)"
     config.seed = 0
@@ -85,6 +86,8 @@ def get_config(arg=None):
         checkpoint_every=5,
         optimizer=dict(optimizer),
     )
+    if arg == "linf":
+        del config.evals["l2"]
     if arg == "tiny":
         config.data.num_train = 200
         config.data.num_test = 100
