@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import data, experiment, report, training
+from jaxpoison import data, experiment, objectives, report, training
 from jaxpoison.evaluation import speed, tradeoff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,16 +174,7 @@ def test_lambda_sweep_points_and_plot(tmp_path):
 
 def test_defenses_config_options_and_budget_sweep(tmp_path):
     full = load_config("defenses_cifar10", None)
-    assert set(full.objectives) == {
-        "erm",
-        "rand_noise",
-        "pgd_at",
-        "trades",
-        "thrm",
-        "mart",
-        "fat",
-        "gairat",
-    }
+    assert set(full.objectives) == set(objectives.OBJECTIVES)
     family = load_config("defenses_cifar10", "family,objectives=erm+pgd_at,poisons=clean+regions4")
     assert family.data.num_train == 2500 and family.victim.num_seeds == 3
     assert list(family.poisons) == ["regions4"] and family.include_clean
