@@ -1,14 +1,16 @@
 r"""THRM vs TRADES λ sweep (Tao et al. 2022): natural risk against hypocritical risk on D-.
 
   jaxpoison --config=configs/lambda_sweep.py --workdir=/tmp/lambda_sweep
-  (append :tiny to the config path for a smoke run)
+  (append :tiny to the config path for a smoke run; :lambdas=1+6 picks the weights)
 
 Trains the victim (CIFAR CNN, width 0.5, Adam, 10 epochs, 2 seeds) on a clean class-balanced
 2,500-image subset of shared/data/cifar10.npz with standard training (λ = 0) and with TRADES and
-THRM at λ (``beta``) in {1, 3, 6, 12} (defender: ℓ∞ 8/255, 5 inner PGD steps of 2/255), then
-runs the ``risk`` evaluator (ℓ∞ 8/255, 10 steps) on 1,000 test images. ``lambda_sweep.png``
-plots R_nat (x) against R_hyp/D- (y), one line per objective family, points labelled by λ;
-``results['lambda_sweep']`` holds the same points (`jaxpoison.evaluation.tradeoff`).
+THRM at λ (``beta``) in {1, 3, 6, 12} (defender: ℓ∞ 8/255, 5 inner PGD steps of 2/255), and
+with PGD-AT at the same budget, then runs the ``risk`` evaluator (ℓ∞ 8/255, 10 steps) on 1,000
+test images. ``lambda_sweep.png`` plots R_nat (x) against R_hyp/D- (y), the share of the
+misclassified test examples that the hypocritical attack makes correct, one line per objective
+family, points labelled by λ, PGD-AT as a lone marker; ``results['lambda_sweep']`` holds the
+same points (`jaxpoison.evaluation.tradeoff`).
 
 A config of its own rather than a section of configs/substandard.py: the sweep varies the
 training *objective* on the clean set, while the substandard study varies the training *set*
@@ -25,16 +27,38 @@ LAMBDAS = (1.0, 3.0, 6.0, 12.0)
 
 
 def _objectives(lambdas, defender):
-    out = {"erm": dict(name="erm")}
+    out = {"erm": dict(name="erm"), "pgd_at": dict(name="pgd_at", **defender)}
     for family in ("trades", "thrm"):
         for lam in lambdas:
             out[f"{family}_{lam:g}"] = dict(name=family, beta=lam, **defender)
     return out
 
 
+def _options(arg):
+    """``tiny`` and ``lambdas=<a>+<b>`` (comma-separated) from the config argument; lambdas is
+    None when not given."""
+    tiny, lambdas = False, None
+    for option in arg.split(",") if arg else ():
+        field, sep, value = option.partition("=")
+        if option == "tiny":
+            tiny = True
+        elif sep and field == "lambdas":
+            try:
+                lambdas = tuple(float(v) for v in value.split("+"))
+            except ValueError:
+                lambdas = ()
+            if not lambdas or min(lambdas) <= 0:
+                raise ValueError(f"lambdas={value!r}: give positive weights, e.g. lambdas=1+6.")
+        else:
+            raise ValueError(
+                f"Unknown config argument {arg!r}; use tiny and/or lambdas=<a>+<b>, "
+                "comma-separated."
+            )
+    return tiny, lambdas
+
+
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
+    tiny, lambdas = _options(arg)
     config = ml_collections.ConfigDict()
     config.name = "THRM vs TRADES: natural risk vs hypocritical risk on D- (CIFAR-10)"
     config.seed = 0
@@ -52,7 +76,7 @@ def get_config(arg=None):
     config.include_clean = True
     config.poisons = {}
     defender = dict(norm="linf", epsilon=epsilon, num_steps=5, step_size=2 / 255)
-    config.objectives = _objectives(LAMBDAS, defender)
+    config.objectives = _objectives(lambdas or LAMBDAS, defender)
     config.evals = {"linf": dict(name="risk", norm="linf", epsilon=epsilon, num_steps=10)}
     config.lambda_sweep = dict(eval="linf", train_set="clean")
     config.loss_threshold = 0.5
@@ -66,11 +90,11 @@ def get_config(arg=None):
         checkpoint_every=5,
         optimizer=dict(name="adam", learning_rate=1.5e-3, weight_decay=0.0, schedule="cosine"),
     )
-    if arg == "tiny":
+    if tiny:
         config.data.num_train = 200
         config.data.num_test = 100
         tiny_defender = dict(norm="linf", epsilon=epsilon, num_steps=2, step_size=4 / 255)
-        config.objectives = _objectives((1.0, 6.0), tiny_defender)
+        config.objectives = _objectives(lambdas or (1.0, 6.0), tiny_defender)
         config.evals.linf.num_steps = 3
         config.victim.model.width = 0.125
         config.victim.epochs = 1

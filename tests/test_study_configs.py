@@ -122,13 +122,26 @@ def test_lambda_sweep_points_and_plot(tmp_path):
     full = load_config("lambda_sweep", None)
     names = [s.name for s in full.objectives.values()]
     assert names.count("thrm") >= 3 and names.count("trades") >= 3 and "erm" in names
-    assert full.evals[full.lambda_sweep.eval].name == "risk"
+    assert "pgd_at" in names and full.evals[full.lambda_sweep.eval].name == "risk"
+    chosen = load_config("lambda_sweep", "lambdas=1+6")
+    assert sorted(chosen.objectives) == [
+        "erm",
+        "pgd_at",
+        "thrm_1",
+        "thrm_6",
+        "trades_1",
+        "trades_6",
+    ]
+    for bad in ("lambdas=0+1", "lambda=1"):
+        with pytest.raises(ValueError, match="lambdas="):
+            load_config("lambda_sweep", bad)
     # Points from hand-made results: grouped by family, sorted by λ, erm at λ = 0 in both.
     objectives = {
         "erm": {"name": "erm"},
         "thrm_6": {"name": "thrm", "beta": 6.0},
         "thrm_1": {"name": "thrm", "beta": 1.0},
         "trades_1": {"name": "trades", "beta": 1.0},
+        "pgd_at": {"name": "pgd_at", "epsilon": 8 / 255},
     }
     runs = {f"{o}/clean": {"objective": o, "poison": "clean"} for o in objectives}
     runs["thrm_1/other"] = {"objective": "thrm_1", "poison": "other"}
@@ -138,6 +151,7 @@ def test_lambda_sweep_points_and_plot(tmp_path):
         "thrm_6": (0.35, 0.3),
         "thrm_1": (0.3, 0.5),
         "trades_1": (0.3, 0.7),
+        "pgd_at": (0.5, 0.1),
     }
     summary = {
         f"{o}/clean": {"evals": {"linf": {"R_nat": m(x), "R_hyp/D-": m(y)}}}
@@ -147,8 +161,11 @@ def test_lambda_sweep_points_and_plot(tmp_path):
     assert {f: [p["lambda"] for p in pts] for f, pts in sweep.items()} == {
         "thrm": [0.0, 1.0, 6.0],
         "trades": [0.0, 1.0],
+        "pgd_at": [None],
     }
     assert [p["R_hyp/D-"]["mean"] for p in sweep["thrm"]] == [0.9, 0.5, 0.3]
+    tradeoff.plot(sweep, tmp_path / "hand.png")
+    assert (tmp_path / "hand.png").stat().st_size > 0
     with pytest.raises(ValueError, match="config.lambda_sweep.eval"):
         tradeoff.points(objectives, runs, summary, eval_label="l2")
     # End to end: erm and THRM λ = 1 on digits; the sweep comes from the stored evals.

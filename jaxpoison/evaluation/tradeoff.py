@@ -7,7 +7,8 @@ natural accuracy for stability at its weight λ (``beta``). Tao et al. 2022 plot
 sweep of λ, the natural risk :math:`R_{nat}` against the hypocritical risk on the misclassified
 examples :math:`R_{hyp}(\mathcal{D}^-)`, the share of mistakes a false friend can hide (the
 paper's claim to check: THRM reaches a lower hypocritical risk than TRADES at equal natural risk).
-Standard training (``erm``) is the λ = 0 end of every family.
+Standard training (``erm``) is the λ = 0 end of every family. Adversarial training without a
+weight (``pgd_at``) is a family of one point, λ = ``None``, for comparison.
 
 The numbers come from a ``risk`` evaluator of ``config.evals`` (`jaxpoison.evaluation.risk`):
 ``R_nat`` and ``R_hyp/D-``, mean ± std over seeds, as `summarize.eval_summary` stores them in
@@ -39,7 +40,8 @@ def points(objectives, runs, summary, *, eval_label, train_set="clean"):
 
     Returns:
       ``{family: [{'lambda', 'run', 'R_nat': {mean, std}, 'R_hyp/D-': {mean, std}}, ...]}``,
-      with the ``erm`` runs at λ = 0 in every family.
+      with the ``erm`` runs at λ = 0 in every weighted family, and ``pgd_at`` runs as a
+      family of their own with ``lambda`` None.
 
     Raises:
       ValueError: when a run of the sweep has no ``eval_label`` results with both metrics.
@@ -53,6 +55,8 @@ def points(objectives, runs, summary, *, eval_label, train_set="clean"):
             lam = 0.0
         elif "beta" in spec:
             lam = float(spec["beta"])
+        elif spec.get("name") == "pgd_at":
+            lam = None
         else:
             continue
         metrics = summary[name].get("evals", {}).get(eval_label, {})
@@ -67,12 +71,15 @@ def points(objectives, runs, summary, *, eval_label, train_set="clean"):
             base.append(point)
         else:
             families.setdefault(spec["name"], []).append(point)
-    return {f: sorted(base + pts, key=lambda p: p["lambda"]) for f, pts in families.items()}
+    return {
+        f: pts if pts[0]["lambda"] is None else sorted(base + pts, key=lambda p: p["lambda"])
+        for f, pts in families.items()
+    }
 
 
 def plot(sweep, path, *, title=""):
     """Natural risk (x) vs hypocritical risk on D- (y), in %, one line per family, points
-    labelled by λ, ±1 std error bars over seeds."""
+    labelled by λ (``pgd_at`` as unconnected markers), ±1 std error bars over seeds."""
     plt = plots.plt
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     for family, pts in sweep.items():
@@ -80,8 +87,11 @@ def plot(sweep, path, *, title=""):
         y = np.array([p[Y_METRIC]["mean"] for p in pts]) * 100
         xerr = np.array([p[X_METRIC]["std"] for p in pts]) * 100
         yerr = np.array([p[Y_METRIC]["std"] for p in pts]) * 100
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=4, capsize=2, label=family)
+        style = dict(marker="s", ls="none") if pts[0]["lambda"] is None else dict(marker="o")
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, ms=4, capsize=2, label=family, **style)
         for p, xi, yi in zip(pts, x, y, strict=True):
+            if p["lambda"] is None:
+                continue
             ax.annotate(
                 f"λ={p['lambda']:g}",
                 (xi, yi),
