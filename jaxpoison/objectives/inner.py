@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxpoison import losses
 from jaxpoison import threat as threat_lib
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,42 @@ def pgd_with_stats(
     return delta, {"kappa": kappa, "num_moves": moves}
 
 
+def clean_and_perturbed_forward(apply_fn, variables, x, delta):
+    """Training-mode passes on ``x`` then on ``x + delta`` (delta held fixed), the BatchNorm
+    updates chained, as TRADES, THRM and MART make them.
+
+    Returns:
+      ``(logits, logits_perturbed, model_state, x_perturbed)``.
+    """
+    x_perturbed = jax.lax.stop_gradient(x + delta)
+    logits, variables, _ = train_forward(apply_fn, variables, x)
+    logits_perturbed, _, model_state = train_forward(apply_fn, variables, x_perturbed)
+    return logits, logits_perturbed, model_state, x_perturbed
+
+
+def kl_regularized_loss(logits, logits_perturbed, labels, beta, *, names):
+    """``CE(f(x), y) + beta * KL(p(x) || p(x'))`` (TRADES, THRM) and its training-log metrics.
+
+    Args:
+      names: ``(accuracy at x', KL term)`` metric names, e.g. ``("adv_accuracy", "robust_kl")``.
+
+    Returns:
+      ``(loss, metrics)``; the gradient flows through both distributions of the KL.
+    """
+    natural = jnp.mean(losses.cross_entropy(logits, labels))
+    kl = jnp.mean(losses.kl_divergence(logits, logits_perturbed))
+    loss = natural + beta * kl
+    accuracy_name, kl_name = names
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(losses.accuracy(logits, labels)),
+        accuracy_name: jnp.mean(losses.accuracy(logits_perturbed, labels)),
+        "natural_loss": natural,
+        kl_name: kl,
+    }
+    return loss, metrics
+
+
 def perturbation_metrics(threat, delta):
     """Mean norm of the perturbation in the defender's norm, for the training log."""
     return {"perturbation_norm": jnp.mean(threat.norm_of(delta))}
@@ -227,9 +264,11 @@ def perturbation_metrics(threat, delta):
 
 __all__ = [
     "check_schedule",
+    "clean_and_perturbed_forward",
     "defender_threat",
     "eval_logits_fn",
     "gaussian_start",
+    "kl_regularized_loss",
     "model_state_of",
     "perturbation_metrics",
     "pgd_with_stats",

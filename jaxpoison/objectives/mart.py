@@ -60,9 +60,9 @@ def make(
             num_steps=num_steps,
             step_size=step_size,
         )
-        x_adv = jax.lax.stop_gradient(x + delta)
-        logits, variables, _ = inner.train_forward(apply_fn, variables, x)
-        logits_adv, _, model_state = inner.train_forward(apply_fn, variables, x_adv)
+        logits, logits_adv, model_state, x_adv = inner.clean_and_perturbed_forward(
+            apply_fn, variables, x, delta
+        )
         is_label = jax.nn.one_hot(y, logits.shape[-1]) > 0
         p_adv = jax.nn.softmax(logits_adv)
         p_wrong = jnp.max(jnp.where(is_label, -jnp.inf, p_adv), axis=-1)

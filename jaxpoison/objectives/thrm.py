@@ -2,9 +2,6 @@
 predictions at x and at its *hypocritical* example, the point of the ball that most lowers the
 loss toward the true label."""
 
-import jax
-import jax.numpy as jnp
-
 from jaxpoison import losses
 from jaxpoison.objectives import inner
 
@@ -64,19 +61,12 @@ def make(
             step_size=step_size,
             maximize=False,
         )
-        x_hyp = jax.lax.stop_gradient(x + delta)
-        logits, variables, _ = inner.train_forward(apply_fn, variables, x)
-        logits_hyp, _, model_state = inner.train_forward(apply_fn, variables, x_hyp)
-        natural = jnp.mean(losses.cross_entropy(logits, y))
-        robust = jnp.mean(losses.kl_divergence(logits, logits_hyp))
-        loss = natural + beta * robust
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(losses.accuracy(logits, y)),
-            "hyp_accuracy": jnp.mean(losses.accuracy(logits_hyp, y)),
-            "natural_loss": natural,
-            "hypocritical_kl": robust,
-        }
+        logits, logits_hyp, model_state, x_hyp = inner.clean_and_perturbed_forward(
+            apply_fn, variables, x, delta
+        )
+        loss, metrics = inner.kl_regularized_loss(
+            logits, logits_hyp, y, beta, names=("hyp_accuracy", "hypocritical_kl")
+        )
         metrics |= inner.perturbation_metrics(tm, delta)
         return loss, {"model_state": model_state, "metrics": metrics, "adversarial": x_hyp}
 

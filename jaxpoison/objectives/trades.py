@@ -1,9 +1,6 @@
 """TRADES (Zhang et al. 2019): natural cross-entropy plus β times the KL divergence between the
 predictions at x and at the point of the ball that maximises it."""
 
-import jax
-import jax.numpy as jnp
-
 from jaxpoison import losses
 from jaxpoison.objectives import inner
 
@@ -62,19 +59,12 @@ def make(
             num_steps=num_steps,
             step_size=step_size,
         )
-        x_adv = jax.lax.stop_gradient(x + delta)
-        logits, variables, _ = inner.train_forward(apply_fn, variables, x)
-        logits_adv, _, model_state = inner.train_forward(apply_fn, variables, x_adv)
-        natural = jnp.mean(losses.cross_entropy(logits, y))
-        robust = jnp.mean(losses.kl_divergence(logits, logits_adv))
-        loss = natural + beta * robust
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(losses.accuracy(logits, y)),
-            "adv_accuracy": jnp.mean(losses.accuracy(logits_adv, y)),
-            "natural_loss": natural,
-            "robust_kl": robust,
-        }
+        logits, logits_adv, model_state, x_adv = inner.clean_and_perturbed_forward(
+            apply_fn, variables, x, delta
+        )
+        loss, metrics = inner.kl_regularized_loss(
+            logits, logits_adv, y, beta, names=("adv_accuracy", "robust_kl")
+        )
         metrics |= inner.perturbation_metrics(tm, delta)
         return loss, {"model_state": model_state, "metrics": metrics, "adversarial": x_adv}
 
