@@ -196,7 +196,15 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
     assert family.data.num_train == 2500 and family.victim.num_seeds == 3
     assert list(family.poisons) == ["regions4"] and family.include_clean
     assert list(family.objectives) == ["erm", "pgd_at"]
-    for bad, match in (("sweep", "Unknown config argument"), ("family,poisons=P9", "P9")):
+    fast = load_config("defenses_cifar10", "family,epochs=20,objectives=erm+fast_at")
+    assert fast.victim.epochs == 20 and list(fast.objectives) == ["erm", "fast_at"]
+    assert fast.objectives.fast_at.num_steps == 1
+    assert fast.objectives.fast_at.step_size == pytest.approx(1.25 * 8 / 255)
+    for bad, match in (
+        ("sweep", "Unknown config argument"),
+        ("family,poisons=P9", "P9"),
+        ("family,epochs=0", "epochs="),
+    ):
         with pytest.raises(ValueError, match=match):
             load_config("defenses_cifar10", bad)
     # ε_def sweep on digits: ST (ε = 0) and PGD-AT at 4/255, on clean data and P5.
