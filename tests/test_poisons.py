@@ -167,6 +167,21 @@ def test_storage_round_trip_and_tampering(name, crafted, dataset, tm, tmp_path):
 
     with pytest.raises(storage.PoisonFileError, match="other training data"):
         storage.load(tmp_path / "p", template, fingerprint="0" * 64)
+    with np.load(tmp_path / "p" / "state.npz") as f:
+        stored = dict(f)
+    floating = [k for k, v in stored.items() if np.issubdtype(v.dtype, np.floating)]
+    if floating:  # a diverged (NaN) state is neither saved nor loaded, the leaf named
+        stored[floating[0]] = np.full_like(stored[floating[0]], np.nan)
+        np.savez(tmp_path / "p" / "state.npz", **stored)
+        with pytest.raises(storage.PoisonFileError, match="NaN or infinite"):
+            storage.load(tmp_path / "p", template, fingerprint="f" * 64)
+        nan_state = jax.tree.map(
+            lambda v: jnp.full_like(v, jnp.nan) if jnp.issubdtype(v.dtype, jnp.floating) else v,
+            state,
+        )
+        with pytest.raises(storage.PoisonFileError, match="NaN or infinite"):
+            storage.save(tmp_path / "nan", nan_state, **meta)
+        assert not (tmp_path / "nan").exists()
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     if name in poisons.UNBOUNDED or not any("delta" in p for p in paths):
         return  # no stored perturbation (substandard sets; generators bound their own output)

@@ -31,6 +31,14 @@ def _leaves_with_keys(state):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
+def _check_finite(where, key, value):
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        raise PoisonFileError(
+            f"{where}: leaf {key} holds NaN or infinite values; the crafting run diverged or "
+            "the file is damaged: craft the poison again (lower the step size if it diverged)."
+        )
+
+
 def write_json_atomic(path, obj):
     """Writes JSON to `path` through a temporary file and a rename (never half-written)."""
     path = Path(path)
@@ -42,11 +50,17 @@ def write_json_atomic(path, obj):
 
 
 def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
-    """Saves a poison state and its metadata atomically into `directory` (replacing it)."""
+    """Saves a poison state and its metadata atomically into `directory` (replacing it).
+
+    Raises:
+      PoisonFileError: when a leaf holds NaN or infinite values (nothing is written).
+    """
     directory = Path(directory)
+    leaves = _leaves_with_keys(state)
+    for key, value in leaves.items():
+        _check_finite(directory, key, value)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    leaves = _leaves_with_keys(state)
     np.savez_compressed(tmp / "state.npz", **leaves)
     write_json_atomic(
         tmp / "metadata.json",
@@ -100,6 +114,7 @@ def load(directory, template, *, fingerprint=None):
         key = jax.tree_util.keystr(path)
         if key not in stored or stored[key].shape != np.shape(leaf):
             raise PoisonFileError(f"{directory}: leaf {key} is missing or has the wrong shape.")
+        _check_finite(directory, key, stored[key])
         leaves.append(stored[key])
     eps, norm = meta["threat"]["epsilon"], meta["threat"]["norm"]
     for key, value in stored.items():
