@@ -260,8 +260,29 @@ def run_evals(evals, trainer, states, td, *, num_classes, key, evaluators=None):
     return out
 
 
-def _write_config(config, workdir):
-    storage.write_json_atomic(Path(workdir) / "config.json", plain(config))
+def open_workdir(config, workdir):
+    """Returns the complete results found in `workdir`, or None after writing ``config.json``
+    and opening ``log.txt`` for a new (or resumed) run."""
+    workdir = Path(workdir)
+    results_path = workdir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if results.get("complete"):
+            say(f"{results_path} is complete; nothing to do (delete it to run again).")
+            return results
+    workdir.mkdir(parents=True, exist_ok=True)
+    set_log_file(workdir / "log.txt")
+    storage.write_json_atomic(workdir / "config.json", plain(config))
+    return None
+
+
+def close_workdir(results, workdir, *, plots=()):
+    """Writes ``results.json`` atomically, names it and the `plots` in the log, closes the log."""
+    path = Path(workdir) / "results.json"
+    storage.write_json_atomic(path, results)
+    listed = f"  plots: {', '.join(Path(f).name for f in plots)}" if plots else ""
+    say(f"results: {path}{listed}")
+    set_log_file(None)
 
 
 def train_and_evaluate(config, workdir, *, progress=True):
@@ -274,16 +295,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
         from jaxpoison import studies
 
         return studies.run(config, workdir, progress=progress)
+    done = open_workdir(config, workdir)
+    if done is not None:
+        return done
     workdir = Path(workdir)
-    results_path = workdir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("complete"):
-            say(f"{results_path} is complete; nothing to do (delete it to run again).")
-            return results
-    workdir.mkdir(parents=True, exist_ok=True)
-    set_log_file(workdir / "log.txt")
-    _write_config(config, workdir)
     t_start = time.time()
     root = jax.random.key(config.seed)
 
@@ -453,7 +468,6 @@ def train_and_evaluate(config, workdir, *, progress=True):
             "attack_transfer": attack_transfer,
         }
         figures += transfer.save_plots(results["transfer"], workdir)
-    storage.write_json_atomic(results_path, results)
     say(summarize.table(summary))
     if summarize.eval_table(summary):
         say(summarize.eval_table(summary))
@@ -467,8 +481,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         )
     if victims:
         say(transfer.table(results["transfer"]))
-    say(f"results: {results_path}  plots: {', '.join(p.name for p in figures)}")
-    set_log_file(None)
+    close_workdir(results, workdir, plots=figures)
     return results
 
 

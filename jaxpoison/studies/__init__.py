@@ -17,12 +17,8 @@ own numbers.
 from __future__ import annotations
 
 import importlib
-import json
-from pathlib import Path
 
-from jaxpoison.experiment import plain, run_key
-from jaxpoison.poisons.storage import write_json_atomic
-from jaxpoison.progress import say, set_log_file
+from jaxpoison.experiment import close_workdir, open_workdir, plain, run_key
 
 RUNNERS = {
     "simplicity_bias": "jaxpoison.studies.simplicity_bias",
@@ -38,29 +34,6 @@ def run(config, workdir, *, progress=True):
             f"config.experiment={name!r} is not a study; use one of {sorted(RUNNERS)}."
         )
     return importlib.import_module(RUNNERS[name]).run(config, workdir, progress=progress)
-
-
-def open_workdir(config, workdir):
-    """Returns the complete results found in `workdir`, or None after writing ``config.json``
-    and opening ``log.txt`` for a new (or resumed) run."""
-    workdir = Path(workdir)
-    results_path = workdir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("complete"):
-            say(f"{results_path} is complete; nothing to do (delete it to run again).")
-            return results
-    workdir.mkdir(parents=True, exist_ok=True)
-    set_log_file(workdir / "log.txt")
-    write_json_atomic(workdir / "config.json", plain(config))
-    return None
-
-
-def close_workdir(results, workdir):
-    """Writes ``results.json`` atomically and closes the log."""
-    write_json_atomic(Path(workdir) / "results.json", results)
-    say(f"results: {Path(workdir) / 'results.json'}")
-    set_log_file(None)
 
 
 def table(rows):

@@ -14,7 +14,6 @@ the five classifiers), ``full_mc_max_dim`` (at these d and below also full (d+1)
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import jax
 import numpy as np
 
 from jaxpoison import __version__, experiment, plots
-from jaxpoison.poisons.storage import write_json_atomic
-from jaxpoison.progress import say, set_log_file
+from jaxpoison.progress import say
 from jaxpoison.theory import gaussian, linear
 
 
@@ -169,16 +167,10 @@ def plot(results, path, *, title=""):
 def run(config, workdir, *, progress=True):
     """Runs the Gaussian-theory experiment `config` in `workdir`; returns the results dict."""
     del progress
+    done = experiment.open_workdir(config, workdir)
+    if done is not None:
+        return done
     workdir = Path(workdir)
-    results_path = workdir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("complete"):
-            say(f"{results_path} is complete; nothing to do (delete it to run again).")
-            return results
-    workdir.mkdir(parents=True, exist_ok=True)
-    set_log_file(workdir / "log.txt")
-    write_json_atomic(workdir / "config.json", experiment.plain(config))
     t_start = time.time()
     th = config.theory
     sigma, eta = float(th.sigma), float(th.eta)
@@ -230,9 +222,7 @@ def run(config, workdir, *, progress=True):
     }
     title = config.get("name", "") or f"σ={sigma}, η={eta}, ε={epsilon:g}"
     plot(results, workdir / "figure2.png", title=title)
-    write_json_atomic(results_path, results)
-    say(f"results: {results_path}  plot: {workdir / 'figure2.png'}")
-    set_log_file(None)
+    experiment.close_workdir(results, workdir, plots=[workdir / "figure2.png"])
     return results
 
 
