@@ -1,7 +1,9 @@
 r"""Transfer of error-maximizing poisons across architectures (issue 6): crafting model × victim.
 
   jaxpoison --config=configs/transfer.py --workdir=/tmp/transfer
-  (append :tiny to the config path for a smoke run)
+  (append :tiny to the config path for a smoke run; :archs=mlp+cnn_cifar keeps some
+  architectures, as crafting models and as victims, so the matrix can be built in parts: the
+  runs of a part are resumed by a later, larger run in the same workdir)
 
 On a class-balanced 2,500-image subset of shared/data/cifar10.npz (ℓ∞ 8/255), crafts one
 error-maximizing poison (PGD-20 ascent on a clean-trained surrogate, Fowl et al. 2021) with each
@@ -34,9 +36,31 @@ ARCHITECTURES = {
 }
 
 
+def _options(arg):
+    """``tiny`` and ``archs=<a>+<b>`` (comma-separated); archs is None when not given."""
+    tiny, archs = False, None
+    for option in arg.split(",") if arg else ():
+        field, sep, value = option.partition("=")
+        if option == "tiny":
+            tiny = True
+        elif sep and field == "archs":
+            archs = value.split("+")
+            unknown = sorted(set(archs) - set(ARCHITECTURES))
+            if unknown or not value:
+                raise ValueError(
+                    f"archs={value!r}: {unknown} not among {sorted(ARCHITECTURES)}; "
+                    "e.g. archs=mlp+cnn_cifar."
+                )
+        else:
+            raise ValueError(
+                f"Unknown config argument {arg!r}; use tiny and/or archs=<a>+<b>, comma-separated."
+            )
+    return tiny, archs
+
+
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
+    tiny, archs = _options(arg)
+    chosen = {a: ARCHITECTURES[a] for a in archs or ARCHITECTURES}
     config = ml_collections.ConfigDict()
     config.name = "transfer: error-maximizing poisons across architectures (CIFAR-10)"
     config.seed = 0
@@ -59,7 +83,7 @@ def get_config(arg=None):
             batch_size=256,
             surrogate=dict(model=dict(model)),
         )
-        for arch, model in ARCHITECTURES.items()
+        for arch, model in chosen.items()
     }
     config.poisons.regions4 = dict(name="regions", num_patches=4)
     config.objectives = {"erm": dict(name="erm")}
@@ -75,7 +99,7 @@ def get_config(arg=None):
         checkpoint_every=3,
         optimizer=optimizer,
     )
-    config.victims = {arch: dict(model=dict(model)) for arch, model in ARCHITECTURES.items()}
+    config.victims = {arch: dict(model=dict(model)) for arch, model in chosen.items()}
     # The crafting models: this spec with each poison's ``surrogate.model``.
     config.surrogate = dict(
         model=dict(ARCHITECTURES["cnn_cifar"]),
@@ -85,7 +109,7 @@ def get_config(arg=None):
         checkpoint_every=3,
         optimizer=dict(optimizer),
     )
-    if arg == "tiny":
+    if tiny:
         config.data.num_train = 200
         config.data.num_test = 100
         for cfg in (config.victim, config.surrogate):

@@ -260,6 +260,11 @@ def transfer_run(tmp_path_factory):
     """Two victim architectures × {clean, an MLP-crafted error-maximizing poison, P5}."""
     full = load_config("transfer", None)
     assert set(full.victims) == {"mlp", "cnn_cifar", "vgg11", "resnet18"}
+    part = load_config("transfer", "archs=mlp+cnn_cifar")
+    assert set(part.victims) == {"mlp", "cnn_cifar"}
+    assert set(part.poisons) == {"em_mlp", "em_cnn_cifar", "regions4"}
+    with pytest.raises(ValueError, match="wrn"):
+        load_config("transfer", "archs=mlp+wrn")
     config = load_config("transfer")
     with config.unlocked():
         config.data.update(DIGITS)
