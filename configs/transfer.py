@@ -2,8 +2,9 @@ r"""Transfer of error-maximizing poisons across architectures (issue 6): craftin
 
   jaxpoison --config=configs/transfer.py --workdir=/tmp/transfer
   (append :tiny to the config path for a smoke run; :archs=mlp+cnn_cifar keeps some
-  architectures, as crafting models and as victims, so the matrix can be built in parts: the
-  runs of a part are resumed by a later, larger run in the same workdir)
+  architectures, as crafting models and as victims, so the matrix can be built in parts: move
+  a part's results.json away and a later, larger run in the same workdir reuses its victims
+  and poisons)
 
 On a class-balanced 2,500-image subset of shared/data/cifar10.npz (ℓ∞ 8/255), crafts one
 error-maximizing poison (PGD-20 ascent on a clean-trained surrogate, Fowl et al. 2021) with each

@@ -262,12 +262,27 @@ def run_evals(evals, trainer, states, td, *, num_classes, key, evaluators=None):
 
 def open_workdir(config, workdir):
     """Returns the complete results found in `workdir`, or None after writing ``config.json``
-    and opening ``log.txt`` for a new (or resumed) run."""
+    and opening ``log.txt`` for a new (or resumed) run.
+
+    Raises:
+      ValueError: when `workdir` holds complete results of another config.
+    """
     workdir = Path(workdir)
     results_path = workdir / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         if results.get("complete"):
+            stored = results.get("config", {})
+            wanted = json.loads(json.dumps(plain(config)))  # as stored: lists, not tuples
+            changed = sorted(
+                k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)
+            )
+            if changed:
+                raise ValueError(
+                    f"{results_path} holds the complete results of another config (it differs in "
+                    f"{', '.join(changed)}). Use a new workdir, or move results.json away to "
+                    "extend this one: its finished victims and poisons are reused where they match."
+                )
             say(f"{results_path} is complete; nothing to do (delete it to run again).")
             return results
     workdir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,18 @@ def test_quickstart_tiny_writes_the_standard_workdir(tiny_run):
     assert results["summary"] == on_disk["summary"]
 
 
+def test_a_complete_workdir_is_returned_as_is_or_refused_for_another_config(tiny_run):
+    workdir, results = tiny_run
+    before = (workdir / "results.json").read_text()
+    again = experiment.train_and_evaluate(load_config("quickstart", "tiny"), workdir)
+    assert again["summary"] == results["summary"]
+    other = load_config("quickstart", "tiny")
+    other.victim.epochs = 3
+    with pytest.raises(ValueError, match="another config .*victim.*move results.json away"):
+        experiment.train_and_evaluate(other, workdir, progress=False)
+    assert (workdir / "results.json").read_text() == before
+
+
 def cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "jaxpoison.main", *args],
