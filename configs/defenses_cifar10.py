@@ -33,6 +33,9 @@ Options, comma-separated after the config path:
 * ``objectives=<a>+<b>``, ``poisons=<a>+<b>``: keep some objectives / poison runs (the full
   cross product is long on a CPU; split it over workdirs).
 * ``epochs=<n>``: train every victim for n epochs.
+* ``val_size=<n>``: hold out n (poisoned) training images, class-balanced, as a validation
+  split; each run's summary then adds ``early_stopped_test_acc``, the clean test accuracy at
+  the epoch of best validation accuracy (early stopping as a defense), beside peak and final.
 * ``tiny``: a smoke run.
 
 Expected: the measured ``family`` table of docs/defenses.md; the full table is not measured.
@@ -41,6 +44,8 @@ Expected: the measured ``family`` table of docs/defenses.md; the full table is n
 from pathlib import Path
 
 import ml_collections
+
+from jaxpoison import config_args
 
 # Poison run name -> key of configs/poisons/_common.py SPECS (P-numbers as in Tao et al. 2021).
 POISON_RUNS = {
@@ -89,23 +94,20 @@ def _specs():
 
 
 def _options(arg):
-    options = set(arg.split(",")) if arg else set()
-    keep = {}
-    for option in sorted(options):
-        field, sep, value = option.partition("=")
-        if sep and field in ("objectives", "poisons"):
-            keep[field] = value.split("+")
-            options.discard(option)
-        elif sep and field == "epochs":
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"epochs={value!r}: give a positive whole number, e.g. epochs=20.")
-            keep[field] = int(value)
-            options.discard(option)
-    unknown = options - {"tiny", "small", "family", "sweep"}
-    if unknown or {"small", "family"} <= options or ("sweep" in options) > ("family" in options):
+    options, keep = config_args.parse(
+        arg,
+        flags=("tiny", "small", "family", "sweep"),
+        fields={
+            "objectives": config_args.names(),
+            "poisons": config_args.names(),
+            "epochs": config_args.positive_int,
+            "val_size": config_args.positive_int,
+        },
+    )
+    if {"small", "family"} <= options or ("sweep" in options) > ("family" in options):
         raise ValueError(
-            f"Unknown config argument {arg!r}; use a comma-separated list of tiny, small or "
-            "family (with sweep), objectives=<a>+<b>, poisons=<a>+<b> and epochs=<n>."
+            f"Config argument {arg!r}: small and family exclude each other, and sweep needs "
+            "family (e.g. family,sweep)."
         )
     return options, keep
 
@@ -127,6 +129,8 @@ def get_config(arg=None):
         config = _own_config(options)
     if "epochs" in keep:
         config.victim.epochs = keep["epochs"]
+    if "val_size" in keep:
+        config.data.val_size = keep["val_size"]
     if "objectives" in keep:
         config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
     if "poisons" in keep:

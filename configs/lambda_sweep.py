@@ -24,6 +24,8 @@ at this size (the paper's point, THRM below TRADES at equal natural risk, is not
 
 import ml_collections
 
+from jaxpoison import config_args
+
 LAMBDAS = (1.0, 3.0, 6.0, 12.0)
 
 
@@ -35,31 +37,11 @@ def _objectives(lambdas, defender):
     return out
 
 
-def _options(arg):
-    """``tiny`` and ``lambdas=<a>+<b>`` (comma-separated) from the config argument; lambdas is
-    None when not given."""
-    tiny, lambdas = False, None
-    for option in arg.split(",") if arg else ():
-        field, sep, value = option.partition("=")
-        if option == "tiny":
-            tiny = True
-        elif sep and field == "lambdas":
-            try:
-                lambdas = tuple(float(v) for v in value.split("+"))
-            except ValueError:
-                lambdas = ()
-            if not lambdas or min(lambdas) <= 0:
-                raise ValueError(f"lambdas={value!r}: give positive weights, e.g. lambdas=1+6.")
-        else:
-            raise ValueError(
-                f"Unknown config argument {arg!r}; use tiny and/or lambdas=<a>+<b>, "
-                "comma-separated."
-            )
-    return tiny, lambdas
-
-
 def get_config(arg=None):
-    tiny, lambdas = _options(arg)
+    flags, values = config_args.parse(
+        arg, flags=("tiny",), fields={"lambdas": config_args.positive_floats}
+    )
+    tiny, lambdas = "tiny" in flags, values.get("lambdas")
     config = ml_collections.ConfigDict()
     config.name = "THRM vs TRADES: natural risk vs hypocritical risk on D- (CIFAR-10)"
     config.seed = 0

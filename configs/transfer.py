@@ -30,6 +30,8 @@ Regions-4 takes 19 points from VGG-11 (53.6 -> 34.4%). ResNet-18 is not measured
 
 import ml_collections
 
+from jaxpoison import config_args
+
 # Architecture name -> model spec, at CPU-sized widths (crafting models and victims alike).
 ARCHITECTURES = {
     "mlp": dict(name="mlp", width=0.5),
@@ -39,30 +41,11 @@ ARCHITECTURES = {
 }
 
 
-def _options(arg):
-    """``tiny`` and ``archs=<a>+<b>`` (comma-separated); archs is None when not given."""
-    tiny, archs = False, None
-    for option in arg.split(",") if arg else ():
-        field, sep, value = option.partition("=")
-        if option == "tiny":
-            tiny = True
-        elif sep and field == "archs":
-            archs = value.split("+")
-            unknown = sorted(set(archs) - set(ARCHITECTURES))
-            if unknown or not value:
-                raise ValueError(
-                    f"archs={value!r}: {unknown} not among {sorted(ARCHITECTURES)}; "
-                    "e.g. archs=mlp+cnn_cifar."
-                )
-        else:
-            raise ValueError(
-                f"Unknown config argument {arg!r}; use tiny and/or archs=<a>+<b>, comma-separated."
-            )
-    return tiny, archs
-
-
 def get_config(arg=None):
-    tiny, archs = _options(arg)
+    flags, values = config_args.parse(
+        arg, flags=("tiny",), fields={"archs": config_args.names(ARCHITECTURES)}
+    )
+    tiny, archs = "tiny" in flags, values.get("archs")
     chosen = {a: ARCHITECTURES[a] for a in archs or ARCHITECTURES}
     config = ml_collections.ConfigDict()
     config.name = "transfer: error-maximizing poisons across architectures (CIFAR-10)"

@@ -200,10 +200,15 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
     assert fast.victim.epochs == 20 and list(fast.objectives) == ["erm", "fast_at"]
     assert fast.objectives.fast_at.num_steps == 1
     assert fast.objectives.fast_at.step_size == pytest.approx(1.25 * 8 / 255)
+    held_out = load_config("defenses_cifar10", "family,val_size=250,objectives=erm")
+    assert held_out.data.val_size == 250 and family.data.val_size == 0
     for bad, match in (
-        ("sweep", "Unknown config argument"),
+        ("sweep", "sweep needs family"),
+        ("small,family", "exclude each other"),
+        ("family,epoch=20", "Unknown config argument .* epochs=<...>"),
         ("family,poisons=P9", "P9"),
         ("family,epochs=0", "epochs="),
+        ("family,val_size=x", "val_size="),
     ):
         with pytest.raises(ValueError, match=match):
             load_config("defenses_cifar10", bad)
