@@ -52,17 +52,19 @@ def _fmt(value):
 
 
 def _summary_rows(summary):
+    early = any("early_stopped_test_acc" in s for s in summary.values())
+    extra = " early-stopped acc (%) |" if early else ""
     rows = [
-        "| run | final acc (%) | peak acc (%) | peak epoch | epoch loss < thr | seeds |",
-        "|---|---|---|---|---|---|",
+        f"| run | final acc (%) | peak acc (%) |{extra} peak epoch | epoch loss < thr | seeds |",
+        "|---|---|---|---|---|---|" + "---|" * early,
     ]
     for name, s in summary.items():
-        f, p = s["final_test_acc"], s["peak_test_acc"]
-        rows.append(
-            f"| {name} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f} "
-            f"| {100 * p['mean']:.2f} ± {100 * p['std']:.2f} | {_fmt(s['peak_epoch'])} "
-            f"| {_fmt(s['epoch_loss_below_threshold'])} | {s['seeds']} |"
-        )
+        accs = [s["final_test_acc"], s["peak_test_acc"]]
+        if early:
+            accs.append(s.get("early_stopped_test_acc"))
+        cells = [summarize.percent(a) for a in accs]
+        cells += [_fmt(s["peak_epoch"]), _fmt(s["epoch_loss_below_threshold"]), str(s["seeds"])]
+        rows.append(f"| {name} | {' | '.join(cells)} |")
     return rows
 
 

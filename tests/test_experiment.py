@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxpoison import experiment
+from jaxpoison import experiment, report
+from jaxpoison.evaluation import summarize
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -118,6 +119,14 @@ def test_validation_split_gives_early_stopping_summary(tmp_path):
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]["poisoned"]
     assert summary["early_stopped_epoch"][0] in (1, 2)
     assert 0.0 <= summary["early_stopped_test_acc"]["mean"] <= 1.0
+    # The printed table and the report grow an early-stopped column, '-' for runs without one.
+    early = summarize.percent(summary["early_stopped_test_acc"])
+    other = {k: v for k, v in summary.items() if not k.startswith("early_stopped")}
+    lines = summarize.table({"poisoned": summary, "other": other})
+    assert "early-stopped" in lines and early in lines
+    assert lines.splitlines()[-1].split()[-2] == "-"
+    text = report.report([tmp_path]).read_text()
+    assert "early-stopped acc (%)" in text and early in text
 
 
 def test_config_evals_are_run_and_stored(tmp_path):

@@ -99,16 +99,18 @@ def _format(rows):
 
 
 def table(summary):
-    """A plain-text table: run, final and peak clean test accuracy (mean ± std, in %)."""
-    rows = [("run", "final test acc", "peak test acc", "seeds")]
+    """A plain-text table: run, final and peak clean test accuracy (mean ± std, in %), and the
+    early-stopped accuracy when runs held out a validation split."""
+    early = any("early_stopped_test_acc" in s for s in summary.values())
+    rows = [("run", "final test acc", "peak test acc", *(("early-stopped",) * early), "seeds")]
     for name, s in summary.items():
-        f, p = s["final_test_acc"], s["peak_test_acc"]
-        rows.append(
-            (
-                name,
-                f"{100 * f['mean']:.2f} ± {100 * f['std']:.2f}",
-                f"{100 * p['mean']:.2f} ± {100 * p['std']:.2f}",
-                str(s["seeds"]),
-            )
-        )
+        accs = [s["final_test_acc"], s["peak_test_acc"]]
+        if early:
+            accs.append(s.get("early_stopped_test_acc"))
+        rows.append((name, *(percent(a) for a in accs), str(s["seeds"])))
     return _format(rows)
+
+
+def percent(acc):
+    """``mean ± std`` in %, or ``-`` for a missing entry."""
+    return "-" if acc is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
