@@ -36,6 +36,7 @@ Options, comma-separated after the config path:
 * ``val_size=<n>``: hold out n (poisoned) training images, class-balanced, as a validation
   split; each run's summary then adds ``early_stopped_test_acc``, the clean test accuracy at
   the epoch of best validation accuracy (early stopping as a defense), beside peak and final.
+* ``warmup_epochs=<x>``: the victims' learning rate rises linearly from 0 over x epochs first.
 * ``tiny``: a smoke run.
 
 Expected: the measured ``family`` table of docs/defenses.md; the full table is not measured.
@@ -102,6 +103,7 @@ def _options(arg):
             "poisons": config_args.names(),
             "epochs": config_args.positive_int,
             "val_size": config_args.positive_int,
+            "warmup_epochs": config_args.positive_float,
         },
     )
     if {"small", "family"} <= options or ("sweep" in options) > ("family" in options):
@@ -131,6 +133,8 @@ def get_config(arg=None):
         config.victim.epochs = keep["epochs"]
     if "val_size" in keep:
         config.data.val_size = keep["val_size"]
+    if "warmup_epochs" in keep:
+        config.victim.optimizer.warmup_epochs = keep["warmup_epochs"]
     if "objectives" in keep:
         config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
     if "poisons" in keep:

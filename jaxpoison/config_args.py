@@ -48,6 +48,17 @@ def positive_int(field, value):
     return int(value)
 
 
+def positive_float(field, value):
+    """One positive number, e.g. ``warmup_epochs=2`` or ``0.5``."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise ValueError(f"{field}={value!r}: give one positive number, e.g. {field}=2.")
+    return number
+
+
 def positive_floats(field, value):
     """``+``-separated positive numbers, e.g. ``lambdas=1+6``, as a tuple of floats."""
     try:

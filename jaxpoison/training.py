@@ -55,16 +55,25 @@ def make_optimizer(
     decay_factor=0.1,
     name="sgd",
     eps_root=0.0,
+    warmup_epochs=0.0,
 ):
     """SGD with momentum (or Adam) and PyTorch-style coupled weight decay, with an lr schedule.
 
     Schedules: ``constant``; ``piecewise`` (multiply by `decay_factor` at the given fractions of
-    training); ``cosine`` (to zero at the end). `name` is ``sgd`` or ``adam`` (`momentum` and
+    training); ``cosine`` (to zero at the end). With `warmup_epochs` > 0 the rate first rises
+    linearly from 0 over that many epochs (fractions allowed), then follows the schedule over
+    the remaining steps. `name` is ``sgd`` or ``adam`` (`momentum` and
     `nesterov` apply to SGD only). `eps_root` (Adam only) is added under Adam's square root;
     differentiating *through* Adam steps (L2C's inner loop) needs it > 0, or the derivative of
     √v at v = 0 makes the meta-gradient NaN.
     """
-    total = max(1, epochs * steps_per_epoch)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if not 0 <= warmup < max(1, epochs * steps_per_epoch):
+        raise ValueError(
+            f"warmup_epochs={warmup_epochs} must be >= 0 and shorter than training "
+            f"({epochs} epochs)."
+        )
+    total = max(1, epochs * steps_per_epoch - warmup)
     if schedule == "constant":
         lr = learning_rate
     elif schedule == "piecewise":
@@ -75,6 +84,10 @@ def make_optimizer(
         lr = optax.cosine_decay_schedule(learning_rate, total)
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; use constant, piecewise or cosine.")
+    if warmup:
+        rise = optax.linear_schedule(0.0, learning_rate, warmup)
+        after = lr if callable(lr) else optax.constant_schedule(lr)
+        lr = optax.join_schedules([rise, after], [warmup])
     if name == "sgd":
         base = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
     elif name == "adam":

@@ -202,6 +202,8 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
     assert fast.objectives.fast_at.step_size == pytest.approx(1.25 * 8 / 255)
     held_out = load_config("defenses_cifar10", "family,val_size=250,objectives=erm")
     assert held_out.data.val_size == 250 and family.data.val_size == 0
+    warm = load_config("defenses_cifar10", "family,warmup_epochs=2")
+    assert warm.victim.optimizer.warmup_epochs == 2.0
     for bad, match in (
         ("sweep", "sweep needs family"),
         ("small,family", "exclude each other"),
@@ -209,6 +211,7 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
         ("family,poisons=P9", "P9"),
         ("family,epochs=0", "epochs="),
         ("family,val_size=x", "val_size="),
+        ("family,warmup_epochs=1+2", "one positive number"),
     ):
         with pytest.raises(ValueError, match=match):
             load_config("defenses_cifar10", bad)

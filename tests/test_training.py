@@ -193,3 +193,24 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
         assert a["runs"][run_name]["history"] == b["runs"][run_name]["history"]
     again = run(tmp_path / "a")  # a complete run says so and exits
     assert again.returncode == 0 and "complete" in again.stderr
+
+
+def test_warmup_rises_linearly_then_follows_the_schedule():
+    def rates(epochs=3, **kwargs):
+        tx = training.make_optimizer(
+            learning_rate=0.1, momentum=0, weight_decay=0, epochs=epochs, steps_per_epoch=4,
+            **kwargs,
+        )  # fmt: skip
+        state, out = tx.init(jnp.zeros(())), []
+        for _ in range(4 * epochs):
+            update, state = tx.update(jnp.ones(()), state, jnp.zeros(()))
+            out.append(-float(update))
+        return np.array(out)
+
+    warm = rates(schedule="cosine", warmup_epochs=1)
+    np.testing.assert_allclose(warm[:5], [0, 0.025, 0.05, 0.075, 0.1], atol=1e-7)
+    # After the warmup: the cosine schedule over the remaining 2 epochs.
+    np.testing.assert_allclose(warm[4:], rates(epochs=2, schedule="cosine"), atol=1e-7)
+    np.testing.assert_allclose(rates(schedule="constant", warmup_epochs=0.5)[2:], 0.1, atol=1e-7)
+    with pytest.raises(ValueError, match="warmup_epochs=3"):
+        rates(schedule="cosine", warmup_epochs=3)
