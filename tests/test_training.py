@@ -198,9 +198,13 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
 def test_warmup_rises_linearly_then_follows_the_schedule():
     def rates(epochs=3, **kwargs):
         tx = training.make_optimizer(
-            learning_rate=0.1, momentum=0, weight_decay=0, epochs=epochs, steps_per_epoch=4,
+            learning_rate=0.1,
+            momentum=0,
+            weight_decay=0,
+            epochs=epochs,
+            steps_per_epoch=4,
             **kwargs,
-        )  # fmt: skip
+        )
         state, out = tx.init(jnp.zeros(())), []
         for _ in range(4 * epochs):
             update, state = tx.update(jnp.ones(()), state, jnp.zeros(()))
