@@ -35,6 +35,25 @@ def test_cifar_cnn_has_the_papers_size():
     assert 385_000 < sum(p.size for p in jax.tree.leaves(params)) < 395_000
 
 
+def test_cifar_cnn_flatten_head_tells_the_halves_apart():
+    """On 32x32 the two heads are one network; on 64x32 'mean' sums the halves, 'flatten' not."""
+    mean, flat = (
+        models.make("cnn_cifar", num_classes=2, width=0.125, head=h) for h in "mean flatten".split()
+    )
+    square = models.init(mean, jax.random.key(0), (32, 32, 3))
+    x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+    np.testing.assert_allclose(mean.apply(square, x), flat.apply(square, x), rtol=1e-6)
+    tall = models.init(flat, jax.random.key(0), (64, 32, 3))
+    assert (
+        tall["params"]["Dense_0"]["kernel"].shape[0]
+        == 2 * square["params"]["Dense_0"]["kernel"].shape[0]
+    )
+    with pytest.raises(ValueError, match="head='max'"):
+        models.init(
+            models.make("cnn_cifar", num_classes=2, head="max"), jax.random.key(0), (32, 32, 3)
+        )
+
+
 @pytest.fixture(scope="module")
 def linear_model():
     """A fixed linear softmax model on 4x4x1 images: fast, with useful gradients."""

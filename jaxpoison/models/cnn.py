@@ -33,11 +33,17 @@ class CifarCNN(nn.Module):
     """Five 3x3 conv layers (32, 64, 128, 128, 128 channels), each ReLU + 2x2 max-pool, then FC.
 
     About 390k parameters at width 1: the CIFAR-10 classifier of Learning to Confuse.
+
+    `head` says how the last feature map reaches the FC layer: ``mean`` (global average
+    pooling) or ``flatten``. On 32x32 and 28x28 inputs the map is 1x1 and the two are the same
+    network. On larger inputs (MNIST-CIFAR's 64x32 leaves 2x1) ``mean`` adds the positions up,
+    so the FC layer cannot tell the image's halves apart; ``flatten`` keeps them apart.
     """
 
     num_classes: int
     width: float = 1.0
     channels: tuple = (32, 64, 128, 128, 128)
+    head: str = "mean"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -48,6 +54,11 @@ class CifarCNN(nn.Module):
             x = nn.relu(x)
             if x.shape[1] > 1:
                 x = max_pool(x, (2, 2), (2, 2))
-        x = jnp.mean(x, axis=(1, 2))
+        if self.head == "mean":
+            x = jnp.mean(x, axis=(1, 2))
+        elif self.head == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            raise ValueError(f"CifarCNN head={self.head!r}; use 'mean' or 'flatten'.")
         self.sow("intermediates", "features", x)  # penultimate features: models.features_fn
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
