@@ -52,6 +52,7 @@ def get_config(arg=None):
             num_steps=5,
             step_size=0.3,
             mask=_mnist_mask(),
+            epsilon_ramp=0.5,
         ),
     }
     config.loss_threshold = 0.1

@@ -347,6 +347,27 @@ def test_fat_dynamic_tau_follows_progress(setup):
     chex.clear_trace_counter()
 
 
+def test_pgd_at_epsilon_ramp_follows_progress(setup):
+    """With epsilon_ramp=0.5 the ball grows linearly to ε at half of training, in one compiled
+    program; after the ramp the loss is plain PGD-AT's with the same key."""
+    variables, batch, _, key = setup
+    chex.clear_trace_counter()
+    step = make_progress_step(objectives.make("pgd_at", epsilon_ramp=0.5, **FAST))
+    for progress, scale in [(0.0, 0.0), (0.1, 0.2), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)]:
+        _, aux = step(variables, _at(batch, progress), key)
+        delta = np.abs(np.asarray(aux["adversarial"] - batch["image"]))
+        assert delta.max() <= scale * EPS + 1e-6, progress
+        assert delta.max() >= 0.9 * scale * EPS, progress  # the search reaches the grown ball
+    chex.clear_trace_counter()
+    loss, _ = step(variables, _at(batch, 0.7), key)
+    ref, _ = jax.jit(lambda v, b, k: objectives.make("pgd_at", **FAST)(v, b, k, apply_fn=APPLY))(
+        variables, batch, key
+    )
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="epsilon_ramp=2"):
+        objectives.make("pgd_at", epsilon_ramp=2)
+
+
 def test_early_stopped_pgd_with_traced_tau_matches_loop(linear_problem):
     """τ as a traced argument (FAT's schedule): one compiled search, per-example loop results."""
     logits_fn, x, y, key = linear_problem[:4]

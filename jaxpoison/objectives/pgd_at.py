@@ -16,6 +16,7 @@ def make(
     random_start=True,
     attack_loss="cross_entropy",
     mask=None,
+    epsilon_ramp=0.0,
 ):
     """Returns the PGD-AT objective ``mean CE(f(x + delta*), y)``, delta* = PGD(max CE) in the ball.
 
@@ -33,6 +34,10 @@ def make(
       random_start: start from a uniform point of the ball (Madry et al.) or from zero.
       attack_loss: the loss PGD ascends, a name of `losses.LOSSES`.
       mask: optional pixel mask of the ball (e.g. the MNIST half of an MNIST-CIFAR image).
+      epsilon_ramp: fraction of training over which the radius (and the step size with it) rises
+        linearly from 0 to `epsilon`, read from ``batch['progress']`` inside the compiled step
+        (a curriculum: a large ball from the first step can collapse the network to a constant
+        output). 0 (the default) uses the full radius from the start.
 
     Returns:
       ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
@@ -44,25 +49,32 @@ def make(
       Training", NeurIPS.
     """
     tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+    if not 0 <= epsilon_ramp <= 1:
+        raise ValueError(f"epsilon_ramp={epsilon_ramp} must be a fraction of training in [0, 1].")
 
     def objective(variables, batch, key, *, apply_fn):
         x, y = batch["image"], batch["label"]
+        threat, step = tm, step_size
+        if epsilon_ramp:
+            progress = inner.progress_of(batch, name="pgd_at")
+            scale = jnp.minimum(jnp.float32(1), progress / jnp.float32(epsilon_ramp))
+            threat, step = tm.replace(epsilon=tm.epsilon * scale), step_size * scale
         loss_fn = attacks.model_loss(apply_fn, jax.lax.stop_gradient(variables), loss=attack_loss)
         delta = attacks.pgd(
             loss_fn,
             x,
             y,
             key=key,
-            threat=tm,
+            threat=threat,
             num_steps=num_steps,
-            step_size=step_size,
+            step_size=step,
             random_start=random_start,
         )
         x_adv = jax.lax.stop_gradient(x + delta)
         logits, model_state = apply_fn(variables, x_adv, train=True)
         loss = jnp.mean(losses.cross_entropy(logits, y))
         metrics = {"loss": loss, "accuracy": jnp.mean(losses.accuracy(logits, y))}
-        metrics |= inner.perturbation_metrics(tm, delta)
+        metrics |= inner.perturbation_metrics(threat, delta)
         return loss, {"model_state": model_state, "metrics": metrics, "adversarial": x_adv}
 
     return objective
