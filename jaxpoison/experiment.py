@@ -445,6 +445,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
     )
     if len(trained) >= 3:
         figures += speed.save_plots(results["learning_speed"]["runs"], workdir)
+    bars = plots.objective_bars(trained, workdir / "objectives.png", title=config.get("name", ""))
+    figures += [bars] if bars else []
     sweep_cfg = config.get("lambda_sweep")
     if sweep_cfg:
         sweep_cfg = plain(sweep_cfg)

@@ -81,3 +81,39 @@ def confusion_matrices(confusions, path, *, class_names=None, title=""):
         fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
     return path
+
+
+def objective_bars(summary, path, *, key="final_test_acc", title=""):
+    """The objective × training-set table as grouped bars: one group per training set, one bar
+    per objective, mean ± std over seeds (in %), the clean training set first. Runs are named
+    ``<objective>/<training set>``; `experiment.train_and_evaluate` writes ``objectives.png``.
+
+    Returns `path`, or None when the runs do not cross at least two objectives (nothing to
+    compare within a group).
+    """
+    cells = {tuple(name.split("/", 1)): s[key] for name, s in summary.items() if "/" in name}
+    objectives = list(dict.fromkeys(o for o, _ in cells))
+    sets = sorted(dict.fromkeys(t for _, t in cells), key=lambda t: t != "clean")  # clean first
+    if len(objectives) < 2:
+        return None
+    width = 0.8 / len(objectives)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(sets) * (1 + 0.3 * len(objectives))), 4.2))
+    for i, obj in enumerate(objectives):
+        xs = [j for j, t in enumerate(sets) if (obj, t) in cells]
+        acc = [cells[(obj, sets[j])] for j in xs]
+        ax.bar(
+            np.asarray(xs) + (i - (len(objectives) - 1) / 2) * width,
+            [100 * a["mean"] for a in acc],
+            width,
+            yerr=[100 * a["std"] for a in acc],
+            capsize=2,
+            label=obj,
+        )
+    ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+    return path

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import data, experiment, objectives, report, training
+from jaxpoison import data, experiment, objectives, plots, report, training
 from jaxpoison.evaluation import speed, tradeoff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,6 +227,10 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
         config.victim.checkpoint_every = 0
     results = experiment.train_and_evaluate(config, tmp_path / "run", progress=False)
     sweep = results["budget_sweep"]
+    # The objective x training-set table as bars; a single objective has nothing to compare.
+    assert (tmp_path / "run" / "objectives.png").stat().st_size > 0
+    erm_only = {k: v for k, v in results["summary"].items() if k.startswith("erm/")}
+    assert plots.objective_bars(erm_only, tmp_path / "none.png") is None
     assert set(sweep) == {"clean", "P5_random"}
     for train_set, points in sweep.items():
         assert [p["epsilon"] for p in points] == [0.0, pytest.approx(4 / 255)]
