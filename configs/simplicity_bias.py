@@ -25,8 +25,9 @@ epoch on the normal test set (``final_test_acc``) and on the MNIST-randomized te
 digits are shuffled across the test set (``final_mnist_randomized_acc``; 50% = the CIFAR half is
 not used at all).
 
-Expected (papers, not measured here): ST ≈100% / ≈50%; AT restricted to the MNIST half ≈ the
-accuracy of a CIFAR car-vs-truck classifier on both. Not measured yet at full size.
+Expected (papers): ST ≈100% / ≈50%; AT restricted to the MNIST half ≈ the accuracy of a CIFAR
+car-vs-truck classifier on both. Measured (docs/defenses.md): MLP ST 100 / 49.4%, AT 71.2 /
+67.8% (2 seeds); CNN ST 100 / 49.3%, AT 80.1 / 76.7% (1 seed).
 """
 
 import ml_collections
