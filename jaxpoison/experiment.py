@@ -445,8 +445,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
     )
     if len(trained) >= 3:
         figures += speed.save_plots(results["learning_speed"]["runs"], workdir)
-    bars = plots.objective_bars(trained, workdir / "objectives.png", title=config.get("name", ""))
-    figures += [bars] if bars else []
+    if len(objectives) > 1:  # run names then start with the objective's label
+        title = config.get("name", "")
+        bars = plots.objective_bars(trained, workdir / "objectives.png", title=title)
+        figures += [bars] if bars else []
     sweep_cfg = config.get("lambda_sweep")
     if sweep_cfg:
         sweep_cfg = plain(sweep_cfg)

@@ -52,19 +52,12 @@ def _fmt(value):
 
 
 def _summary_rows(summary):
-    early = any("early_stopped_test_acc" in s for s in summary.values())
-    extra = " early-stopped acc (%) |" if early else ""
-    rows = [
-        f"| run | final acc (%) | peak acc (%) |{extra} peak epoch | epoch loss < thr | seeds |",
-        "|---|---|---|---|---|---|" + "---|" * early,
-    ]
+    headers, cells = summarize.accuracy_columns(summary)
+    columns = ["run", *(f"{h} acc (%)" for h in headers), "peak epoch", "epoch loss < thr", "seeds"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, s in summary.items():
-        accs = [s["final_test_acc"], s["peak_test_acc"]]
-        if early:
-            accs.append(s.get("early_stopped_test_acc"))
-        cells = [summarize.percent(a) for a in accs]
-        cells += [_fmt(s["peak_epoch"]), _fmt(s["epoch_loss_below_threshold"]), str(s["seeds"])]
-        rows.append(f"| {name} | {' | '.join(cells)} |")
+        extra = [_fmt(s["peak_epoch"]), _fmt(s["epoch_loss_below_threshold"]), str(s["seeds"])]
+        rows.append(f"| {name} | {' | '.join(cells[name] + extra)} |")
     return rows
 
 

@@ -98,16 +98,22 @@ def _format(rows):
     return "\n".join(lines)
 
 
+def accuracy_columns(summary):
+    """Headers and per-run cells (``mean ± std`` in %) of the accuracy columns shared by the
+    printed table and the report: final, peak and, when any run held out a validation split,
+    early-stopped (``-`` for runs without one)."""
+    early = any("early_stopped_test_acc" in s for s in summary.values())
+    keys = ["final_test_acc", "peak_test_acc"] + ["early_stopped_test_acc"] * early
+    headers = ["final", "peak"] + ["early-stopped"] * early
+    return headers, {name: [percent(s.get(k)) for k in keys] for name, s in summary.items()}
+
+
 def table(summary):
     """A plain-text table: run, final and peak clean test accuracy (mean ± std, in %), and the
     early-stopped accuracy when runs held out a validation split."""
-    early = any("early_stopped_test_acc" in s for s in summary.values())
-    rows = [("run", "final test acc", "peak test acc", *(("early-stopped",) * early), "seeds")]
-    for name, s in summary.items():
-        accs = [s["final_test_acc"], s["peak_test_acc"]]
-        if early:
-            accs.append(s.get("early_stopped_test_acc"))
-        rows.append((name, *(percent(a) for a in accs), str(s["seeds"])))
+    headers, cells = accuracy_columns(summary)
+    rows = [("run", *(f"{h} test acc" for h in headers), "seeds")]
+    rows += [(name, *cells[name], str(s["seeds"])) for name, s in summary.items()]
     return _format(rows)
 
 
