@@ -8,10 +8,11 @@ r"""Transfer of error-maximizing poisons across architectures (issue 6): craftin
 
 On a class-balanced 2,500-image subset of shared/data/cifar10.npz (ℓ∞ 8/255), crafts one
 error-maximizing poison (PGD-20 ascent on a clean-trained surrogate, Fowl et al. 2021) with each
-of four crafting architectures, at CPU-sized widths: an MLP (2 × 256 units), the CIFAR CNN of
-Learning to Confuse (width 0.5), VGG-11 (BN, width 0.25) and ResNet-18 (width 0.25); beside them
+of five crafting architectures, at CPU-sized widths: an MLP (2 × 256 units), the CIFAR CNN of
+Learning to Confuse (width 0.5), VGG-11 (BN, width 0.25), ResNet-18 (width 0.25) and WRN-28-1
+(``wrn28_10`` at width 0.1); beside them
 Regions-4, which needs no crafting model, and the clean set. ``config.victims`` then trains every
-victim architecture (the same four) on every training set (2 seeds, 6 epochs, Adam), so runs are
+victim architecture (the same five) on every training set (2 seeds, 6 epochs, Adam), so runs are
 named ``<victim>/<training set>``.
 
 ``results['transfer']`` (`jaxpoison.evaluation.transfer`), printed and drawn as heat maps:
@@ -38,6 +39,7 @@ ARCHITECTURES = {
     "cnn_cifar": dict(name="cnn_cifar", width=0.5),
     "vgg11": dict(name="vgg11", width=0.25),
     "resnet18": dict(name="resnet18", width=0.25),
+    "wrn28": dict(name="wrn28_10", width=0.1),  # WRN-28-1
 }
 
 

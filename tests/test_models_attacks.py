@@ -35,6 +35,16 @@ def test_cifar_cnn_has_the_papers_size():
     assert 385_000 < sum(p.size for p in jax.tree.leaves(params)) < 395_000
 
 
+@pytest.mark.parametrize("width,size", [(1.0, 36.5e6), (0.1, 0.37e6)])
+def test_wide_resnet_has_the_papers_size(width, size):
+    """WRN-28-10 has 36.5M parameters (Zagoruyko & Komodakis, Table 5); width 0.1 is WRN-28-1."""
+    module = models.make("wrn28_10", num_classes=10, width=width)
+    variables = jax.eval_shape(lambda k: models.init(module, k, (32, 32, 3)), jax.random.key(0))
+    params = variables["params"]
+    assert abs(sum(p.size for p in jax.tree.leaves(params)) - size) < 0.01 * size
+    assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 16)  # the stem is never widened
+
+
 def test_cifar_cnn_flatten_head_tells_the_halves_apart():
     """On 32x32 the two heads are one network; on 64x32 'mean' sums the halves, 'flatten' not."""
     mean, flat = (

@@ -271,12 +271,12 @@ def ls_ok(results):
 def transfer_run(tmp_path_factory):
     """Two victim architectures × {clean, an MLP-crafted error-maximizing poison, P5}."""
     full = load_config("transfer", None)
-    assert set(full.victims) == {"mlp", "cnn_cifar", "vgg11", "resnet18"}
+    assert set(full.victims) == {"mlp", "cnn_cifar", "vgg11", "resnet18", "wrn28"}
     part = load_config("transfer", "archs=mlp+cnn_cifar")
     assert set(part.victims) == {"mlp", "cnn_cifar"}
     assert set(part.poisons) == {"em_mlp", "em_cnn_cifar", "regions4"}
-    with pytest.raises(ValueError, match="wrn"):
-        load_config("transfer", "archs=mlp+wrn")
+    with pytest.raises(ValueError, match="resnet34"):
+        load_config("transfer", "archs=mlp+resnet34")
     config = load_config("transfer")
     with config.unlocked():
         config.data.update(DIGITS)

@@ -92,7 +92,10 @@ class WideBlock(nn.Module):
 
 
 class WideResNet28(nn.Module):
-    """WRN-28-k: 4 blocks per stage, widening factor k (10 by default) times `width`."""
+    """WRN-28-k: 4 blocks per stage, widening factor k (10 by default) times `width`.
+
+    ``width=0.1`` is WRN-28-1 (stages of 16/32/64 channels), the CPU-sized member.
+    """
 
     num_classes: int
     widen_factor: int = 10
@@ -103,9 +106,8 @@ class WideResNet28(nn.Module):
     def __call__(self, x, train=False):
         x = x.astype(self.dtype)
         k = self.widen_factor * self.width
-        x = Conv(max(1, int(16 * self.width)), (3, 3), padding=1, use_bias=False, dtype=self.dtype)(
-            x
-        )
+        # The stem has 16 channels at every widening factor (Zagoruyko & Komodakis, Table 1).
+        x = Conv(16, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
         for i, ch in enumerate((16, 32, 64)):
             for j in range(4):
                 stride = 2 if i > 0 and j == 0 else 1
