@@ -117,6 +117,7 @@ def exact64():
                 "remat_every_step": dict(remat=True, checkpoint_segment=1),
                 "no_remat": dict(remat=False),
                 "truncated": dict(truncation=2),
+                "last_step_only": dict(truncation=1),  # one differentiated step: no loop
             }.items()
         }
         base = problems["remat"]
@@ -141,6 +142,7 @@ def exact64():
             out = {name: jax.grad(objective(p))(gen_params) for name, p in problems.items()}
             out["loop"] = jax.grad(reference(0))(gen_params)
             out["loop_truncated"] = jax.grad(reference(T - 2))(gen_params)
+            out["loop_last_step"] = jax.grad(reference(T - 1))(gen_params)
             out["values"] = (objective(base)(gen_params), reference(0)(gen_params))
             # Central finite difference along a random unit direction.
             flat, unravel = jax.flatten_util.ravel_pytree(gen_params)
@@ -173,6 +175,7 @@ def test_remat_does_not_change_the_gradient(exact64):
 
 def test_truncated_meta_gradient_equals_truncated_loop(exact64):
     _assert_tree_close(exact64["truncated"], exact64["loop_truncated"], 1e-10)
+    _assert_tree_close(exact64["last_step_only"], exact64["loop_last_step"], 1e-10)
 
 
 def test_meta_gradient_matches_finite_difference(exact64):

@@ -122,6 +122,11 @@ def _scan(body, carry, xs, *, remat, segment):
     activations are recomputed from its carry. Memory: ~(T/segment + segment) carries.
     """
     length = jax.tree.leaves(xs)[0].shape[0]
+    if length == 1:
+        # One step needs neither a loop (XLA:CPU compiles the convolutions of a loop body worse)
+        # nor remat (the step's residuals are live either way).
+        carry, y = body(carry, jax.tree.map(lambda a: a[0], xs))
+        return carry, jax.tree.map(lambda a: a[None], y)
     if not remat:
         return jax.lax.scan(body, carry, xs)
     body = jax.checkpoint(body)
