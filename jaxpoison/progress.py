@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+import jax
 from tqdm.auto import tqdm
 
 _LOG_FILE: Path | None = None
@@ -40,14 +41,34 @@ class ProgressBar:
             file=sys.stderr,
         )
         self._quiet = disable
+        self._pending, self._pending_n = None, 0
 
-    def update(self, n=1):
-        self._bar.update(n)
+    def update(self, n=1, *, pending=None):
+        """Advances the bar by `n` steps.
+
+        With `pending`, the outputs of the step just dispatched, steps are counted when they
+        have been computed rather than queued (JAX dispatches asynchronously, so a loop can run
+        far ahead of the device): the bar waits for the previous step's outputs, which still
+        lets JAX dispatch one step ahead.
+        """
+        if pending is None:
+            self._bar.update(n)
+            return
+        self._flush()
+        self._pending, self._pending_n = pending, n
+
+    def _flush(self):
+        if self._pending is not None:
+            jax.block_until_ready(self._pending)
+            self._bar.update(self._pending_n)
+            self._pending, self._pending_n = None, 0
 
     def set_postfix(self, **kwargs):
+        self._flush()
         self._bar.set_postfix(**kwargs)
 
     def log(self, message):
+        self._flush()
         if self._quiet:
             if _LOG_FILE is not None:
                 with _LOG_FILE.open("a") as f:
@@ -57,6 +78,7 @@ class ProgressBar:
             say(message)
 
     def close(self):
+        self._flush()
         with contextlib.suppress(Exception):
             self._bar.close()
 

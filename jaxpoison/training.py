@@ -465,7 +465,7 @@ class Trainer:
                     step_keys_fn(seed_keys, global_step),
                 )
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-                bar.update(1)
+                bar.update(1, pending=metrics)
             record = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
             for split in ("test", "val"):
                 x, y = getattr(train_data, f"x_{split}"), getattr(train_data, f"y_{split}")

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import data, training
+from jaxpoison import data, progress, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,3 +218,17 @@ def test_warmup_rises_linearly_then_follows_the_schedule():
     np.testing.assert_allclose(rates(schedule="constant", warmup_epochs=0.5)[2:], 0.1, atol=1e-7)
     with pytest.raises(ValueError, match="warmup_epochs=3"):
         rates(schedule="cosine", warmup_epochs=3)
+
+
+def test_progress_bar_counts_steps_once_computed():
+    """A step is counted when the next one is dispatched and its outputs are ready, not queued."""
+    bar = progress.ProgressBar(total=3, desc="test")
+    bar.update(1, pending=jnp.ones(3))
+    assert bar._bar.n == 0
+    bar.update(1, pending=jnp.ones(3) + 1)
+    assert bar._bar.n == 1
+    bar.set_postfix(loss="0.1")  # an epoch's end: everything dispatched is counted
+    assert bar._bar.n == 2
+    bar.update(1, pending=jnp.zeros(()))
+    bar.close()
+    assert bar._bar.n == 3

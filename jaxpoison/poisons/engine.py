@@ -83,7 +83,7 @@ def craft(
         for i in range(steps):
             state, metrics = step(state, images, labels, order[i], jax.random.fold_in(ekey, i + 1))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            bar.update(1)
+            bar.update(1, pending=metrics)
         record = {k: float(v) / steps for k, v in jax.device_get(sums).items()}
         for k, v in record.items():
             history.setdefault(k, []).append(v)
