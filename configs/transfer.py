@@ -4,7 +4,8 @@ r"""Transfer of error-maximizing poisons across architectures (issue 6): craftin
   (append :tiny to the config path for a smoke run; :archs=mlp+cnn_cifar keeps some
   architectures, as crafting models and as victims, so the matrix can be built in parts: move
   a part's results.json away and a later, larger run in the same workdir reuses its victims
-  and poisons)
+  and poisons; :victims=... sets the victims apart from the crafting models, e.g.
+  :archs=mlp+cnn_cifar,victims=mlp+cnn_cifar+wrn28)
 
 On a class-balanced 2,500-image subset of shared/data/cifar10.npz (ℓ∞ 8/255), crafts one
 error-maximizing poison (PGD-20 ascent on a clean-trained surrogate, Fowl et al. 2021) with each
@@ -45,10 +46,16 @@ ARCHITECTURES = {
 
 def get_config(arg=None):
     flags, values = config_args.parse(
-        arg, flags=("tiny",), fields={"archs": config_args.names(ARCHITECTURES)}
+        arg,
+        flags=("tiny",),
+        fields={
+            "archs": config_args.names(ARCHITECTURES),
+            "victims": config_args.names(ARCHITECTURES),
+        },
     )
     tiny, archs = "tiny" in flags, values.get("archs")
     chosen = {a: ARCHITECTURES[a] for a in archs or ARCHITECTURES}
+    victims = {a: ARCHITECTURES[a] for a in values.get("victims") or chosen}
     config = ml_collections.ConfigDict()
     config.name = "transfer: error-maximizing poisons across architectures (CIFAR-10)"
     config.seed = 0
@@ -87,7 +94,7 @@ def get_config(arg=None):
         checkpoint_every=3,
         optimizer=optimizer,
     )
-    config.victims = {arch: dict(model=dict(model)) for arch, model in chosen.items()}
+    config.victims = {arch: dict(model=dict(model)) for arch, model in victims.items()}
     # The crafting models: this spec with each poison's ``surrogate.model``.
     config.surrogate = dict(
         model=dict(ARCHITECTURES["cnn_cifar"]),

@@ -275,6 +275,8 @@ def transfer_run(tmp_path_factory):
     part = load_config("transfer", "archs=mlp+cnn_cifar")
     assert set(part.victims) == {"mlp", "cnn_cifar"}
     assert set(part.poisons) == {"em_mlp", "em_cnn_cifar", "regions4"}
+    apart = load_config("transfer", "archs=mlp,victims=mlp+wrn28")
+    assert set(apart.poisons) == {"em_mlp", "regions4"} and set(apart.victims) == {"mlp", "wrn28"}
     with pytest.raises(ValueError, match="resnet34"):
         load_config("transfer", "archs=mlp+resnet34")
     config = load_config("transfer")
