@@ -85,6 +85,26 @@ def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_cli_restarts_once_with_huge_pages(monkeypatch):
+    from jaxpoison import main
+
+    calls = []
+    monkeypatch.setattr(main.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(main.sys, "platform", "linux")
+    monkeypatch.setattr(main.sys, "argv", ["jaxpoison", "--config=c.py", "--workdir=w"])
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    main._reexec_with_huge_pages()
+    ((exe, argv, env),) = calls
+    assert argv == [exe, "-m", "jaxpoison.main", "--config=c.py", "--workdir=w"]
+    assert env["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])  # the restarted process
+    main._reexec_with_huge_pages()
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    monkeypatch.setenv("JAXPOISON_HUGE_PAGES", "0")
+    main._reexec_with_huge_pages()
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
