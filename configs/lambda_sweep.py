@@ -17,9 +17,10 @@ training *objective* on the clean set, while the substandard study varies the tr
 under standard training; the experiment trains every objective on every training set, so one
 config holding both would train 9 × 5 victims, 36 of them meaningless.
 
-Expected (docs/measurement.md, ``:lambdas=1+6``): R_hyp on D- falls from 88.6% (ST) to 69.0 /
-77.1% (TRADES / THRM, λ = 1), 45.4 / 51.1% (λ = 6) and 13.2% (PGD-AT); THRM does not beat TRADES
-at this size (the paper's point, THRM below TRADES at equal natural risk, is not reproduced).
+Expected (docs/measurement.md, this config): R_hyp on D- falls from 88.6% (ST) to 69.0 / 77.1%
+(TRADES / THRM, λ = 1), 61.5 / 61.8% (λ = 3), 45.4 / 51.1% (λ = 6), 40.8 / 38.1% (λ = 12) and
+13.2% (PGD-AT); THRM and TRADES trace one trade-off curve at this size (the paper's point, THRM
+below TRADES at equal natural risk, is not reproduced consistently).
 """
 
 import ml_collections
