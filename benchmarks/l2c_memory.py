@@ -186,29 +186,9 @@ def compare_with_torch(args):
     yt = torch.from_numpy(y.astype(np.int64))
     ce = torch.nn.functional.cross_entropy
 
-    def torch_step(i):
-        xb, yb = (
-            xt[i * args.batch : (i + 1) * args.batch],
-            yt[i * args.batch : (i + 1) * args.batch],
-        )
-        params = dict(clf.named_parameters())
-        loss = ce(clf(torch.clamp(xb + gen(xb), 0, 1)), yb)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        ahead = {k: p - 0.01 * g for (k, p), g in zip(params.items(), grads, strict=True)}
-        gen_opt.zero_grad()
-        (-ce(functional_call(clf, ahead, (xb,)), yb)).backward()
-        gen_opt.step()
-        with torch.no_grad():
-            noisy = torch.clamp(xb + frozen(xb), 0, 1)
-        clf_opt.zero_grad()
-        ce(clf(noisy), yb).backward()
-        clf_opt.step()
-
-    def torch_exact_step(i):
-        """The exact meta-step at T = 1: a fresh victim, one SGD step on the poisoned batch, the
-        clean loss of the stepped victim differentiated into the generator, an Adam step."""
-        xb, yb = xt[: args.batch], yt[: args.batch]
-        victim = _torch_models(args)[0]  # a fresh initialization, as each jaxpoison trial draws
+    def generator_step(victim, xb, yb):
+        """One SGD step of `victim` on the poisoned batch, kept in the graph; the stepped
+        victim's clean loss differentiated into the generator; an Adam step of the generator."""
         params = dict(victim.named_parameters())
         loss = ce(victim(torch.clamp(xb + gen(xb), 0, 1)), yb)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
@@ -216,6 +196,23 @@ def compare_with_torch(args):
         gen_opt.zero_grad()
         (-ce(functional_call(victim, stepped, (xb,)), yb)).backward()
         gen_opt.step()
+
+    def torch_step(i):
+        """Algorithm 2: the look-ahead generator step, then the victim's real step."""
+        xb, yb = (
+            xt[i * args.batch : (i + 1) * args.batch],
+            yt[i * args.batch : (i + 1) * args.batch],
+        )
+        generator_step(clf, xb, yb)
+        with torch.no_grad():
+            noisy = torch.clamp(xb + frozen(xb), 0, 1)
+        clf_opt.zero_grad()
+        ce(clf(noisy), yb).backward()
+        clf_opt.step()
+
+    def torch_exact_step(i):
+        """The exact meta-step at T = 1, on a fresh victim as each jaxpoison trial draws."""
+        generator_step(_torch_models(args)[0], xt[: args.batch], yt[: args.batch])
 
     workloads = [
         ("algorithm2 step (one-step look-ahead + victim step)", "algorithm2", steps, torch_step),
