@@ -192,7 +192,6 @@ def _lax_input_gradient(ct, w, in_hw, strides, pads):
     than outside it).
     """
     kh, kw = w.shape[:2]
-    # The barrier keeps XLA from folding the transpose back into the convolution's dimensions.
     w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     padding = []
     for (lo, _), k, s, n, n_out in zip(pads, (kh, kw), strides, in_hw, ct.shape[1:3], strict=True):
