@@ -25,9 +25,11 @@ named ``<victim>/<training set>``.
   (``attack_transfer.png``): how well the error-maximizing perturbations transfer as adversarial
   examples (the diagonal is white-box).
 
-Expected (docs/measurement.md, ``:archs=mlp+cnn_cifar+vgg11``): error-maximizing poisons take
-1-10 points at this size, most from the victim of their own architecture for the MLP and CNN;
-Regions-4 takes 19 points from VGG-11 (53.6 -> 34.4%). ResNet-18 is not measured yet.
+Expected (docs/measurement.md, ``:archs=mlp+cnn_cifar+vgg11+resnet18,victims=<all five>``):
+error-maximizing poisons take 1-13 points at this size, most from the victim of their own
+architecture for the MLP and CNN; the ResNet-18- and VGG-11-crafted ones are the weakest;
+Regions-4 takes 10-19 points from the deeper victims (VGG-11 53.6 -> 34.4%, ResNet-18
+45.3 -> 30.7%, WRN-28-1 45.3 -> 35.1%). WRN-28-1 as a crafting model is not measured.
 """
 
 import ml_collections
