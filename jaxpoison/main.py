@@ -58,9 +58,15 @@ def _reexec_with_huge_pages():
     os.execve(sys.executable, [sys.executable, "-m", "jaxpoison.main", *sys.argv[1:]], env)
 
 
-def run():
-    """Console-script entry point."""
+def cli():
+    """The ``jaxpoison`` command (and ``python -m jaxpoison.main``): `run` in a process whose
+    malloc asks for huge pages. Callers inside their own process use `run`."""
     _reexec_with_huge_pages()
+    run()
+
+
+def run():
+    """Runs the command line in ``sys.argv`` in this process."""
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from jaxpoison import report
 
@@ -86,4 +92,4 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-    run()
+    cli()
