@@ -115,6 +115,7 @@ def worker(args):
 
 
 def _torch_models(args):
+    """Constructors ``(victim(), generator())`` of the PyTorch twins of the jaxpoison networks."""
     import torch
     from torch import nn
 
@@ -163,7 +164,7 @@ def _torch_models(args):
                     h = nn.functional.leaky_relu(h, 0.2)
             return self.eps * torch.tanh(h[:, :, :28, :28])
 
-    return MnistCNN(args.width), Autoencoder(args.gen_width, 0.3)
+    return (lambda: MnistCNN(args.width)), (lambda: Autoencoder(args.gen_width, 0.3))
 
 
 def compare_with_torch(args):
@@ -177,8 +178,8 @@ def compare_with_torch(args):
     torch.set_num_threads(os.cpu_count() or 1)
     steps = args.torch_steps
     x, y = _mnist(steps * args.batch)
-    clf, gen = _torch_models(args)
-    frozen = _torch_models(args)[1]
+    new_victim, new_generator = _torch_models(args)
+    clf, gen, frozen = new_victim(), new_generator(), new_generator()
     frozen.load_state_dict(gen.state_dict())
     gen_opt = torch.optim.Adam(gen.parameters(), lr=1e-4)
     clf_opt = torch.optim.SGD(clf.parameters(), lr=0.01, momentum=args.momentum)
@@ -211,8 +212,8 @@ def compare_with_torch(args):
         clf_opt.step()
 
     def torch_exact_step(i):
-        """The exact meta-step at T = 1, on a fresh victim as each jaxpoison trial draws."""
-        generator_step(_torch_models(args)[0], xt[: args.batch], yt[: args.batch])
+        """The exact meta-step at T = 1, on a fresh victim (as each jaxpoison trial draws one)."""
+        generator_step(new_victim(), xt[: args.batch], yt[: args.batch])
 
     workloads = [
         ("algorithm2 step (one-step look-ahead + victim step)", "algorithm2", steps, torch_step),
