@@ -1,7 +1,9 @@
 r"""Learning to Confuse (exact meta-gradient) on MNIST, ℓ∞ ε = 0.3, untargeted.
 
   jaxpoison --config=configs/l2c_mnist.py --workdir=/tmp/l2c_mnist
-  (append :tiny to the config path for a smoke run; :cpu for the reduced run of docs/l2c.md)
+  (append :tiny to the config path for a smoke run; :cpu for the reduced run of docs/l2c.md;
+  victims=cnn_mnist+mlp+... trains victims of several architectures on the clean and the L2C
+  set, e.g. :cpu,victims=cnn_mnist+mlp+cnn_cifar+vgg11+resnet18 for the transfer study)
 
 The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each way, output
 0.3·tanh) is trained by the exact hypergradient of the clean loss of the L2C MNIST CNN after
@@ -17,10 +19,26 @@ full-size run has not been measured).
 
 import ml_collections
 
+from jaxpoison import config_args
+
+# Victim architectures of the transfer study (``victims=``), at CPU-sized widths; the L2C
+# crafting victim is ``cnn_mnist``.
+VICTIMS = {
+    "cnn_mnist": dict(name="cnn_mnist", width=1.0),
+    "mlp": dict(name="mlp", width=1.0),
+    "cnn_cifar": dict(name="cnn_cifar", width=0.5),
+    "vgg11": dict(name="vgg11", width=0.25),
+    "resnet18": dict(name="resnet18", width=0.25),
+}
+
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny", "cpu"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny or cpu or nothing.")
+    flags, values = config_args.parse(
+        arg, flags=("tiny", "cpu"), fields={"victims": config_args.names(VICTIMS)}
+    )
+    if len(flags) > 1:
+        raise ValueError(f"Config argument {arg!r}: choose one of tiny and cpu.")
+    arg = next(iter(flags), None)
     config = ml_collections.ConfigDict()
     config.name = "L2C exact, MNIST, linf 0.3"
     config.seed = 0
@@ -89,4 +107,10 @@ def get_config(arg=None):
         config.victim.epochs = 1
         config.victim.batch_size = 50
         config.victim.num_seeds = 1
+    if "victims" in values:
+        scale = 0.25 if arg == "tiny" else 1.0
+        config.victims = {
+            name: dict(model=dict(VICTIMS[name], width=VICTIMS[name]["width"] * scale))
+            for name in values["victims"]
+        }
     return config

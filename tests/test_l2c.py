@@ -342,3 +342,31 @@ def test_registry_and_noise_accuracy():
         return jnp.stack([-m, m], -1), variables
 
     assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
+
+
+def test_config_victims_option_sets_the_transfer_study():
+    import importlib.util
+    from pathlib import Path
+
+    from jaxpoison.evaluation import transfer
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {}
+    for name in ("l2c_mnist", "l2c_mnist_label_specific"):
+        spec = importlib.util.spec_from_file_location(name, configs / f"{name}.py")
+        loaded[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded[name])
+    config = loaded["l2c_mnist"].get_config("cpu,victims=cnn_mnist+resnet18")
+    assert config.data.num_train == 10000  # the :cpu run, whose poison the study reuses
+    assert {k: v.model.to_dict() for k, v in config.victims.items()} == {
+        "cnn_mnist": {"name": "cnn_mnist", "width": 1.0},
+        "resnet18": {"name": "resnet18", "width": 0.25},
+    }
+    tiny = loaded["l2c_mnist_label_specific"].get_config("tiny,victims=mlp")
+    assert tiny.poisons.l2c.label_specific and tiny.victims.mlp.model.width == 0.25
+    assert "victims" not in loaded["l2c_mnist"].get_config(None)
+    # The transfer table names the architecture that crafted the poison: the L2C victim.
+    assert transfer.crafting_architecture(config.to_dict(), "l2c") == "cnn_mnist"
+    for bad, match in (("victims=lenet", "lenet"), ("tiny,cpu", "one of tiny and cpu")):
+        with pytest.raises(ValueError, match=match):
+            loaded["l2c_mnist"].get_config(bad)

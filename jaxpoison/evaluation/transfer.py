@@ -28,7 +28,8 @@ def crafting_architecture(config, run):
 
     Poisons of `poisons.REQUIRES_MODEL` are crafted with the surrogate (``config.surrogate``,
     updated by the spec's ``surrogate``); poisons that train their own model (error-minimizing)
-    name it in the spec's ``model``; the others (class-wise noise, ...) use no model.
+    name it in the spec's ``model``, Learning to Confuse its crafting ``victim``; the others
+    (class-wise noise, ...) use no model.
     """
     spec = config.get("poisons", {}).get(run)
     if spec is None:
@@ -37,7 +38,7 @@ def crafting_architecture(config, run):
         model = dict(config.get("surrogate", {}).get("model", {}))
         model.update(spec.get("surrogate", {}).get("model", {}))
         return model.get("name")
-    return spec.get("model", {}).get("name")
+    return spec.get("model", spec.get("victim", {})).get("name")
 
 
 def accuracy_matrix(runs, summary):
