@@ -1,11 +1,15 @@
 r"""A/B of `jaxpoison.ops` formulations on whole workloads: the current ops against the ops with
-the tiny-image dense-matrix path switched off (the formulation before it), interleaved, medians.
+one formulation switched off (the code before it), interleaved, medians.
 
     python benchmarks/ops_ab.py --models=cnn_cifar,vgg11 --workloads=train,pgd --reps=5
+    python benchmarks/ops_ab.py --switch=dw_chunk --models=resnet18@0.25 --workloads=train
 
-The switch is read when a function is traced, so both variants are compiled in one process and
-timed in alternation (the CPU is shared; alternation exposes both to the same load). The
-jaxpoison train step here is `Trainer.train_step` jitted for one seed; PGD is `attacks.pgd`.
+``--switch``: ``dense`` (the tiny-image dense-matrix path, `ops._DENSE_MAX_ELEMENTS`) or
+``dw_chunk`` (the kernel gradient's patch matrix built per cache-sized chunk of the batch,
+`ops._DW_CHUNK_ELEMENTS`). The switch is read when a function is traced, so both variants are
+compiled in one process and timed in alternation (the CPU is shared; alternation exposes both
+to the same load). The jaxpoison train step here is `Trainer.train_step` jitted for one seed;
+PGD is `attacks.pgd`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from jaxpoison import attacks, models, objectives, ops, threat, training
 
 BATCH = 128
 SHAPE = (32, 32, 3)
+# --switch: the `jaxpoison.ops` constant that turns a formulation off when set to 0.
+SWITCHES = {"dense": "_DENSE_MAX_ELEMENTS", "dw_chunk": "_DW_CHUNK_ELEMENTS"}
 
 
 def build(name, width, workload):
@@ -73,17 +79,19 @@ def main(argv=None):
     p.add_argument("--models", default="cnn_cifar,vgg11", help="comma list of name[@width]")
     p.add_argument("--workloads", default="train,pgd")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--switch", default="dense", choices=sorted(SWITCHES))
     args = p.parse_args(argv)
-    default = ops._DENSE_MAX_ELEMENTS
+    switch = SWITCHES[args.switch]
+    default = getattr(ops, switch)
     for spec in args.models.split(","):
         name, _, width = spec.partition("@")
         width = float(width) if width else 1.0
         for workload in args.workloads.split(","):
             fns = {}
-            for variant, cap in (("before", 0), ("dense", default)):
-                ops._DENSE_MAX_ELEMENTS = cap
+            for variant, value in (("before", 0), ("now", default)):
+                setattr(ops, switch, value)
                 fns[variant] = build(name, width, workload)
-            ops._DENSE_MAX_ELEMENTS = default
+            setattr(ops, switch, default)
             load = os.getloadavg()[0]
             times = {k: [] for k in fns}
             for f in fns.values():
@@ -98,13 +106,14 @@ def main(argv=None):
                 "model": spec,
                 "workload": workload,
                 "before_s": med["before"],
-                "dense_s": med["dense"],
-                "speedup": med["before"] / med["dense"],
+                "switch": args.switch,
+                "now_s": med["now"],
+                "speedup": med["before"] / med["now"],
                 "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
                 "load1": (round(load, 2), round(os.getloadavg()[0], 2)),
             }
             print(
-                f"{spec:14} {workload:6} before {med['before']:8.3f} s  now {med['dense']:8.3f} s"
+                f"{spec:14} {workload:6} before {med['before']:8.3f} s  now {med['now']:8.3f} s"
                 f"  speedup {rec['speedup']:5.2f}x  load {rec['load1']}"
             )
             print("JSON " + json.dumps(rec), flush=True)

@@ -73,6 +73,10 @@ def test_conv_values_and_gradients(x_shape, w_shape, strides, padding, path):
 def test_conv_second_order(x_shape, w_shape, strides, padding, path):
     """d/dx and d/dw of <grad_w loss, v> and of <grad_x loss, u> (the terms of meta-gradients)."""
     del path
+    _second_order_matches_lax(x_shape, w_shape, strides, padding)
+
+
+def _second_order_matches_lax(x_shape, w_shape, strides, padding):
     x, w = _arrays(x_shape, w_shape, seed=1)
     u = jax.random.normal(jax.random.key(2), x.shape)
     v = jax.random.normal(jax.random.key(3), w.shape)
@@ -111,6 +115,23 @@ def test_kernel_gradient_matches_lax():
     ct = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
     _, vjp = jax.vjp(lambda b: _lax_conv(x, b, (1, 1), pads), w)
     _close(ops.kernel_gradient(x, ct, (3, 3), (1, 1), pads), vjp(ct)[0], scale=10)
+
+
+def test_kernel_gradient_in_batch_chunks(monkeypatch):
+    """Built chunk by chunk of the batch (a scan), the patch matrix gives the one-matrix result,
+    for first- and second-order gradients."""
+    x, w = _arrays((6, 9, 9, 4), (3, 3, 4, 6))
+    pads = ((1, 1), (1, 1))
+    ct = jax.random.normal(jax.random.key(5), (6, 5, 5, 6))
+    whole = ops.kernel_gradient(x, ct, (3, 3), (2, 2), pads)
+    per_example = 5 * 5 * 9 * 4
+    monkeypatch.setattr(ops, "_DW_CHUNK_ELEMENTS", 2 * per_example)
+    assert [ops._examples_per_chunk(b, per_example) for b in (2, 6, 7, 8)] == [2, 2, 1, 2]
+    chunked = jax.jit(ops.kernel_gradient, static_argnums=(2, 3, 4))
+    hlo = chunked.lower(x, ct, (3, 3), (2, 2), pads).as_text()
+    assert "while" in hlo  # the chunks really are a loop
+    _close(chunked(x, ct, (3, 3), (2, 2), pads), whole)
+    _second_order_matches_lax((6, 9, 9, 4), (3, 3, 4, 6), (2, 2), pads)
 
 
 def test_unplain_convolutions_fall_back_to_lax():
