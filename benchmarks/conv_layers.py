@@ -3,14 +3,17 @@ jaxpoison (`jaxpoison.ops`), plain `jax.lax`, and PyTorch (oneDNN), interleaved,
 
     python benchmarks/conv_layers.py --model=cnn_cifar --reps=5
     python benchmarks/conv_layers.py --model=vgg11 --batch=128 --parts=fwd,dx,dw
+    python benchmarks/conv_layers.py --model=resnet18_w025 --parts=dw --impls=ops@0,ops@19,torch
     taskset -c 0 python benchmarks/conv_layers.py ...   # one core: less noise on a shared CPU
 
 Each row is one 3x3 SAME convolution of the model at CIFAR shapes (batch 128 by default) and
 reports milliseconds and GFLOP/s (2 x multiply-adds / time) of each part. ``dw`` for
-jaxpoison is `ops.kernel_gradient`; for lax it is the kernel half of `jax.vjp` of
-`lax.conv_general_dilated`; for torch it is `aten.convolution_backward` with only the weight
-output requested (likewise ``dx``). ``pool`` is a 2x2 max-pool forward + backward on the conv's
-output. One JSON line per measurement (prefix ``JSON ``).
+jaxpoison is `ops.kernel_gradient`; ``ops@k`` is jaxpoison with its patch matrix built per
+chunk of 2^k elements (`ops._DW_CHUNK_ELEMENTS`; ``ops@0``: one matrix for the whole
+batch); for lax it is the kernel half of `jax.vjp` of `lax.conv_general_dilated`; for torch
+it is `aten.convolution_backward` with only the weight output requested (likewise ``dx``).
+``pool`` is a 2x2 max-pool forward + backward on the conv's output. One JSON line per
+measurement (prefix ``JSON ``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ LAYERS = {
         (2, 512, 512),
         (2, 512, 512),
     ],
+    "resnet18_w025": [(32, 3, 16), (32, 16, 16), (16, 32, 32), (8, 64, 64), (4, 128, 128)],
 }
 
 
@@ -58,7 +62,9 @@ def _time(fn, reps):
 
 
 def jax_parts(x, w, which):
-    """Zero-argument callables for each part, for jaxpoison ops ('ops') or plain lax ('lax')."""
+    """Zero-argument callables for each part, for jaxpoison ops ('ops', 'ops@k') or plain lax
+    ('lax'), compiled here (so with the ops settings of the moment)."""
+    which = "ops" if which.startswith("ops") else which
     pads = ((1, 1), (1, 1))
     conv = (
         (lambda a, b: ops.conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=NHWC))
@@ -153,7 +159,11 @@ def main(argv=None):
         w = rng.standard_normal((3, 3, cin, cout), np.float32) * 0.1
         flop = 2 * args.batch * hw * hw * 9 * cin * cout
         fns = {}
+        default_chunk = ops._DW_CHUNK_ELEMENTS
         for impl in impls:
+            if impl.startswith("ops@"):
+                exponent = int(impl[4:])
+                ops._DW_CHUNK_ELEMENTS = 2**exponent if exponent else 0
             ps = (
                 torch_parts(torch, x, w)
                 if impl == "torch"
@@ -164,6 +174,7 @@ def main(argv=None):
                     continue
                 fns[(impl, q)] = ps[q]
                 ps[q]()  # compile / warm up
+            ops._DW_CHUNK_ELEMENTS = default_chunk
         times = {k: [] for k in fns}
         for _ in range(args.reps):
             for k, f in fns.items():
