@@ -37,6 +37,8 @@ Options, comma-separated after the config path:
   split; each run's summary then adds ``early_stopped_test_acc``, the clean test accuracy at
   the epoch of best validation accuracy (early stopping as a defense), beside peak and final.
 * ``warmup_epochs=<x>``: the victims' learning rate rises linearly from 0 over x epochs first.
+* ``gairat_begin=<f>``: GAIRAT trains as plain PGD-AT (equal weights) for the first fraction f
+  of training, then reweights (the reference's burn-in: ``--begin_epoch 60`` of 120).
 * ``tiny``: a smoke run.
 
 Expected: the measured ``family`` table of docs/defenses.md; the full table is not measured.
@@ -104,8 +106,14 @@ def _options(arg):
             "epochs": config_args.positive_int,
             "val_size": config_args.positive_int,
             "warmup_epochs": config_args.positive_float,
+            "gairat_begin": config_args.positive_float,
         },
     )
+    if not keep.get("gairat_begin", 0.5) < 1:
+        raise ValueError(
+            f"gairat_begin={keep['gairat_begin']}: give the fraction of training before GAIRAT's "
+            "reweighting starts, in (0, 1), e.g. gairat_begin=0.5."
+        )
     if {"small", "family"} <= options or ("sweep" in options) > ("family" in options):
         raise ValueError(
             f"Config argument {arg!r}: small and family exclude each other, and sweep needs "
@@ -135,6 +143,10 @@ def get_config(arg=None):
         config.data.val_size = keep["val_size"]
     if "warmup_epochs" in keep:
         config.victim.optimizer.warmup_epochs = keep["warmup_epochs"]
+    if "gairat_begin" in keep:
+        if "gairat" not in config.objectives:
+            raise ValueError(f"Config argument {arg!r}: gairat_begin needs the gairat objective.")
+        config.objectives.gairat.begin = keep["gairat_begin"]
     if "objectives" in keep:
         config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
     if "poisons" in keep:

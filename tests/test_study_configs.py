@@ -204,6 +204,8 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
     assert held_out.data.val_size == 250 and family.data.val_size == 0
     warm = load_config("defenses_cifar10", "family,warmup_epochs=2")
     assert warm.victim.optimizer.warmup_epochs == 2.0
+    burn_in = load_config("defenses_cifar10", "family,gairat_begin=0.5,objectives=erm+gairat")
+    assert burn_in.objectives.gairat.begin == 0.5 and "begin" not in warm.objectives.gairat
     for bad, match in (
         ("sweep", "sweep needs family"),
         ("small,family", "exclude each other"),
@@ -212,6 +214,8 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
         ("family,epochs=0", "epochs="),
         ("family,val_size=x", "val_size="),
         ("family,warmup_epochs=1+2", "one positive number"),
+        ("family,gairat_begin=1.5", "in \\(0, 1\\)"),
+        ("family,sweep,gairat_begin=0.5", "needs the gairat objective"),
     ):
         with pytest.raises(ValueError, match=match):
             load_config("defenses_cifar10", bad)
