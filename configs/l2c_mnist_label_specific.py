@@ -8,7 +8,8 @@ generator minimises the victim's clean loss toward η(y) = y + 1 mod 10 after T 
 The experiment reports clean test accuracy (which should fall); the fraction of test images
 classified as η(y) is what the attack aims at.
 
-Expected: not measured yet (see docs/l2c.md).
+Expected (docs/l2c.md, :cpu): 95.05% -> 88.90% clean accuracy, 1.2% of test images predicted
+as y + 1 (0.2% on clean data); the full config is not measured.
 """
 
 import importlib.util
