@@ -109,7 +109,7 @@ def _options(arg):
             "gairat_begin": config_args.positive_float,
         },
     )
-    if not keep.get("gairat_begin", 0.5) < 1:
+    if keep.get("gairat_begin", 0) >= 1:
         raise ValueError(
             f"gairat_begin={keep['gairat_begin']}: give the fraction of training before GAIRAT's "
             "reweighting starts, in (0, 1), e.g. gairat_begin=0.5."
