@@ -9,7 +9,8 @@ Objectives (``objectives.OBJECTIVES``): ST (erm), random noise, PGD-AT, TRADES (
 (λ = 6), MART (β = 6), FAT (τ = 0), GAIRAT (λ = -1); the defender's inner search uses 10 steps of
 2/255 (Madry et al.). Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
 hypocritical, P5 class-wise random noise, error-minimizing noise and Regions-4, crafted with the
-settings of configs/poisons/_common.py (one place for crafting settings); poisons not registered
+settings of configs/poisons/_common.py (one place for crafting settings), and Learning to Confuse
+(run ``L2C``, the generator of configs/l2c_cifar10.py at its ε = 0.032); poisons not registered
 in ``poisons.POISONS`` at run time are left out, so the table grows as the registry does.
 ``summary`` is keyed ``<objective>/<poison>`` (``clean`` for the unpoisoned training set).
 
@@ -23,7 +24,9 @@ Options, comma-separated after the config path:
 * ``family``: the data, victim and crafting settings of configs/poison_family.py (2,500-image
   subset, CNN width 0.5, Adam, 6 epochs, 3 seeds, the same poison specs), so the poison
   artifacts and surrogate of a poison_family workdir can be copied in and reused (their
-  fingerprints match); defender inner search 5 steps of 2/255.
+  fingerprints match); defender inner search 5 steps of 2/255. Its ``L2C`` run is the measured
+  generator of docs/l2c.md (configs/l2c_cifar10.py:cpu with Algorithm 2 and 32 crafting epochs),
+  so that workdir's ``poison/l2c`` can be copied in as ``poison/L2C``.
 * ``family`` also offers ``fast_at``: PGD-AT with one step of 1.25 ε_def from a uniform start
   (FGSM-RS, Wong et al. 2020), a third of the 5-step cost, so AT can train for the 20+ epochs
   it needs at this size (5-step PGD-AT at 8/255 reaches 16% clean accuracy in 6 epochs).
@@ -94,6 +97,20 @@ def _common():
 def _specs():
     module = _common()
     return module.SPECS, module.TINY
+
+
+def _l2c_spec(arg, **overrides):
+    """The ``l2c`` poison of configs/l2c_cifar10.py (with `arg`), carrying its own ε = 0.032."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "l2c_cifar10.py"
+    spec = importlib.util.spec_from_file_location("jaxpoison_configs_l2c_cifar10", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    l2c_config = module.get_config(arg)
+    l2c = dict(l2c_config.poisons.l2c)
+    l2c.update(overrides, threat=dict(l2c_config.threat))
+    return l2c
 
 
 def _options(arg):
@@ -172,6 +189,10 @@ def _family_config(options):
         title="defenses x poisons, CIFAR-10 subset, poison_family settings (linf 8/255)",
     )
     config.poisons = {run: dict(config.poisons[key]) for run, key in POISON_RUNS.items()}
+    if "tiny" in options:
+        config.poisons.L2C = _l2c_spec("tiny")
+    else:
+        config.poisons.L2C = _l2c_spec("cpu", method="algorithm2", num_epochs=32)
     config.defender_epsilon = ml_collections.FieldReference(8 / 255)
     steps, size = (2, 4 / 255) if "tiny" in options else (5, 2 / 255)
     epsilon = config.get_ref("defender_epsilon")
@@ -211,6 +232,7 @@ def _own_config(options):
     config.defender_epsilon = ml_collections.FieldReference(8 / 255)
     config.include_clean = True
     config.poisons = {run: dict(specs[key]) for run, key in POISON_RUNS.items()}
+    config.poisons.L2C = _l2c_spec(None)
     config.objectives = _objectives(config.get_ref("defender_epsilon"), 10, 2 / 255)
     config.loss_threshold = 0.5
     optimizer = dict(learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")

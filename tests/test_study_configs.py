@@ -196,6 +196,10 @@ def test_defenses_config_options_and_budget_sweep(tmp_path):
     assert family.data.num_train == 2500 and family.victim.num_seeds == 3
     assert list(family.poisons) == ["regions4"] and family.include_clean
     assert list(family.objectives) == ["erm", "pgd_at"]
+    # L2C: the generator measured in docs/l2c.md, at its own ε, so its artifact can be copied in.
+    l2c = load_config("defenses_cifar10", "family").poisons.L2C
+    assert (l2c.method, l2c.num_epochs, l2c.generator.width) == ("algorithm2", 32, 0.5)
+    assert l2c.threat.epsilon == 0.032 and full.poisons.L2C.generator.width == 1.0
     fast = load_config("defenses_cifar10", "family,epochs=20,objectives=erm+fast_at")
     assert fast.victim.epochs == 20 and list(fast.objectives) == ["erm", "fast_at"]
     assert fast.objectives.fast_at.num_steps == 1
