@@ -20,31 +20,94 @@ test set.
 the probe's clean test accuracy; ``pretext_final_test_acc`` the rotation accuracy on clean test
 images.
 
-Expected (paper, not measured here): the poisons hurt the probe of the ST-pretext model far less
-than they hurt supervised ST, and the AT pretext less still. Not measured yet at full size.
+Options, comma-separated after the config path:
+
+* ``family``: the 2,500-image subset, poison specs and surrogate of configs/poison_family.py, so
+  a poison_family workdir's artifacts (``poison/<SPECS key>`` copied to ``poison/<run name>``)
+  and ``checkpoints/surrogate`` are reused; training sets clean, P3, class-wise
+  error-minimizing noise and Regions-4, the poisons that take most from supervised ST there
+  (docs/defenses.md); test on its 1,000 test images.
+* ``objectives=<a>+<b>`` among ``st``, ``at`` and ``fast_at`` (the AT pretext with one step of
+  1.25 ε from a uniform start, FGSM-RS, a third of the 5-step cost); ``poisons=<a>+<b>`` (with
+  ``clean``) to keep some training sets; ``epochs=<n>``.
+* ``tiny``: a smoke run.
+
+Expected (paper): the poisons hurt the probe of the ST-pretext model far less than they hurt
+supervised ST, and the AT pretext less still. Measured with ``family``: docs/defenses.md.
 """
 
 from pathlib import Path
 
 import ml_collections
 
+from jaxpoison import config_args
+
 POISON_RUNS = {"P5_random": "random", "regions4": "regions"}
+# The `family` training sets: those that take most from supervised ST on that subset.
+FAMILY_POISON_RUNS = {
+    "P3_universal_adversarial": "universal_adversarial",
+    "error_minimizing_class_wise": "error_minimizing_class_wise",
+    "regions4": "regions",
+}
 
 
-def _specs():
+def _common():
     import importlib.util
 
     path = Path(__file__).resolve().parent / "poisons" / "_common.py"
     spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SPECS
+    return module
+
+
+def _keep(table, chosen, what):
+    missing = sorted(set(chosen) - set(table))
+    if missing:
+        raise ValueError(f"{what}={'+'.join(chosen)}: {missing} not among {sorted(table)}.")
+    return {k: v for k, v in table.items() if k in chosen}
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"Unknown config argument {arg!r}; use ':tiny' or nothing.")
-    specs = _specs()
+    options, keep = config_args.parse(
+        arg,
+        flags=("tiny", "family"),
+        fields={
+            "objectives": config_args.names(),
+            "poisons": config_args.names(),
+            "epochs": config_args.positive_int,
+        },
+    )
+    config = _config("tiny" in options)
+    if "family" in options:
+        _to_family(config, tiny="tiny" in options)
+    if "epochs" in keep:
+        config.victim.epochs = keep["epochs"]
+    if "objectives" in keep:
+        config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
+    if "poisons" in keep:
+        config.include_clean = "clean" in keep["poisons"]
+        chosen = [p for p in keep["poisons"] if p != "clean"]
+        config.poisons = _keep(dict(config.poisons), chosen, "poisons")
+    return config
+
+
+def _to_family(config, *, tiny):
+    """poison_family's data, poison specs and surrogate (its artifacts can be copied in)."""
+    family = _common().get_config(
+        tuple(FAMILY_POISON_RUNS.values()), "tiny" if tiny else None, title=config.name
+    )
+    config.data = dict(family.data, crop_padding=4)
+    config.poisons = {run: dict(family.poisons[key]) for run, key in FAMILY_POISON_RUNS.items()}
+    config.surrogate = family.surrogate
+    if not tiny:
+        config.victim.eval_batch_size = 500
+        config.ssl.pretext_test_size = 1000
+        config.ssl.feature_batch_size = 500
+
+
+def _config(tiny):
+    specs = _common().SPECS
     config = ml_collections.ConfigDict()
     config.experiment = "rotation_ssl"
     config.name = "rotation SSL (ST / AT pretext) + linear probe, CIFAR-10 (linf 8/255)"
@@ -58,6 +121,9 @@ def get_config(arg=None):
     config.objectives = {
         "st": dict(name="erm"),
         "at": dict(name="pgd_at", norm="linf", epsilon=8 / 255, num_steps=5, step_size=2 / 255),
+        "fast_at": dict(
+            name="pgd_at", norm="linf", epsilon=8 / 255, num_steps=1, step_size=1.25 * 8 / 255
+        ),
     }
     config.loss_threshold = 0.5
     config.victim = dict(
@@ -75,12 +141,13 @@ def get_config(arg=None):
         feature_batch_size=1000,
         probe=dict(num_steps=500, learning_rate=0.05, weight_decay=5e-4),
     )
-    if arg == "tiny":
+    if tiny:
         config.data.num_train = 200
         config.data.num_test = 100
         config.poisons = {"regions4": dict(specs["regions"])}
         config.objectives.at.num_steps = 2
         config.objectives.at.step_size = 4 / 255
+        del config.objectives["fast_at"]
         config.victim.model.width = 0.125
         config.victim.epochs = 1
         config.victim.batch_size = 50
