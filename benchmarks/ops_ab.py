@@ -4,12 +4,13 @@ one formulation switched off (the code before it), interleaved, medians.
     python benchmarks/ops_ab.py --models=cnn_cifar,vgg11 --workloads=train,pgd --reps=5
     python benchmarks/ops_ab.py --switch=dw_chunk --models=resnet18@0.25 --workloads=train
 
-``--switch``: ``dense`` (the tiny-image dense-matrix path, `ops._DENSE_MAX_ELEMENTS`) or
+``--switch``: ``dense`` (the tiny-image dense-matrix path, `ops._DENSE_MAX_ELEMENTS`),
 ``dw_chunk`` (the kernel gradient's patch matrix built per cache-sized chunk of the batch,
-`ops._DW_CHUNK_ELEMENTS`). The switch is read when a function is traced, so both variants are
-compiled in one process and timed in alternation (the CPU is shared; alternation exposes both
-to the same load). The jaxpoison train step here is `Trainer.train_step` jitted for one seed;
-PGD is `attacks.pgd`.
+`ops._DW_CHUNK_ELEMENTS`) or ``onednn`` (the oneDNN kernels of `jaxpoison.onednn` against the
+XLA formulation, `ops.set_conv_backend`). The switch is read when a function is traced, so both
+variants are compiled in one process and timed in alternation (the CPU is shared; alternation
+exposes both to the same load). The jaxpoison train step here is `Trainer.train_step` jitted for
+one seed; PGD is `attacks.pgd`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from jaxpoison import attacks, models, objectives, ops, threat, training
 
 BATCH = 128
 SHAPE = (32, 32, 3)
-# --switch: the `jaxpoison.ops` constant that turns a formulation off when set to 0.
-SWITCHES = {"dense": "_DENSE_MAX_ELEMENTS", "dw_chunk": "_DW_CHUNK_ELEMENTS"}
+# --switch: the `jaxpoison.ops` variable and the value that turns a formulation off.
+SWITCHES = {
+    "dense": ("_DENSE_MAX_ELEMENTS", 0),
+    "dw_chunk": ("_DW_CHUNK_ELEMENTS", 0),
+    "onednn": ("_conv_backend", "xla"),
+}
 
 
 def build(name, width, workload):
@@ -81,14 +86,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--switch", default="dense", choices=sorted(SWITCHES))
     args = p.parse_args(argv)
-    switch = SWITCHES[args.switch]
+    switch, off = SWITCHES[args.switch]
     default = getattr(ops, switch)
     for spec in args.models.split(","):
         name, _, width = spec.partition("@")
         width = float(width) if width else 1.0
         for workload in args.workloads.split(","):
             fns = {}
-            for variant, value in (("before", 0), ("now", default)):
+            for variant, value in (("before", off), ("now", default)):
                 setattr(ops, switch, value)
                 fns[variant] = build(name, width, workload)
             setattr(ops, switch, default)

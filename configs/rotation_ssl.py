@@ -29,7 +29,8 @@ Options, comma-separated after the config path:
   (docs/defenses.md); test on its 1,000 test images.
 * ``objectives=<a>+<b>`` among ``st``, ``at`` and ``fast_at`` (the AT pretext with one step of
   1.25 ε from a uniform start, FGSM-RS, a third of the 5-step cost); ``poisons=<a>+<b>`` (with
-  ``clean``) to keep some training sets; ``epochs=<n>``.
+  ``clean``) to keep some training sets; ``epochs=<n>``; ``warmup_epochs=<x>`` (the learning rate
+  rises linearly from 0 over x epochs first, the remedy for AT runs that never leave chance).
 * ``tiny``: a smoke run.
 
 Expected (paper): the poisons hurt the probe of the ST-pretext model far less than they hurt
@@ -76,6 +77,7 @@ def get_config(arg=None):
             "objectives": config_args.names(),
             "poisons": config_args.names(),
             "epochs": config_args.positive_int,
+            "warmup_epochs": config_args.positive_float,
         },
     )
     config = _config("tiny" in options)
@@ -83,6 +85,8 @@ def get_config(arg=None):
         _to_family(config, tiny="tiny" in options)
     if "epochs" in keep:
         config.victim.epochs = keep["epochs"]
+    if "warmup_epochs" in keep:
+        config.victim.optimizer.warmup_epochs = keep["warmup_epochs"]
     if "objectives" in keep:
         config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
     if "poisons" in keep:

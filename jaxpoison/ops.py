@@ -19,19 +19,56 @@ multiply-adds than the convolution (H*W <= kh*kw) and all its gradients are matr
 instead of XLA's select-and-scatter. Both are drop-in: same signature, same numbers up to
 floating-point reassociation (tests compare them with `lax`), and both support grad-of-grad
 (the meta-gradients of L2C). Anything they do not cover falls back to `lax`.
+On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (`jaxpoison.onednn`:
+forward, input gradient and kernel gradient, each differentiated by the other two, so every order
+of derivative stays on oneDNN) when the library is available; `set_conv_backend("xla")` or
+``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
 Measurements: docs/performance.md and benchmarks/conv_layers.py.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxpoison import onednn
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+# "auto": oneDNN for fp32 on CPU when it builds, else XLA; "onednn": oneDNN or an error; "xla".
+_CONV_BACKENDS = ("auto", "onednn", "xla")
+_conv_backend = os.environ.get("JAXPOISON_CONV", "auto")
+
+
+def set_conv_backend(name):
+    """Chooses the CPU convolution kernels for functions traced from now on; returns the old one.
+
+    ``"auto"`` (default, or ``$JAXPOISON_CONV``): oneDNN for fp32 on the CPU backend when it is
+    available, XLA otherwise; ``"onednn"``: oneDNN, raising if it cannot be built; ``"xla"``.
+    Functions already jitted keep the kernels they were traced with.
+    """
+    global _conv_backend
+    if name not in _CONV_BACKENDS:
+        raise ValueError(f"conv backend {name!r}: use one of {_CONV_BACKENDS}.")
+    old, _conv_backend = _conv_backend, name
+    return old
+
+
+def _use_onednn(*arrays):
+    if _conv_backend not in _CONV_BACKENDS:
+        raise ValueError(f"JAXPOISON_CONV={_conv_backend!r}: use one of {_CONV_BACKENDS}.")
+    if _conv_backend == "xla" or jax.default_backend() != "cpu":
+        return False
+    if any(a.dtype != jnp.float32 for a in arrays):
+        return False
+    if _conv_backend == "onednn":
+        return onednn.require()
+    return onednn.available()
 
 
 def _explicit_padding(padding, in_hw, kernel_hw, strides):
@@ -141,17 +178,22 @@ def _is_nhwc(dimension_numbers):
     return tuple(dimension_numbers) == _NHWC
 
 
-def _lax_conv(x, w, strides, pads):
+def _conv_kernel(x, w, strides, pads):
+    if _use_onednn(x, w):
+        return onednn.conv(x, w, strides, pads)
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, strides, pads):
-    return _lax_conv(x, w, strides, pads)
+    return _conv_kernel(x, w, strides, pads)
 
 
+# Each forward rule computes its output through the custom_vjp function itself, so a derivative
+# of higher order that differentiates the rule (grad of grad, as in L2C) meets these rules again,
+# never a bare oneDNN call (which has no derivative of its own).
 def _conv_fwd(x, w, strides, pads):
-    return _lax_conv(x, w, strides, pads), (x, w)
+    return _conv(x, w, strides, pads), (x, w)
 
 
 # Kernel gradients build their patch matrix a few examples at a time, each slice about this
@@ -194,6 +236,8 @@ def kernel_gradient(x, ct, kernel_hw, strides, pads):
     The batch is cut into chunks whose patch matrix fits in cache (`_DW_CHUNK_ELEMENTS`); a
     `lax.scan` over the chunks sums their products.
     """
+    if _use_onednn(x, ct):
+        return _onednn_kernel_gradient(x, ct, tuple(kernel_hw), strides, pads)
     kh, kw = kernel_hw
     b, ho, wo, cout = ct.shape
     cin = x.shape[3]
@@ -214,6 +258,25 @@ def kernel_gradient(x, ct, kernel_hw, strides, pads):
     return dw.reshape(kh, kw, cin, cout).astype(ct.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _onednn_kernel_gradient(x, ct, kernel_hw, strides, pads):
+    return onednn.kernel_gradient(x, ct, kernel_hw, strides, pads)
+
+
+def _onednn_kernel_gradient_fwd(x, ct, kernel_hw, strides, pads):
+    return _onednn_kernel_gradient(x, ct, kernel_hw, strides, pads), (x, ct)
+
+
+def _onednn_kernel_gradient_bwd(kernel_hw, strides, pads, res, g):
+    # <kernel_gradient(x, ct), g> = <conv(x, g), ct>: a forward convolution in ct and an input
+    # gradient in x.
+    x, ct = res
+    return _input_gradient(ct, g, x.shape[1:3], strides, pads), _conv(x, g, strides, pads)
+
+
+_onednn_kernel_gradient.defvjp(_onednn_kernel_gradient_fwd, _onednn_kernel_gradient_bwd)
+
+
 def _conv_bwd(strides, pads, res, ct):
     x, w = res
     dx = _input_gradient(ct, w, x.shape[1:3], strides, pads)
@@ -223,7 +286,7 @@ def _conv_bwd(strides, pads, res, ct):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _lax_input_gradient(ct, w, in_hw, strides, pads):
+def _input_gradient_kernel(ct, w, in_hw, strides, pads):
     """d<conv(x, w), ct>/dx: ``ct`` dilated by the strides, convolved with the flipped kernel.
 
     The kernel is flipped and transposed to HWIO explicitly. JAX's own transpose rule hands XLA
@@ -232,6 +295,8 @@ def _lax_input_gradient(ct, w, in_hw, strides, pads):
     generic loop (measured: the L2C generator's gradient 2.5x slower inside a scan of length 1
     than outside it).
     """
+    if _use_onednn(ct, w):
+        return onednn.input_gradient(ct, w, tuple(in_hw), strides, pads)
     kh, kw = w.shape[:2]
     w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     padding = []
@@ -245,11 +310,11 @@ def _lax_input_gradient(ct, w, in_hw, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _input_gradient(ct, w, in_hw, strides, pads):
-    return _lax_input_gradient(ct, w, in_hw, strides, pads)
+    return _input_gradient_kernel(ct, w, in_hw, strides, pads)
 
 
 def _input_gradient_fwd(ct, w, in_hw, strides, pads):
-    return _lax_input_gradient(ct, w, in_hw, strides, pads), (ct, w)
+    return _input_gradient(ct, w, in_hw, strides, pads), (ct, w)
 
 
 def _input_gradient_bwd(in_hw, strides, pads, res, g):

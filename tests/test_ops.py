@@ -1,4 +1,8 @@
-"""`jaxpoison.ops` against `jax.lax`: values, first- and second-order gradients, via the models."""
+"""`jaxpoison.ops` against `jax.lax`: values, first- and second-order gradients, via the models.
+
+Tests taking the `backend` fixture run twice: with the oneDNN kernels (`jaxpoison.onednn`, which
+must build here: the test extra installs oneDNN) and with the XLA formulation.
+"""
 
 import flax.linen as nn
 import jax
@@ -7,7 +11,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpoison import models, ops
+from jaxpoison import models, onednn, ops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL, ATOL = 2e-4, 2e-5
@@ -39,6 +43,13 @@ def _lax_conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
 
+@pytest.fixture(params=["xla", "onednn"])
+def backend(request):
+    old = ops.set_conv_backend(request.param)
+    yield request.param
+    ops.set_conv_backend(old)
+
+
 def _arrays(x_shape, w_shape, seed=0):
     kx, kw = jax.random.split(jax.random.key(seed))
     return jax.random.normal(kx, x_shape), 0.3 * jax.random.normal(kw, w_shape)
@@ -49,7 +60,7 @@ def _close(a, b, scale=1.0):
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,path", CASES, ids=IDS)
-def test_conv_values_and_gradients(x_shape, w_shape, strides, padding, path):
+def test_conv_values_and_gradients(x_shape, w_shape, strides, padding, path, backend):
     x, w = _arrays(x_shape, w_shape)
     pads = ops._explicit_padding(padding, x_shape[1:3], w_shape[:2], strides)
     assert ops._use_dense(x_shape, w_shape) == (path == "dense")
@@ -70,9 +81,9 @@ def test_conv_values_and_gradients(x_shape, w_shape, strides, padding, path):
     SECOND_ORDER,
     ids=[IDS[i] for i in (1, 3, 4, 6, 8, 9)],
 )
-def test_conv_second_order(x_shape, w_shape, strides, padding, path):
+def test_conv_second_order(x_shape, w_shape, strides, padding, path, backend):
     """d/dx and d/dw of <grad_w loss, v> and of <grad_x loss, u> (the terms of meta-gradients)."""
-    del path
+    del path, backend
     _second_order_matches_lax(x_shape, w_shape, strides, padding)
 
 
@@ -94,6 +105,7 @@ def _second_order_matches_lax(x_shape, w_shape, strides, padding):
 def test_input_gradient_in_a_scan_keeps_hwio_kernels():
     """Inside `lax.scan` XLA:CPU leaves an OIHW-kernel convolution (JAX's own input gradient) on a
     generic loop, 2-3x slower; the ops' input gradient hands it an HWIO kernel instead."""
+    old = ops.set_conv_backend("xla")
     x, w = _arrays((4, 16, 16, 8), (4, 4, 8, 16))
 
     def step(carry, _):
@@ -106,10 +118,11 @@ def test_input_gradient_in_a_scan_keeps_hwio_kernels():
         for line in hlo.splitlines()
         if " convolution(" in line
     ]
+    ops.set_conv_backend(old)
     assert labels and all(label == "b01f_01io->b01f" for label in labels), labels
 
 
-def test_kernel_gradient_matches_lax():
+def test_kernel_gradient_matches_lax(backend):
     x, w = _arrays((2, 8, 8, 3), (3, 3, 3, 4))
     pads = ((1, 1), (1, 1))
     ct = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
@@ -119,7 +132,8 @@ def test_kernel_gradient_matches_lax():
 
 def test_kernel_gradient_in_batch_chunks(monkeypatch):
     """Built chunk by chunk of the batch (a scan), the patch matrix gives the one-matrix result,
-    for first- and second-order gradients."""
+    for first- and second-order gradients (the XLA formulation)."""
+    monkeypatch.setattr(ops, "_conv_backend", "xla")
     x, w = _arrays((6, 9, 9, 4), (3, 3, 4, 6))
     pads = ((1, 1), (1, 1))
     ct = jax.random.normal(jax.random.key(5), (6, 5, 5, 6))
@@ -159,14 +173,14 @@ def lax_models(monkeypatch):
     """Within the test, the models' convolutions are plain `lax` (the reference)."""
 
     def use_lax():
-        monkeypatch.setattr(ops, "_conv", ops._lax_conv)
+        monkeypatch.setattr(ops, "_conv", _lax_conv)
         monkeypatch.setattr(ops, "_use_dense", lambda *_: False)
 
     return use_lax
 
 
 @pytest.mark.parametrize("name,width", [("cnn_cifar", 0.25), ("resnet18", 1 / 16)])
-def test_models_match_lax(name, width, lax_models):
+def test_models_match_lax(name, width, lax_models, backend):
     """Logits, parameter gradients (train mode) and an input meta-gradient of a whole model."""
     module = models.make(name, num_classes=10, width=width)
     apply_fn = models.make_apply_fn(module)
@@ -197,3 +211,56 @@ def test_models_match_lax(name, width, lax_models):
         _close(a, b, scale=10)
     meta_scale = float(jnp.max(jnp.abs(ref[2])))
     np.testing.assert_allclose(fast[2], ref[2], rtol=1e-3, atol=1e-4 * meta_scale)
+
+
+def test_onednn_kernels_replace_xla_convolutions_in_loops_vmap_and_remat():
+    """With oneDNN on, an L2C-shaped program (a scan of rematerialised SGD steps, vmapped over two
+    seeds, differentiated to second order) has no XLA convolution left and matches XLA's."""
+    x, w = _arrays((2, 4, 8, 8, 3), (2, 3, 3, 3, 4))
+
+    def inner(w, x):
+        def step(w, _):
+            loss = lambda w_: jnp.sum(jnp.tanh(_ops_conv(x, w_, (1, 1), "SAME")) ** 2)
+            return w - 1e-3 * jax.grad(loss)(w), None
+
+        w_final, _ = lax.scan(jax.checkpoint(step), w, None, length=3)
+        return jnp.sum(_ops_conv(x, w_final, (2, 2), "SAME") ** 2)
+
+    meta = jax.jit(jax.vmap(jax.grad(inner, argnums=(0, 1))))
+    old = ops.set_conv_backend("onednn")
+    try:
+        hlo = meta.lower(w, x).compile().as_text()
+        fast = meta(w, x)
+    finally:
+        ops.set_conv_backend(old)
+    assert "custom-call" in hlo and " convolution(" not in hlo
+    ops.set_conv_backend("xla")
+    try:
+        ref = jax.jit(jax.vmap(jax.grad(inner, argnums=(0, 1))))(w, x)
+    finally:
+        ops.set_conv_backend(old)
+    for a, b in zip(fast, ref, strict=True):
+        _close(a, b, scale=100)
+
+
+def test_conv_backend_choice_and_dtypes(monkeypatch):
+    with pytest.raises(ValueError, match="conv backend 'mkl'"):
+        ops.set_conv_backend("mkl")
+    monkeypatch.setattr(ops, "_conv_backend", "onedn")
+    with pytest.raises(ValueError, match="JAXPOISON_CONV='onedn'"):
+        ops._use_onednn(jnp.zeros(2))
+    monkeypatch.setattr(ops, "_conv_backend", "onednn")
+    assert ops._use_onednn(jnp.zeros(2, jnp.float32))
+    # Other dtypes (the float64 exactness tests of L2C) stay on XLA.
+    assert not ops._use_onednn(jnp.zeros(2, jnp.bfloat16))
+    monkeypatch.setattr(ops, "_conv_backend", "xla")
+    assert not ops._use_onednn(jnp.zeros(2, jnp.float32))
+
+
+def test_missing_onednn_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXPOISON_ONEDNN_ROOT", str(tmp_path))
+    monkeypatch.setattr(onednn.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(onednn.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
+    fix = r"pip install onednn-cpu-gomp.*JAXPOISON_CONV=xla"
+    with pytest.raises(onednn.OneDNNUnavailable, match=fix):
+        onednn._onednn_root()

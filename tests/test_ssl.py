@@ -160,7 +160,10 @@ def test_config_options_family_subset_and_selection():
     full = module.get_config(None)
     assert set(full.objectives) == {"st", "at", "fast_at"} and full.data.num_train == 5000
     assert full.objectives.fast_at.num_steps == 1
-    family = module.get_config("family,objectives=st+fast_at,poisons=clean+regions4,epochs=20")
+    family = module.get_config(
+        "family,objectives=st+fast_at,poisons=clean+regions4,epochs=20,warmup_epochs=2"
+    )
+    assert family.victim.optimizer.warmup_epochs == 2.0
     assert family.data.num_train == 2500 and family.data.crop_padding == 4
     assert set(family.objectives) == {"st", "fast_at"} and family.victim.epochs == 20
     assert list(family.poisons) == ["regions4"] and family.include_clean
