@@ -34,7 +34,10 @@ Options, comma-separated after the config path:
 * ``tiny``: a smoke run.
 
 Expected (paper): the poisons hurt the probe of the ST-pretext model far less than they hurt
-supervised ST, and the AT pretext less still. Measured with ``family``: docs/defenses.md.
+supervised ST, and the AT pretext less still. Measured with ``family`` (docs/defenses.md): the
+ST pretext's probe 33.3% on clean data, 30.5% on class-wise error-minimizing noise (supervised
+ST: 53.0 and 25.4%), 27.0% on Regions-4; the one-step AT pretext stays at chance at this size.
+The full config is not measured.
 """
 
 from pathlib import Path
