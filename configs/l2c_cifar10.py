@@ -10,8 +10,9 @@ SGD+momentum steps (batch 64 per step; the victim continues across the trials of
 epoch and restarts every epoch). The paper reports 77% -> 29% test accuracy for its CNN;
 victims here are trained on a 10,000-image class-balanced subset.
 
-Expected (docs/l2c.md): :cpu 39.50% -> 37.50% (exact, 256 trials) and 39.80% -> 36.43%
-(Algorithm 2, 512 trials), a weak poison at that size; this full config is not measured.
+Expected (docs/l2c.md): :cpu 39.50% -> 37.50% (exact, 256 trials), 39.80% -> 36.43%
+(Algorithm 2, 512 trials) and 34.30% (Algorithm 2, 1,024 trials), a weak poison at that size;
+this full config is not measured.
 """
 
 import ml_collections
