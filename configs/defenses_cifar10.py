@@ -84,14 +84,19 @@ def _objectives(epsilon, num_steps, step_size):
     }
 
 
-def _common():
+def _sibling(relative_path, name):
+    """A config module of this directory, loaded by path (configs are not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent / "poisons" / "_common.py"
-    spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
+    path = Path(__file__).resolve().parent / relative_path
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _common():
+    return _sibling("poisons/_common.py", "jaxpoison_configs_poisons_common")
 
 
 def _specs():
@@ -101,13 +106,7 @@ def _specs():
 
 def _l2c_spec(arg, **overrides):
     """The ``l2c`` poison of configs/l2c_cifar10.py (with `arg`), carrying its own ε = 0.032."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent / "l2c_cifar10.py"
-    spec = importlib.util.spec_from_file_location("jaxpoison_configs_l2c_cifar10", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    l2c_config = module.get_config(arg)
+    l2c_config = _sibling("l2c_cifar10.py", "jaxpoison_configs_l2c_cifar10").get_config(arg)
     l2c = dict(l2c_config.poisons.l2c)
     l2c.update(overrides, threat=dict(l2c_config.threat))
     return l2c
@@ -139,13 +138,6 @@ def _options(arg):
     return options, keep
 
 
-def _keep(table, chosen, what):
-    missing = sorted(set(chosen) - set(table))
-    if missing:
-        raise ValueError(f"{what}={'+'.join(chosen)}: {missing} not among {sorted(table)}.")
-    return {k: v for k, v in table.items() if k in chosen}
-
-
 def get_config(arg=None):
     from jaxpoison import poisons
 
@@ -165,11 +157,13 @@ def get_config(arg=None):
             raise ValueError(f"Config argument {arg!r}: gairat_begin needs the gairat objective.")
         config.objectives.gairat.begin = keep["gairat_begin"]
     if "objectives" in keep:
-        config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
+        config.objectives = config_args.keep(
+            dict(config.objectives), keep["objectives"], "objectives"
+        )
     if "poisons" in keep:
         chosen = [p for p in keep["poisons"] if p != "clean"]
         config.include_clean = "clean" in keep["poisons"]
-        config.poisons = _keep(dict(config.poisons), chosen, "poisons")
+        config.poisons = config_args.keep(dict(config.poisons), chosen, "poisons")
     config.poisons = {
         run: spec for run, spec in config.poisons.items() if spec["name"] in poisons.POISONS
     }

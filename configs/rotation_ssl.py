@@ -65,13 +65,6 @@ def _common():
     return module
 
 
-def _keep(table, chosen, what):
-    missing = sorted(set(chosen) - set(table))
-    if missing:
-        raise ValueError(f"{what}={'+'.join(chosen)}: {missing} not among {sorted(table)}.")
-    return {k: v for k, v in table.items() if k in chosen}
-
-
 def get_config(arg=None):
     options, keep = config_args.parse(
         arg,
@@ -91,11 +84,13 @@ def get_config(arg=None):
     if "warmup_epochs" in keep:
         config.victim.optimizer.warmup_epochs = keep["warmup_epochs"]
     if "objectives" in keep:
-        config.objectives = _keep(dict(config.objectives), keep["objectives"], "objectives")
+        config.objectives = config_args.keep(
+            dict(config.objectives), keep["objectives"], "objectives"
+        )
     if "poisons" in keep:
         config.include_clean = "clean" in keep["poisons"]
         chosen = [p for p in keep["poisons"] if p != "clean"]
-        config.poisons = _keep(dict(config.poisons), chosen, "poisons")
+        config.poisons = config_args.keep(dict(config.poisons), chosen, "poisons")
     return config
 
 

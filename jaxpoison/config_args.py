@@ -86,3 +86,14 @@ def names(choices=None):
         return items
 
     return parse_names
+
+
+def keep(table, chosen, what):
+    """The entries of `table` named in `chosen` (in `table`'s order); names it lacks are an error.
+
+    ``what`` names the option in the message, e.g. ``keep(objectives, ["erm"], "objectives")``.
+    """
+    missing = sorted(set(chosen) - set(table))
+    if missing:
+        raise ValueError(f"{what}={'+'.join(chosen)}: {missing} not among {sorted(table)}.")
+    return {k: v for k, v in table.items() if k in chosen}

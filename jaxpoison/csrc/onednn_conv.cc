@@ -141,10 +141,12 @@ class Arena {
 
 ffi::Error Run(Kind kind, const Geometry& g, float* x, float* w, float* y) {
   // x: input (or its gradient), w: HWIO kernel (or its gradient), y: output (or its gradient).
-  if (g.n == 0 || g.ic == 0 || g.oc == 0) {
-    if (kind == Kind::kBackwardWeights) std::memset(w, 0, sizeof(float) * g.kh * g.kw * g.ic * g.oc);
-    if (kind == Kind::kBackwardData) std::memset(x, 0, sizeof(float) * g.n * g.ih * g.iw * g.ic);
+  if (g.n == 0 || g.ic == 0 || g.oc == 0) {  // an empty sum: the result is zero
     if (kind == Kind::kForward) std::memset(y, 0, sizeof(float) * g.n * g.oh * g.ow * g.oc);
+    if (kind == Kind::kBackwardData) std::memset(x, 0, sizeof(float) * g.n * g.ih * g.iw * g.ic);
+    if (kind == Kind::kBackwardWeights) {
+      std::memset(w, 0, sizeof(float) * g.kh * g.kw * g.ic * g.oc);
+    }
     return ffi::Error::Success();
   }
   thread_local Arena scratch_arena, weights_arena;
