@@ -352,7 +352,7 @@ def test_config_victims_option_sets_the_transfer_study():
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     loaded = {}
-    for name in ("l2c_mnist", "l2c_mnist_label_specific"):
+    for name in ("l2c_mnist", "l2c_mnist_label_specific", "l2c_cifar10"):
         spec = importlib.util.spec_from_file_location(name, configs / f"{name}.py")
         loaded[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loaded[name])
@@ -367,6 +367,16 @@ def test_config_victims_option_sets_the_transfer_study():
     assert "victims" not in loaded["l2c_mnist"].get_config(None)
     # The transfer table names the architecture that crafted the poison: the L2C victim.
     assert transfer.crafting_architecture(config.to_dict(), "l2c") == "cnn_mnist"
+    # CIFAR-10: the crafting architecture keeps the width of the config's own victim.
+    cifar = loaded["l2c_cifar10"]
+    full = cifar.get_config("victims=cnn_cifar+vgg11")
+    assert full.poisons.l2c.method == "algorithm2" and full.data.num_train == 10000
+    assert {k: v.model.width for k, v in full.victims.items()} == {"cnn_cifar": 1.0, "vgg11": 0.25}
+    reduced = cifar.get_config("cpu,victims=cnn_cifar+mlp")
+    assert reduced.poisons.l2c.method == "exact" and reduced.victims.cnn_cifar.model.width == 0.5
+    assert cifar.get_config("tiny,victims=cnn_cifar").victims.cnn_cifar.model.width == 0.25
+    assert transfer.crafting_architecture(full.to_dict(), "l2c") == "cnn_cifar"
     for bad, match in (("victims=lenet", "lenet"), ("tiny,cpu", "one of tiny and cpu")):
-        with pytest.raises(ValueError, match=match):
-            loaded["l2c_mnist"].get_config(bad)
+        for config_module in (loaded["l2c_mnist"], cifar):
+            with pytest.raises(ValueError, match=match):
+                config_module.get_config(bad)
