@@ -76,11 +76,11 @@ def make_threat(spec):
     return threat.make(**plain(spec))
 
 
-def _merged(base, overrides):
+def merged(base, overrides):
     """`base` (plain dicts) updated recursively by `overrides`."""
     out = dict(base)
     for k, v in overrides.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -140,7 +140,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
         kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
         if name in poisons.REQUIRES_MODEL:
             if surrogate_overrides:
-                surrogate_spec = _merged(plain(config.surrogate), surrogate_overrides)
+                surrogate_spec = merged(plain(config.surrogate), surrogate_overrides)
                 tag = f"surrogate_{run_name}"
             else:
                 surrogate_spec, tag = plain(config.surrogate), "surrogate"
@@ -348,7 +348,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
     runs, attack_transfer = {}, {}
     for obj_label, obj_spec in objectives.items():
         for victim_name, victim_overrides in (victims or {"": {}}).items():
-            victim_cfg = ml_collections.ConfigDict(_merged(plain(config.victim), victim_overrides))
+            victim_cfg = ml_collections.ConfigDict(merged(plain(config.victim), victim_overrides))
             victim_cfg.objective = obj_spec
             trainer = training.Trainer.from_config(
                 victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape

@@ -380,3 +380,31 @@ def test_config_victims_option_sets_the_transfer_study():
         for config_module in (loaded["l2c_mnist"], cifar):
             with pytest.raises(ValueError, match=match):
                 config_module.get_config(bad)
+
+
+def test_l2c_victims_of_a_transfer_run(tmp_path):
+    """The CIFAR-10 config's transfer study end to end on the embedded subset, then the
+    scikit-learn victims and the noise diagnostic for every architecture's victims."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxpoison import experiment
+    from jaxpoison.evaluation import l2c_victims
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "l2c_cifar10.py"
+    spec = importlib.util.spec_from_file_location("l2c_cifar10", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny,victims=mlp")
+    # Compiled with XLA's optimizations: under `logic_only` (jax_disable_most_optimizations)
+    # XLA:CPU returns a NaN gradient of the U-Net once its weights have moved by one Adam step,
+    # where the same gradient op by op (jax.disable_jit) and optimized are finite.
+    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    out = l2c_victims.evaluate_workdir(tmp_path, max_train=100, victims=("random_forest",))
+    assert set(results["summary"]) == {"mlp/clean", "mlp/l2c"}
+    assert out["num_train"] == 100 and set(out["sklearn"]) == {"clean", "l2c"}
+    assert 0.0 <= out["sklearn"]["l2c"]["random_forest"]["test_accuracy"] <= 1.0
+    noise = out["noise_only_test_accuracy"]
+    assert set(noise) == {"mlp_clean", "mlp_l2c"}
+    assert all(0.0 <= v <= 1.0 for v in noise.values())
+    assert (tmp_path / "l2c_victims.json").is_file()

@@ -86,16 +86,37 @@ def noise_diagnostic(classifiers, noise, labels):
     }
 
 
-def _restore_victim(config, dataset, workdir, run_name):
+def victim_runs(config, run):
+    """(label, victim spec, run name) of the clean-trained and `run`-trained victims of a run.
+
+    One victim per training set, or, with ``config.victims`` (the transfer study), one per
+    architecture and training set, labelled ``<architecture>_<set>``.
+    """
+    base = experiment.plain(config.victim)
+    victims = experiment.plain(config.get("victims", {}))
+    if not victims:
+        return [(f"victim_{s}", config.victim, s) for s in ("clean", run)]
+    return [
+        (
+            f"{arch}_{s}",
+            ml_collections.ConfigDict(experiment.merged(base, overrides)),
+            f"{arch}/{s}",
+        )
+        for arch, overrides in victims.items()
+        for s in ("clean", run)
+    ]
+
+
+def _restore_victim(victim_config, dataset, workdir, run_name):
     """(apply_fn, variables of seed 0) of a victim the experiment trained, or None."""
     ckpt = Path(workdir) / "checkpoints" / run_name.replace("/", "__")
     if not ckpt.is_dir():
         return None
     trainer = training.Trainer.from_config(
-        config.victim, num_classes=dataset.num_classes, image_shape=dataset.image_shape
+        victim_config, num_classes=dataset.num_classes, image_shape=dataset.image_shape
     )
     steps_per_epoch = max(1, len(dataset.y_train) // trainer.batch_size)
-    template = trainer.init_seeds(jax.random.key(0), config.victim.num_seeds, steps_per_epoch)
+    template = trainer.init_seeds(jax.random.key(0), victim_config.num_seeds, steps_per_epoch)
     manager = checkpointing.Manager(ckpt)
     if manager.latest_step() is None:
         return None
@@ -170,10 +191,10 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
             state, data.to_float(dataset.x_test), generator=spec["generator"], threat=threat
         )
         classifiers = {}
-        for victim_run in ("clean", run):
-            restored = _restore_victim(config, dataset, workdir, victim_run)
+        for label, victim_config, victim_run in victim_runs(config, run):
+            restored = _restore_victim(victim_config, dataset, workdir, victim_run)
             if restored is not None:
-                classifiers[f"victim_{victim_run}"] = restored
+                classifiers[label] = restored
         result["noise_only_test_accuracy"] = noise_diagnostic(classifiers, noise, dataset.y_test)
     storage.write_json_atomic(workdir / "l2c_victims.json", result)
     return result
