@@ -76,12 +76,17 @@ def make_threat(spec):
     return threat.make(**plain(spec))
 
 
-def merged(base, overrides):
+def _merged(base, overrides):
     """`base` (plain dicts) updated recursively by `overrides`."""
     out = dict(base)
     for k, v in overrides.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def victim_config(config, overrides):
+    """``config.victim`` updated by one entry of ``config.victims`` (a ConfigDict)."""
+    return ml_collections.ConfigDict(_merged(plain(config.victim), overrides))
 
 
 def train_surrogate(config, dataset, *, key, workdir, progress, spec=None, name="surrogate"):
@@ -140,7 +145,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
         kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
         if name in poisons.REQUIRES_MODEL:
             if surrogate_overrides:
-                surrogate_spec = merged(plain(config.surrogate), surrogate_overrides)
+                surrogate_spec = _merged(plain(config.surrogate), surrogate_overrides)
                 tag = f"surrogate_{run_name}"
             else:
                 surrogate_spec, tag = plain(config.surrogate), "surrogate"
@@ -348,7 +353,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
     runs, attack_transfer = {}, {}
     for obj_label, obj_spec in objectives.items():
         for victim_name, victim_overrides in (victims or {"": {}}).items():
-            victim_cfg = ml_collections.ConfigDict(merged(plain(config.victim), victim_overrides))
+            victim_cfg = victim_config(config, victim_overrides)
             victim_cfg.objective = obj_spec
             trainer = training.Trainer.from_config(
                 victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape
@@ -531,4 +536,5 @@ __all__ = [
     "make_threat",
     "train_and_evaluate",
     "train_surrogate",
+    "victim_config",
 ]

@@ -92,16 +92,11 @@ def victim_runs(config, run):
     One victim per training set, or, with ``config.victims`` (the transfer study), one per
     architecture and training set, labelled ``<architecture>_<set>``.
     """
-    base = experiment.plain(config.victim)
     victims = experiment.plain(config.get("victims", {}))
     if not victims:
         return [(f"victim_{s}", config.victim, s) for s in ("clean", run)]
     return [
-        (
-            f"{arch}_{s}",
-            ml_collections.ConfigDict(experiment.merged(base, overrides)),
-            f"{arch}/{s}",
-        )
+        (f"{arch}_{s}", experiment.victim_config(config, overrides), f"{arch}/{s}")
         for arch, overrides in victims.items()
         for s in ("clean", run)
     ]
