@@ -6,7 +6,7 @@ one formulation switched off (the code before it), interleaved, medians.
 
 ``--switch``: ``dense`` (the tiny-image dense-matrix path, `ops._DENSE_MAX_ELEMENTS`),
 ``dw_chunk`` (the kernel gradient's patch matrix built per cache-sized chunk of the batch,
-`ops._DW_CHUNK_ELEMENTS`) or ``onednn`` (the oneDNN kernels of `jaxpoison.onednn` against the
+`ops._DW_CHUNK_ELEMENTS`) or ``onednn`` (the oneDNN kernels of `jaxpoison._cpu_kernels` against the
 XLA formulation, `ops.set_conv_backend`). The switch is read when a function is traced, so both
 variants are compiled in one process and timed in alternation (the CPU is shared; alternation
 exposes both to the same load). The jaxpoison train step here is `Trainer.train_step` jitted for

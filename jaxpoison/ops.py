@@ -19,10 +19,10 @@ multiply-adds than the convolution (H*W <= kh*kw) and all its gradients are matr
 instead of XLA's select-and-scatter. Both are drop-in: same signature, same numbers up to
 floating-point reassociation (tests compare them with `lax`), and both support grad-of-grad
 (the meta-gradients of L2C). Anything they do not cover falls back to `lax`.
-On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (`jaxpoison.onednn`:
-forward, input gradient and kernel gradient, each differentiated by the other two, so every order
-of derivative stays on oneDNN) when the library is available; `set_conv_backend("xla")` or
-``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
+On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (forward, input
+gradient and kernel gradient from `jaxpoison._cpu_kernels`, each differentiated by the other two
+here, so every order of derivative stays on oneDNN) when the library is available;
+`set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
 Measurements: docs/performance.md and benchmarks/conv_layers.py.
 """
 
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxpoison import onednn
+from jaxpoison import _cpu_kernels
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -67,8 +67,8 @@ def _use_onednn(*arrays):
     if any(a.dtype != jnp.float32 for a in arrays):
         return False
     if _conv_backend == "onednn":
-        return onednn.require()
-    return onednn.available()
+        return _cpu_kernels.require()
+    return _cpu_kernels.available()
 
 
 def _explicit_padding(padding, in_hw, kernel_hw, strides):
@@ -180,7 +180,7 @@ def _is_nhwc(dimension_numbers):
 
 def _conv_kernel(x, w, strides, pads):
     if _use_onednn(x, w):
-        return onednn.conv(x, w, strides, pads)
+        return _cpu_kernels.conv(x, w, strides, pads)
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
@@ -260,7 +260,7 @@ def kernel_gradient(x, ct, kernel_hw, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _onednn_kernel_gradient(x, ct, kernel_hw, strides, pads):
-    return onednn.kernel_gradient(x, ct, kernel_hw, strides, pads)
+    return _cpu_kernels.kernel_gradient(x, ct, kernel_hw, strides, pads)
 
 
 def _onednn_kernel_gradient_fwd(x, ct, kernel_hw, strides, pads):
@@ -296,7 +296,7 @@ def _input_gradient_kernel(ct, w, in_hw, strides, pads):
     than outside it).
     """
     if _use_onednn(ct, w):
-        return onednn.input_gradient(ct, w, tuple(in_hw), strides, pads)
+        return _cpu_kernels.input_gradient(ct, w, tuple(in_hw), strides, pads)
     kh, kw = w.shape[:2]
     w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     padding = []

@@ -1,7 +1,7 @@
 """`jaxpoison.ops` against `jax.lax`: values, first- and second-order gradients, via the models.
 
-Tests taking the `backend` fixture run twice: with the oneDNN kernels (`jaxpoison.onednn`, which
-must build here: the test extra installs oneDNN) and with the XLA formulation.
+Tests taking the `backend` fixture run twice: with the oneDNN kernels (`jaxpoison._cpu_kernels`,
+which must build here: the test extra installs oneDNN) and with the XLA formulation.
 """
 
 import flax.linen as nn
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpoison import models, onednn, ops
+from jaxpoison import _cpu_kernels, models, ops
+from jaxpoison._cpu_kernels import onednn
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL, ATOL = 2e-4, 2e-5
@@ -262,5 +263,5 @@ def test_missing_onednn_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(onednn.sys, "prefix", str(tmp_path))
     monkeypatch.setattr(onednn.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
     fix = r"pip install onednn-cpu-gomp.*JAXPOISON_CONV=xla"
-    with pytest.raises(onednn.OneDNNUnavailable, match=fix):
+    with pytest.raises(_cpu_kernels.OneDNNUnavailable, match=fix):
         onednn._onednn_root()

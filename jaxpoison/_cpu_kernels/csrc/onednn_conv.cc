@@ -7,7 +7,7 @@
 // Activations stay NHWC (oneDNN reads and writes them in place); the kernel is reordered between
 // HWIO and the layout oneDNN picks for the primitive. Primitives are built once per geometry and
 // cached; scratchpads and reordered kernels live in per-thread buffers that only grow, so a call
-// allocates nothing once warm. Built at first use by jaxpoison/onednn.py.
+// allocates nothing once warm. Built at first use by jaxpoison/_cpu_kernels/onednn.py.
 
 #include <algorithm>
 #include <cstdint>

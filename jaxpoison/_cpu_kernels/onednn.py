@@ -2,9 +2,9 @@
 
 `jaxpoison.ops` uses them for fp32 convolutions on the CPU backend when the library is available;
 everything else (other dtypes, GPU/TPU, no oneDNN) stays on XLA. The C++ source,
-``jaxpoison/csrc/onednn_conv.cc``, is compiled at first use against the oneDNN wheels that
-jaxpoison depends on (on Linux x86-64: ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``, oneDNN
-3.2 with GNU OpenMP) and jaxlib's FFI headers, with the system's C++ compiler, into
+``csrc/onednn_conv.cc`` beside this module, is compiled at first use against the oneDNN wheels
+that jaxpoison depends on (on Linux x86-64: ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp``,
+oneDNN 3.2 with GNU OpenMP) and jaxlib's FFI headers, with the system's C++ compiler, into
 a cache directory (``$JAXPOISON_CACHE_DIR``, else ``~/.cache/jaxpoison``), once per source and
 jaxlib version; concurrent processes wait on a file lock, and the library is written atomically.
 
