@@ -19,34 +19,38 @@ ST on D̂2 89.7%, AT on D̂1 84.1%, AT on D̂2 92.1%; see docs/defenses.md for t
 
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
+
+from jaxpoison import config_lib
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny or nothing.")
+    chosen = config_lib.preset(arg)
     config = ml_collections.ConfigDict()
-    config.experiment = "gaussian_theory"
+    config.trainer = "gaussian_theory"
     config.name = "Figure 2 (Tao et al. 2021): σ=1, η=0.01, ε=2η"
     config.seed = 0
     config.theory = dict(
         sigma=1.0,
         eta=0.01,
-        epsilon=None,  # None: 2η, the budget that moves η to -η or to 3η
-        dims=sorted({int(d) for d in np.logspace(0, 5, 81)}),
-        mc_dims=[10, 100, 1000, 3000, 10000, 30000, 100000],
+        # None: 2η, the budget that moves η to -η or to 3η (--config.theory.epsilon=0.03).
+        epsilon=config_dict.placeholder(float),
+        dims=tuple(sorted({int(d) for d in np.logspace(0, 5, 81)})),
+        mc_dims=(10, 100, 1000, 3000, 10000, 30000, 100000),
         mc_samples=200_000,
         full_mc_max_dim=100,
-        trained_dims=[100, 1000],
+        trained_dims=(100, 1000),
         train_samples=20_000,
         train_steps=500,
         learning_rate=0.05,
     )
-    if arg == "tiny":
-        config.theory.dims = [1, 10, 100, 1000, 10000]
-        config.theory.mc_dims = [10, 10000]
+    if "tiny" in chosen:
+        # No data, victims or poisons for `config_lib.tiny` to shrink: the sweep's own sizes.
+        config.theory.dims = (1, 10, 100, 1000, 10000)
+        config.theory.mc_dims = (10, 10000)
         config.theory.mc_samples = 20_000
         config.theory.full_mc_max_dim = 10
-        config.theory.trained_dims = [10]
+        config.theory.trained_dims = (10,)
         config.theory.train_samples = 2_000
         config.theory.train_steps = 100
     return config

@@ -2,7 +2,7 @@ r"""Simplicity bias on MNIST-CIFAR (Shah et al. 2020), ST vs AT restricted to th
 (Tao et al. 2021): does adversarial training make the network learn the CIFAR half?
 
   jaxpoison --config=configs/simplicity_bias.py --workdir=/tmp/simplicity_bias
-  (append :tiny to the config path for a smoke run, :mlp for the MLP victim)
+  (append :tiny to the config path for a smoke run; the preset :mlp for the MLP victim)
 
 Data: ``data.source='mnist_cifar'`` (jaxpoison/data/mnist_cifar.py) stacks an MNIST digit (0 or
 1, padded to 32x32x3) on a CIFAR-10 image (automobile or truck), 64x32x3, the two halves agreeing
@@ -32,7 +32,7 @@ car-vs-truck classifier on both. Measured (docs/defenses.md): MLP ST 100 / 49.4%
 
 import ml_collections
 
-from jaxpoison import config_args
+from jaxpoison import config_lib
 
 
 def _mnist_mask():
@@ -41,14 +41,12 @@ def _mnist_mask():
 
 
 def get_config(arg=None):
-    options, _ = config_args.parse(arg, flags=("tiny", "mlp"))
+    chosen = config_lib.preset(arg, ("mlp",))
     config = ml_collections.ConfigDict()
-    config.experiment = "simplicity_bias"
+    config.trainer = "simplicity_bias"
     config.name = "simplicity bias: MNIST-CIFAR, ST vs AT on the MNIST half (linf 1)"
     config.seed = 0
-    config.data = dict(
-        source="mnist_cifar", name="mnist_cifar", num_train=0, num_test=0, crop_padding=0
-    )
+    config.data = config_lib.data("mnist_cifar", source="mnist_cifar")
     config.objectives = {
         "st": dict(name="erm"),
         "at_mnist_half": dict(
@@ -61,27 +59,18 @@ def get_config(arg=None):
             epsilon_ramp=0.5,
         ),
     }
+    config.select = config_lib.select()
     config.loss_threshold = 0.1
-    config.victim = dict(
-        model=dict(name="cnn_cifar", width=0.5, head="flatten"),
+    config.victim = config_lib.victim(
+        dict(name="cnn_cifar", width=0.5, head="flatten"),
         epochs=10,
         batch_size=128,
         num_seeds=2,
-        seed_strategy="auto",
+        optimizer=config_lib.optimizer("adam", learning_rate=1e-3, weight_decay=0.0),
         eval_batch_size=1000,
-        checkpoint_every=1,
-        optimizer=dict(name="adam", learning_rate=1e-3, weight_decay=0.0, schedule="cosine"),
     )
-    if "mlp" in options:
+    if "mlp" in chosen:
         config.victim.model = dict(name="mlp", width=0.5)
-    if "tiny" in options:
-        config.data.num_train = 200
-        config.data.num_test = 100
-        config.objectives.at_mnist_half.num_steps = 2
-        config.objectives.at_mnist_half.step_size = 0.5
-        config.victim.model.width = 0.125
-        config.victim.epochs = 1
-        config.victim.batch_size = 50
-        config.victim.num_seeds = 1
-        config.victim.eval_batch_size = 100
+    if "tiny" in chosen:
+        config_lib.tiny(config)
     return config

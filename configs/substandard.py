@@ -2,10 +2,10 @@ r"""Substandard models (Tao et al. 2022, "With False Friends Like These, Who Can
 Mistakes?", Table 1): accuracy on clean (D), adversarial (A) and hypocritical (F) test examples.
 
   jaxpoison --config=configs/substandard.py --workdir=/tmp/substandard
-  (append :tiny to the config path for a smoke run; :linf evaluates the ℓ∞ threat model only,
-  half the evaluation cost)
+  (append :tiny to the config path for a smoke run; the preset :linf evaluates the ℓ∞ threat
+  model only, half the evaluation cost)
 
-One run trains the victim (the CIFAR CNN of the quickstart, width 0.5, Adam, 10 epochs, 3 seeds)
+One run trains the victim (the quickstart's CNN for the data, width 0.5, Adam, 10 epochs, 3 seeds)
 on the five training sets of the paper, built from a class-balanced 2,500-image subset of
 shared/data/cifar10.npz, and evaluates it on 1,000 class-balanced test images:
 
@@ -36,22 +36,16 @@ D 45.1%, F 94.5% in ℓ∞ and 76.8% in ℓ2).
 
 import ml_collections
 
+from jaxpoison import config_lib
+
 
 def get_config(arg=None):
-    if arg not in (None, "", "tiny", "linf"):
-        raise ValueError(f"Unknown config argument {arg!r}; use tiny, linf or nothing.")
+    chosen = config_lib.preset(arg, ("linf",))
     config = ml_collections.ConfigDict()
+    config.trainer = "grid"
     config.name = "substandard models: accuracy on D / A / F (CIFAR-10)"
     config.seed = 0
-    config.data = dict(
-        source="npz",
-        name="cifar10",
-        num_train=2500,
-        num_test=1000,
-        val_size=0,
-        crop_padding=0,
-        flip=True,
-    )
+    config.data = config_lib.data("cifar10", num_train=2500, num_test=1000, flip=True)
     epsilon = ml_collections.FieldReference(8 / 255)
     config.threat = dict(norm="linf", epsilon=epsilon)
     config.include_clean = True  # the Quality model
@@ -62,45 +56,30 @@ def get_config(arg=None):
         "poisoning": dict(name="adversarial", num_steps=20, batch_size=256),
     }
     config.objectives = {"erm": dict(name="erm")}
+    config.select = config_lib.select()
     config.evals = {
         "linf": dict(name="risk", norm="linf", epsilon=epsilon, num_steps=10, batch_size=500),
         "l2": dict(name="risk", norm="l2", epsilon=0.5, num_steps=10, batch_size=500),
     }
     config.loss_threshold = 0.5
-    optimizer = dict(name="adam", learning_rate=1.5e-3, weight_decay=0.0, schedule="cosine")
-    config.victim = dict(
-        model=dict(name="cnn_cifar", width=0.5),
+    config.victim = config_lib.victim(
+        config_lib.auto_model(0.5),
         epochs=10,
         batch_size=64,
         num_seeds=3,
-        seed_strategy="auto",
-        eval_batch_size=500,
+        optimizer=config_lib.ADAM,
         checkpoint_every=5,
-        optimizer=optimizer,
     )
     # The crafting model of the Poisoning set (trained on the clean subset).
-    config.surrogate = dict(
-        model=dict(name="cnn_cifar", width=0.5),
+    config.surrogate = config_lib.surrogate(
+        config_lib.auto_model(0.5),
         epochs=10,
         batch_size=64,
-        eval_batch_size=500,
+        optimizer=config_lib.ADAM,
         checkpoint_every=5,
-        optimizer=dict(optimizer),
     )
-    if arg == "linf":
+    if "linf" in chosen:
         del config.evals["l2"]
-    if arg == "tiny":
-        config.data.num_train = 200
-        config.data.num_test = 100
-        for cfg in (config.victim, config.surrogate):
-            cfg.model.width = 0.125
-            cfg.epochs = 1
-            cfg.batch_size = 50
-            cfg.checkpoint_every = 1
-        config.victim.num_seeds = 2
-        config.poisons.poisoning.num_steps = 2
-        config.poisons.poisoning.batch_size = 50
-        for spec in config.evals.values():
-            spec.num_steps = 3
-            spec.batch_size = 100
+    if "tiny" in chosen:
+        config_lib.tiny(config)
     return config

@@ -1,11 +1,11 @@
 r"""Transfer of error-maximizing poisons across architectures (issue 6): crafting model × victim.
 
   jaxpoison --config=configs/transfer.py --workdir=/tmp/transfer
-  (append :tiny to the config path for a smoke run; :archs=mlp+cnn_cifar keeps some
-  architectures, as crafting models and as victims, so the matrix can be built in parts: move
-  a part's results.json away and a later, larger run in the same workdir reuses its victims
-  and poisons; :victims=... sets the victims apart from the crafting models, e.g.
-  :archs=mlp+cnn_cifar,victims=mlp+cnn_cifar+wrn28)
+  (append :tiny to the config path for a smoke run; some architectures, as crafting models
+  and as victims, with --config.select.poisons="('em_mlp','em_cnn_cifar','regions4')"
+  --config.select.victims="('mlp','cnn_cifar')", so the matrix can be built in parts: move a
+  part's results.json away and a later, larger run in the same workdir reuses its victims
+  and poisons)
 
 On a class-balanced 2,500-image subset of shared/data/cifar10.npz (ℓ∞ 8/255), crafts one
 error-maximizing poison (PGD-20 ascent on a clean-trained surrogate, Fowl et al. 2021) with each
@@ -25,16 +25,16 @@ named ``<victim>/<training set>``.
   (``attack_transfer.png``): how well the error-maximizing perturbations transfer as adversarial
   examples (the diagonal is white-box).
 
-Expected (docs/measurement.md, ``:archs=mlp+cnn_cifar+vgg11+resnet18,victims=<all five>``):
-error-maximizing poisons take 1-13 points at this size, most from the victim of their own
-architecture for the MLP and CNN; the ResNet-18- and VGG-11-crafted ones are the weakest;
+Expected (docs/measurement.md; crafting models mlp, cnn_cifar, vgg11, resnet18, all five
+victims): error-maximizing poisons take 1-13 points at this size, most from the victim of their
+own architecture for the MLP and CNN; the ResNet-18- and VGG-11-crafted ones are the weakest;
 Regions-4 takes 10-19 points from the deeper victims (VGG-11 53.6 -> 34.4%, ResNet-18
 45.3 -> 30.7%, WRN-28-1 45.3 -> 35.1%). WRN-28-1 as a crafting model is not measured.
 """
 
 import ml_collections
 
-from jaxpoison import config_args
+from jaxpoison import config_lib
 
 # Architecture name -> model spec, at CPU-sized widths (crafting models and victims alike).
 ARCHITECTURES = {
@@ -47,32 +47,15 @@ ARCHITECTURES = {
 
 
 def get_config(arg=None):
-    flags, values = config_args.parse(
-        arg,
-        flags=("tiny",),
-        fields={
-            "archs": config_args.names(ARCHITECTURES),
-            "victims": config_args.names(ARCHITECTURES),
-        },
-    )
-    tiny, archs = "tiny" in flags, values.get("archs")
-    chosen = {a: ARCHITECTURES[a] for a in archs or ARCHITECTURES}
-    victims = {a: ARCHITECTURES[a] for a in values.get("victims") or chosen}
+    chosen = config_lib.preset(arg)
     config = ml_collections.ConfigDict()
+    config.trainer = "grid"
     config.name = "transfer: error-maximizing poisons across architectures (CIFAR-10)"
     config.seed = 0
-    config.data = dict(
-        source="npz",
-        name="cifar10",
-        num_train=2500,
-        num_test=1000,
-        val_size=0,
-        crop_padding=0,
-        flip=True,
-    )
-    epsilon = ml_collections.FieldReference(8 / 255)
-    config.threat = dict(norm="linf", epsilon=epsilon)
+    config.data = config_lib.data("cifar10", num_train=2500, num_test=1000, flip=True)
+    config.threat = dict(norm="linf", epsilon=ml_collections.FieldReference(8 / 255))
     config.include_clean = True
+    # One error-maximizing poison per crafting architecture (``em_<arch>``), and Regions-4.
     config.poisons = {
         f"em_{arch}": dict(
             name="error_maximizing",
@@ -80,44 +63,30 @@ def get_config(arg=None):
             batch_size=256,
             surrogate=dict(model=dict(model)),
         )
-        for arch, model in chosen.items()
+        for arch, model in ARCHITECTURES.items()
     }
     config.poisons.regions4 = dict(name="regions", num_patches=4)
     config.objectives = {"erm": dict(name="erm")}
+    config.select = config_lib.select()
     config.loss_threshold = 0.5
-    optimizer = dict(name="adam", learning_rate=1.5e-3, weight_decay=0.0, schedule="cosine")
-    config.victim = dict(
-        model=dict(ARCHITECTURES["cnn_cifar"]),
+    # The fields every victim shares; ``victims`` gives each its architecture.
+    config.victim = config_lib.victim(
+        config_lib.auto_model(0.5),
         epochs=6,
         batch_size=64,
         num_seeds=2,
-        seed_strategy="auto",
-        eval_batch_size=500,
+        optimizer=config_lib.ADAM,
         checkpoint_every=3,
-        optimizer=optimizer,
     )
-    config.victims = {arch: dict(model=dict(model)) for arch, model in victims.items()}
+    config.victims = {arch: dict(model=dict(model)) for arch, model in ARCHITECTURES.items()}
     # The crafting models: this spec with each poison's ``surrogate.model``.
-    config.surrogate = dict(
-        model=dict(ARCHITECTURES["cnn_cifar"]),
+    config.surrogate = config_lib.surrogate(
+        config_lib.auto_model(0.5),
         epochs=6,
         batch_size=64,
-        eval_batch_size=500,
+        optimizer=config_lib.ADAM,
         checkpoint_every=3,
-        optimizer=dict(optimizer),
     )
-    if tiny:
-        config.data.num_train = 200
-        config.data.num_test = 100
-        for cfg in (config.victim, config.surrogate):
-            cfg.epochs = 1
-            cfg.batch_size = 50
-            cfg.checkpoint_every = 1
-        for spec in config.poisons.values():
-            if "surrogate" in spec:
-                spec.num_steps = 2
-                spec.batch_size = 50
-                spec.surrogate.model.width = min(0.125, spec.surrogate.model.width)
-        for victim in config.victims.values():
-            victim.model.width = min(0.125, victim.model.width)
+    if "tiny" in chosen:
+        config_lib.tiny(config)
     return config

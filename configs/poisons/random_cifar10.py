@@ -7,25 +7,19 @@ One fixed uniform [-ε, ε] pattern per class (Tao et al. 2021).
 ℓ∞, ε = 8/255, class-balanced 2,500 training / 1,000 test images of shared/data/cifar10.npz;
 standard training of the CIFAR CNN (width 0.5, Adam, 6 epochs, 3 seeds); clean test accuracy
 per epoch, peak and final, in results.json. Settings are shared with configs/poison_family.py
-(configs/poisons/_common.py).
+(``config_lib.poison_family``).
 
 Expected: the random row(s) of the table in docs/poisons.md.
 """
 
-from pathlib import Path
+from jaxpoison import config_lib
 
 
 def get_config(arg=None):
-    common = _common()
-    runs = common.GROUPS.get("random", ("random",))
-    return common.get_config(runs, arg, title="P5 class-wise random noise vs clean (CIFAR-10)")
-
-
-def _common():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent / "_common.py"
-    spec = importlib.util.spec_from_file_location("jaxpoison_configs_poisons_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    chosen = config_lib.preset(arg)
+    config = config_lib.poison_family(
+        "P5 class-wise random noise vs clean (CIFAR-10)", runs=("random",)
+    )
+    if "tiny" in chosen:
+        config_lib.tiny(config)
+    return config
