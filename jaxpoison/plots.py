@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -23,19 +24,48 @@ def save_figure(fig, path):
     os.replace(tmp, path)
 
 
+def integer_epoch_axis(ax, *, last, first=1, axis="x", never=False):
+    """Whole-epoch ticks from `first` to `last` (at most about ten) on `axis` of `ax`.
+
+    With ``never``, one more tick at ``last + 1`` labelled "never", beyond a dotted line: the
+    column of runs that never reached what the axis measures (not an epoch of theirs).
+    """
+    last = max(last, first)
+    locator = matplotlib.ticker.MaxNLocator(nbins=10, integer=True)
+    ticks = [int(t) for t in locator.tick_values(first, last) if first <= t <= last]
+    labels = [str(t) for t in ticks]
+    if never:
+        ticks.append(last + 1)
+        labels.append("never")
+        line = ax.axvline if axis == "x" else ax.axhline
+        line(last + 0.5, color="0.5", ls=":", lw=0.8)
+    getattr(ax, f"set_{axis}ticks")(ticks, labels)
+    getattr(ax, f"set_{axis}lim")(first - 0.5, last + (1.5 if never else 0.5))
+
+
 def curves(runs, path, *, metric="test/accuracy", title=""):
-    """Clean test accuracy per epoch, one line per run (mean over seeds, ±1 std band)."""
+    """Clean test accuracy per epoch, one line per run (mean over seeds, ±1 std band).
+
+    An untrained run (``run['untrained']``, the victim at initialisation) is one point at
+    epoch 0.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    last, first = 1, 1
     for name, run in runs.items():
         values = np.asarray(run["history"][metric]) * 100  # [epochs, seeds]
-        epochs = np.arange(1, len(values) + 1)
+        start = 0 if run.get("untrained") else 1
+        epochs = np.arange(start, start + len(values))
+        last, first = max(last, int(epochs[-1])), min(first, start)
         mean, std = values.mean(1), values.std(1)
-        ax.plot(epochs, mean, marker="o", ms=3, label=f"{name} (n={values.shape[1]})")
+        seeds = values.shape[1]
+        label = f"{name} ({seeds} seed{'s' * (seeds != 1)}{', ±1 std' * (seeds > 1)})"
+        ax.plot(epochs, mean, marker="o", ms=3, label=label)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    integer_epoch_axis(ax, first=first, last=last)
     ax.set_xlabel("epoch")
     ax.set_ylabel("clean test accuracy (%)" if metric == "test/accuracy" else metric)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     save_figure(fig, path)
