@@ -55,6 +55,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxpoison import _registry
 from jaxpoison import threat as threat_lib
 from jaxpoison.attacks.pgd import model_loss, pgd
 from jaxpoison.training import over_seeds
@@ -432,10 +433,28 @@ EVALUATORS = {
 }
 
 
-def make(name, **kwargs):
-    """Builds the evaluator `name` of `EVALUATORS`."""
+def register(name, factory, *, overwrite=False):
+    """Adds an evaluator to `EVALUATORS`, so `make` and ``config.evals`` know it.
+
+    Args:
+      name: the name configs use (``config.evals.<label>.name``).
+      factory: ``factory(*, apply_fn, num_classes, **hyperparameters) -> Evaluator`` (the trainer
+        passes ``apply_fn`` and ``num_classes``); `make_accuracy` is a small example.
+      overwrite: replace an evaluator already registered under `name`.
+    """
+    _registry.add(EVALUATORS, name, factory, kind="evaluator", overwrite=overwrite)
+
+
+def make(name, /, **kwargs):
+    """Builds the evaluator `name` of `EVALUATORS`.
+
+    Raises:
+      ValueError: `name` is not registered, or `kwargs` hold a keyword its factory does not take
+        (the message lists those it does) or lack one it needs.
+    """
     if name not in EVALUATORS:
         raise ValueError(f"Unknown evaluator {name!r}; use one of {sorted(EVALUATORS)}.")
+    _registry.check_arguments("evaluator", name, EVALUATORS[name], kwargs)
     return EVALUATORS[name](**kwargs)
 
 
@@ -452,6 +471,7 @@ __all__ = [
     "make_targeted",
     "make_threat",
     "outcomes",
+    "register",
     "risks",
     "stability_examples",
     "targeted_examples",

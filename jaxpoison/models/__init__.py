@@ -1,8 +1,9 @@
 """Flax classifiers, each with a `width` multiplier so tests and CPU runs can shrink them.
 
 `MODELS[name](num_classes=..., width=...)` builds a module whose `__call__(x, train)` maps float
-images in [0, 1] to logits. `make_apply_fn` wraps a module into the one calling convention the
-rest of the library uses: ``apply_fn(variables, x, *, train) -> (logits, new_model_state)``.
+images in [0, 1] to logits (add your own flax module with `register`). `make_apply_fn` wraps a
+module into the one calling convention the rest of the library uses:
+``apply_fn(variables, x, *, train) -> (logits, new_model_state)``.
 Every classifier also sows its penultimate features (the input of its last linear layer) into the
 ``intermediates`` collection; `make_features_fn` reads them (linear probes, `jaxpoison.ssl`).
 """
@@ -13,6 +14,7 @@ import functools
 
 import jax
 
+from jaxpoison import _registry
 from jaxpoison.models.cnn import CifarCNN, MnistCNN
 from jaxpoison.models.linf_dist import LinfDistNet
 from jaxpoison.models.mlp import MLP
@@ -33,11 +35,58 @@ MODELS = {
 }
 
 
-def make(name, *, num_classes, width=1.0, **kwargs):
-    """Builds the model `name` of `MODELS`."""
+def register(name, module_factory, *, overwrite=False):
+    """Adds a classifier to `MODELS`, so every place that takes a model name accepts it (the victim,
+    the surrogate, error-minimizing noise's crafting model, L2C's victim).
+
+    The contract: ``module_factory(*, num_classes, **hyperparameters)`` (a flax module class
+    is one) returns a flax module whose ``__call__(x, train)`` maps float32 images
+    [B, H, W, C] in [0, 1] to logits [B, num_classes]. ``train`` is a keyword: True during
+    training (dropout on, BatchNorm on batch statistics, which it keeps in the ``batch_stats``
+    collection), False for evaluation and for the attacks run against the model. The module
+    should work for any H, W (the data decide them). If it also takes ``width`` (a multiplier of
+    its channels), configs can shrink it; if it sows its penultimate features
+    (``self.sow('intermediates', 'features', h)``), `make_features_fn` and linear probes work too.
+
+    Args:
+      name: the name configs use (``config.victim.model.name``).
+      module_factory: the flax module class, or a function returning a module.
+      overwrite: replace a model already registered under `name`.
+
+    Example::
+
+      class Tiny(nn.Module):
+          num_classes: int
+
+          @nn.compact
+          def __call__(self, x, train):
+              return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+      models.register("tiny", Tiny)
+      module = models.make("tiny", num_classes=10)
+    """
+    _registry.add(MODELS, name, module_factory, kind="model", overwrite=overwrite)
+
+
+def make(name, /, *, num_classes, width=1.0, **kwargs):
+    """Builds the model `name` of `MODELS`.
+
+    `width` is passed when the model takes it; a model without a ``width`` field accepts only the
+    default 1.0.
+
+    Raises:
+      ValueError: `name` is not registered, or `kwargs` hold a keyword the model does not take
+        (the message lists those it does) or lack one it needs.
+    """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; use one of {sorted(MODELS)}.")
-    return MODELS[name](num_classes=num_classes, width=width, **kwargs)
+    factory = MODELS[name]
+    kwargs = dict(kwargs, num_classes=num_classes)
+    if width != 1.0 or _registry.accepts(factory, "width"):
+        kwargs["width"] = width
+    # flax modules take `parent` too, which is wired by flax and no business of a config.
+    _registry.check_arguments("model", name, factory, kwargs, hidden=("parent",))
+    return factory(**kwargs)
 
 
 def make_apply_fn(module):
@@ -79,4 +128,4 @@ def init(module, key, image_shape):
     return dict(module.init(key, x, train=False))
 
 
-__all__ = ["MODELS", "init", "make", "make_apply_fn", "make_features_fn"]
+__all__ = ["MODELS", "init", "make", "make_apply_fn", "make_features_fn", "register"]

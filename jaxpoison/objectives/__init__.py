@@ -26,8 +26,11 @@ counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIR
 ``fat``         Zhang et al. 2020, friendly AT on early-stopped PGD (τ)
 ``gairat``      Zhang et al. 2021, geometry-aware instance-reweighted AT
 ==============  =====================================================================
+
+Add your own with `register`.
 """
 
+from jaxpoison import _registry
 from jaxpoison.objectives import erm, fat, gairat, mart, pgd_at, rand_noise, thrm, trades
 
 OBJECTIVES = {
@@ -41,15 +44,43 @@ OBJECTIVES = {
     "gairat": gairat.make,
 }
 
-# Objectives whose keywords include the defender's threat model.
+# The built-in objectives whose keywords include the defender's threat model.
 ADVERSARIAL = frozenset(OBJECTIVES) - {"erm"}
 
 
-def make(name, **kwargs):
-    """Builds the objective `name` of `OBJECTIVES` with its hyperparameters."""
+def register(name, factory, *, overwrite=False):
+    """Adds an objective (a defense) to `OBJECTIVES`, so `make` and ``victim.objective`` know it.
+
+    Args:
+      name: the name configs use (``config.victim.objective.name``).
+      factory: ``factory(**hyperparameters) -> objective`` with
+        ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)`` as described above.
+      overwrite: replace an objective already registered under `name`.
+
+    Example::
+
+      def make_smooth(*, smoothing=0.1):
+          def objective(variables, batch, key, *, apply_fn):
+              ...
+
+          return objective
+
+      objectives.register("smooth", make_smooth)
+    """
+    _registry.add(OBJECTIVES, name, factory, kind="objective", overwrite=overwrite)
+
+
+def make(name, /, **kwargs):
+    """Builds the objective `name` of `OBJECTIVES` with its hyperparameters.
+
+    Raises:
+      ValueError: `name` is not registered, or `kwargs` hold a keyword its factory does not take
+        (the message lists those it does) or lack one it needs.
+    """
     if name not in OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; use one of {sorted(OBJECTIVES)}.")
+    _registry.check_arguments("objective", name, OBJECTIVES[name], kwargs)
     return OBJECTIVES[name](**kwargs)
 
 
-__all__ = ["ADVERSARIAL", "OBJECTIVES", "make"]
+__all__ = ["ADVERSARIAL", "OBJECTIVES", "make", "register"]

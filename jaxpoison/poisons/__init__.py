@@ -5,9 +5,10 @@ need a trained crafting model also take ``apply_fn`` and ``variables`` (see `REQ
 the experiment trains that model on clean data with the victim trainer first.
 
 Any poison can be restricted to part of the training set: ``make(name, fraction=..., classes=...)``
-wraps it with `partial.restrict`.
+wraps it with `partial.restrict`. Add your own poison with `register`.
 """
 
+from jaxpoison import _registry
 from jaxpoison.poisons import (
     adversarial,
     classwise,
@@ -36,8 +37,8 @@ POISONS = {
     "l2c": l2c.l2c,
 }
 
-# Names of POISONS whose factory takes a trained model (apply_fn, variables).
-REQUIRES_MODEL = frozenset(
+# Names of POISONS whose factory takes a trained model (apply_fn, variables); `register` adds to it.
+REQUIRES_MODEL = set(
     {
         "adversarial",
         "error_maximizing",
@@ -48,15 +49,54 @@ REQUIRES_MODEL = frozenset(
     }
 )
 
-# Names of POISONS that change labels or leave the threat model's ball by design.
-UNBOUNDED = frozenset({"noise", "mislabeling"})
+# Names of POISONS that change labels or leave the threat model's ball by design; `register` adds
+# to it.
+UNBOUNDED = {"noise", "mislabeling"}
 
 
-def make(name, *, fraction=None, classes=None, **kwargs):
+def register(name, factory, *, requires_model=False, unbounded=False, overwrite=False):
+    """Adds a poison to `POISONS`, so `make`, the configs and the report know it.
+
+    The factory follows `base.Poison`'s contract: it takes keyword arguments ``threat`` (an
+    `LpBall`), ``num_classes``, ``image_shape`` (H, W, C) and its own hyperparameters, and returns a
+    `Poison` whose functions are pure (they are jitted by `craft` and `apply_all`).
+
+    Args:
+      name: the name configs use (``config.poisons.<run>.name``).
+      factory: ``factory(*, threat, num_classes, image_shape, **hyperparameters) -> Poison``.
+      requires_model: the factory also takes ``apply_fn`` and ``variables``, a crafting model that
+        the experiment trains on clean data first (added to `REQUIRES_MODEL`).
+      unbounded: the poison changes labels or leaves the threat model's ball by design, so the
+        bound checks skip it (added to `UNBOUNDED`).
+      overwrite: replace a poison already registered under `name` (a built-in one included).
+
+    Example::
+
+      def my_poison(*, threat, num_classes, image_shape, strength=1.0):
+          ...  # return base.Poison(init=..., update=..., apply=..., num_epochs=...)
+
+      poisons.register("mine", my_poison)
+      poison = poisons.make("mine", threat=tm, num_classes=10, image_shape=(32, 32, 3))
+    """
+    _registry.add(POISONS, name, factory, kind="poison", overwrite=overwrite)
+    for names, member in ((REQUIRES_MODEL, requires_model), (UNBOUNDED, unbounded)):
+        if member:
+            names.add(name)
+        else:
+            names.discard(name)
+
+
+def make(name, /, *, fraction=None, classes=None, **kwargs):
     """Builds the poison `name` of `POISONS`, applied to a `fraction` of the training examples
-    (of the given `classes`) when either is given (see `partial.restrict`)."""
+    (of the given `classes`) when either is given (see `partial.restrict`).
+
+    Raises:
+      ValueError: `name` is not registered, or `kwargs` hold a keyword its factory does not take
+        (the message lists those it does) or lack one it needs.
+    """
     if name not in POISONS:
         raise ValueError(f"Unknown poison {name!r}; use one of {sorted(POISONS)}.")
+    _registry.check_arguments("poison", name, POISONS[name], kwargs)
     poison = POISONS[name](**kwargs)
     if fraction is None and classes is None:
         return poison
@@ -73,4 +113,5 @@ __all__ = [
     "apply_all",
     "craft",
     "make",
+    "register",
 ]
