@@ -59,6 +59,31 @@ def test_bad_arrays_are_refused(tmp_path):
         data.load(cfg(source="npz", name="bad", path=str(path)))
 
 
+def test_channel_first_npz_is_refused_with_the_fix(tmp_path):
+    """Bug 4's regression: an (N, 3, 32, 32) file loaded as 32-channel images."""
+    path = tmp_path / "nchw.npz"
+    x = np.zeros((4, 3, 32, 32), np.uint8)
+    np.savez(path, x_train=x, y_train=np.zeros(4), x_test=x[:2], y_test=np.zeros(2))
+    with pytest.raises(data.DataError, match=r"channel-first.*np.transpose\(x, \(0, 2, 3, 1\)\)"):
+        data.load(cfg(source="npz", name="nchw", path=str(path)))
+    x = x.transpose(0, 2, 3, 1)
+    np.savez(path, x_train=x, y_train=np.zeros(4), x_test=x[:2], y_test=np.zeros(2))
+    assert data.load(cfg(source="npz", name="nchw", path=str(path))).image_shape == (32, 32, 3)
+
+
+def test_load_takes_a_config_dict_a_plain_dict_or_keywords():
+    from_config = data.load(cfg(source="embedded", name="cifar10", num_train=20))
+    from_dict = data.load(dict(source="embedded", name="cifar10", num_train=20))
+    from_keywords = data.load(source="embedded", name="cifar10", num_train=20)
+    overridden = data.load(cfg(source="embedded", name="cifar10", num_train=50), num_train=20)
+    for ds in (from_dict, from_keywords, overridden):
+        np.testing.assert_array_equal(ds.x_train, from_config.x_train)
+        np.testing.assert_array_equal(ds.y_train, from_config.y_train)
+    assert from_config.x_train.shape[0] == 20
+    with pytest.raises(data.DataError, match="data.name is missing"):
+        data.load(source="embedded")
+
+
 def test_digits_source():
     ds = data.load(cfg(source="digits", name="digits"))
     assert ds.x_train.shape == (1397, 8, 8, 1) and ds.x_test.shape == (400, 8, 8, 1)

@@ -3,11 +3,13 @@ MNIST-CIFAR built from two .npz files: `data.mnist_cifar`),
 class-balanced subsets, validation splits, and the on-device pipeline (batches, augmentation).
 
 A batch is a dict ``{'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B],
-'index': int32 [B]}``, where `index` is the example's position in the training set.
+'index': int32 [B]}``, where `index` is the example's position in the training set. Images enter
+the library through `as_float_images` (uint8 / 255; floats checked to be finite and in [0, 1];
+channel-first and non-4-d arrays refused with the fix).
 """
 
 from jaxpoison.data import mnist_cifar
-from jaxpoison.data.pipeline import augment, epoch_batches, to_float
+from jaxpoison.data.pipeline import as_float_images, augment, epoch_batches, to_float
 from jaxpoison.data.sources import SOURCES, DataError, Dataset, validate_arrays
 from jaxpoison.data.splits import balanced_indices, load, split_validation
 
@@ -15,6 +17,7 @@ __all__ = [
     "SOURCES",
     "DataError",
     "Dataset",
+    "as_float_images",
     "augment",
     "balanced_indices",
     "epoch_batches",

@@ -1,16 +1,72 @@
-"""The in-memory, on-device input pipeline: permutations, batches, jit-able augmentation."""
+"""The in-memory, on-device input pipeline: the image boundary, permutations, batches and
+jit-able augmentation."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxpoison.data.sources import DataError, check_image_shape
+
+# k -> k / 255 in float32, as numpy divides. A lookup, so jax arrays convert to the same bits:
+# XLA compiles a division by the constant 255 into a multiplication by 1/255, which differs in the
+# last bit for about half the values.
+_UINT8_TO_FLOAT = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def as_float_images(x, *, what="images"):
+    """Images as float32 NHWC in [0, 1]: the one conversion at every boundary of the library.
+
+    uint8 images are divided by 255 (0..255 -> [0, 1], the same float32 values as numpy's
+    ``x.astype(np.float32) / 255`` for numpy and jax input alike); floating images must lie in
+    [0, 1] and be finite, and are cast to float32. Anything else is refused, with the fix in the
+    message: other dtypes, float images outside [0, 1] (e.g. 0..255 floats: divide by 255),
+    NaN or inf, arrays that are not 4-d, and channel-first (N, C, H, W) arrays.
+
+    The checks read the values, so call it on concrete arrays (outside `jax.jit`).
+
+    Args:
+      x: images [N, H, W, C], a numpy or a jax array.
+      what: what the images are, for the error message (e.g. "poisons.craft: images").
+
+    Returns:
+      float32 [N, H, W, C] in [0, 1]: a numpy array for numpy (or array-like) input, a jax array,
+      on the same device, for jax input.
+
+    Raises:
+      DataError: naming the problem and the fix.
+    """
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x)
+    check_image_shape(x.shape, what)
+    if x.dtype == np.uint8:
+        return xp.asarray(_UINT8_TO_FLOAT)[x]
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise DataError(
+            f"{what} of dtype {x.dtype} are neither uint8 (0..255) nor float in [0, 1]; "
+            "convert 0..255 integers with x.astype(np.uint8)."
+        )
+    if x.size:
+        if not bool(xp.isfinite(x).all()):
+            raise DataError(f"{what} hold NaN or inf pixels; fix or drop those images.")
+        lo, hi = float(x.min()), float(x.max())
+        if hi > 1.0:
+            fix = "divide by 255 (x / 255.0)" if hi > 2.0 else "clip them (np.clip(x, 0, 1))"
+            raise DataError(
+                f"{what} as floats must lie in [0, 1], got max {hi:g}; {fix}, or pass uint8."
+            )
+        if lo < 0.0:
+            raise DataError(
+                f"{what} as floats must lie in [0, 1], got min {lo:g} (normalised by mean and "
+                "std?); pass the unnormalised images in [0, 1], or uint8."
+            )
+    return x.astype(np.float32)
 
 
 def to_float(images):
-    """uint8 0..255 -> float32 in [0, 1]; float images are passed through."""
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    return images
+    """The same as `as_float_images` (kept for existing callers)."""
+    return as_float_images(images)
 
 
 def epoch_batches(key, num_examples, batch_size):

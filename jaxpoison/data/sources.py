@@ -82,16 +82,46 @@ class Dataset:
         return h.hexdigest()
 
 
-def validate_arrays(x, y, what):
-    if x.ndim != 4:
+def check_image_shape(shape, what):
+    """Refuses an images shape that is not NHWC: not 4-d, or channel-first.
+
+    A shape (N, C, H, W) with C in {1, 3, 4} and a last axis that is not is taken for
+    channel-first (PyTorch's layout), which would otherwise be read as W-channel images.
+
+    Args:
+      shape: the images' shape.
+      what: what the images are, for the message (e.g. "cifar10/train images").
+
+    Raises:
+      DataError: naming the problem and the fix.
+    """
+    shape = tuple(shape)
+    if len(shape) != 4:
         raise DataError(
-            f"{what}: images must be NHWC (4-d), got shape {x.shape}; add a channel axis with "
+            f"{what} must be NHWC (4-d), got shape {shape}; add a channel axis with "
             "x[..., None] for grayscale."
         )
+    if shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4):
+        raise DataError(
+            f"{what} of shape {shape} look channel-first (NCHW) but must be NHWC; convert them "
+            "with np.transpose(x, (0, 2, 3, 1))."
+        )
+
+
+def validate_arrays(x, y, what):
+    """Refuses a dataset split that is not uint8 NHWC images with matching labels >= 0.
+
+    Raises:
+      DataError: naming the problem and the fix.
+    """
+    check_image_shape(x.shape, f"{what} images")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"{what}: labels of shape {y.shape} do not match {x.shape[0]} images.")
     if x.dtype != np.uint8:
-        raise DataError(f"{what}: images must be uint8 in 0..255, got {x.dtype}.")
+        raise DataError(
+            f"{what}: images must be uint8 in 0..255, got {x.dtype}; convert floats in [0, 1] "
+            "with np.round(x * 255).astype(np.uint8)."
+        )
     if y.size and (y.min() < 0):
         raise DataError(f"{what}: labels must be >= 0, got min {y.min()}.")
 

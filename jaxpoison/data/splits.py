@@ -26,17 +26,30 @@ def balanced_indices(labels, num, num_classes):
     return np.sort(np.concatenate(picked))
 
 
-def load(config):
-    """Loads the dataset a `config.data` ConfigDict describes, subsetting as asked.
+def load(config=None, /, **fields):
+    """Loads the dataset a ``config.data`` describes, subsetting as asked.
 
-    Fields: source (one of SOURCES), name, and optionally path, data_dir, download,
-    num_train / num_test (0 = all; class-balanced otherwise).
+    The description is a ConfigDict, a plain dict, keywords, or a mapping with keywords that
+    override it: ``load(config.data)``, ``load(dict(source="embedded", name="cifar10"))`` and
+    ``load(source="npz", name="mnist", num_train=1000)`` all work.
+
+    Fields: source (one of SOURCES, default "npz"), name, and optionally path, data_dir,
+    download, num_train / num_test (0 = all; class-balanced otherwise). Other fields (those of
+    the training pipeline) are ignored here.
+
+    Raises:
+      DataError: an unknown source, no name, or a dataset that cannot be found or is malformed.
     """
+    config = {**dict(config or {}), **fields}
     source = config.get("source", "npz")
     if source not in SOURCES:
         raise DataError(f"Unknown data.source {source!r}; use one of {sorted(SOURCES)}.")
+    if not config.get("name"):
+        raise DataError(
+            f"data.name is missing; name the dataset, e.g. load(source={source!r}, name='cifar10')."
+        )
     kwargs = {k: config.get(k) for k in ("path", "data_dir", "download") if config.get(k)}
-    ds = SOURCES[source](config.name, **kwargs)
+    ds = SOURCES[source](config["name"], **kwargs)
     num_train, num_test = config.get("num_train", 0), config.get("num_test", 0)
     updates = {}
     if num_train and num_train < len(ds.y_train):

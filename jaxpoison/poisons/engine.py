@@ -41,6 +41,17 @@ def _compiled_apply(poison):
     return jax.jit(fn)
 
 
+def _inputs(images, labels, where):
+    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels, on device."""
+    images = jnp.asarray(data.as_float_images(images, what=f"{where}: images"))
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.shape != images.shape[:1]:
+        raise data.DataError(
+            f"{where}: labels of shape {labels.shape} do not match {images.shape[0]} images."
+        )
+    return images, labels
+
+
 def craft(
     poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="craft", progress=True
 ):
@@ -48,7 +59,8 @@ def craft(
 
     Args:
       poison: a `Poison`.
-      images: float [N, H, W, C] in [0, 1] (jax or numpy), the clean training images.
+      images: [N, H, W, C] (jax or numpy), the clean training images: uint8 0..255 or float in
+        [0, 1] (see `data.as_float_images`; anything else is refused).
       labels: int [N].
       key: PRNG key; `init` gets ``fold_in(key, 0)``, step s of epoch e ``fold_in`` of both.
       batch_size: examples per `update` call.
@@ -57,7 +69,7 @@ def craft(
     Returns:
       (state, history): the crafted state and per-epoch means of the update's metrics.
     """
-    images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    images, labels = _inputs(images, labels, "poisons.craft")
     dataset = {"image": images, "label": labels}
     state = jax.jit(poison.init)(jax.random.fold_in(key, 0), dataset)
     history, start = {}, 0
@@ -103,9 +115,10 @@ def craft(
 def apply_all(poison, state, images, labels, *, batch_size=1000):
     """The poisoned training set as numpy: (float32 images [N, H, W, C], int32 labels [N]).
 
+    `images` are the clean training images, uint8 0..255 or float in [0, 1], as for `craft`.
     Labels come back from `poison.apply` too: only the substandard *mislabeling* set changes them.
     """
-    images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+    images, labels = _inputs(images, labels, "poisons.apply_all")
     n = labels.shape[0]
 
     fn = _compiled_apply(poison)
