@@ -299,3 +299,50 @@ def test_clean_data_addition_comes_from_outside_the_subset():
     np.testing.assert_array_equal(np.bincount(y_extra, minlength=10), np.full(10, 2))
     subset = {im.tobytes() for im in dataset.x_train}
     assert not any(np.round(im * 255).astype(np.uint8).tobytes() in subset for im in x_extra)
+
+
+# ----- class-wise patterns are pairwise distinct ------------------------------------------------
+
+
+def distinct_rows(state):
+    flat = np.asarray(state.class_delta).reshape(state.class_delta.shape[0], -1)
+    return len({row.tobytes() for row in flat})
+
+
+@pytest.mark.parametrize("num_classes", [10, 16])
+def test_regions_on_one_channel_gives_distinct_patterns(tm, num_classes):
+    """Issue 19, bug 7's regression: Regions-4 on one channel has 16 sign patterns, and 10 classes
+    drawn independently collided (two classes shared a pattern) for most keys."""
+    poison = poisons.make("regions", threat=tm, num_classes=num_classes, image_shape=(8, 8, 1))
+    init = jax.jit(poison.init)
+    for seed in range(20):
+        state = init(jax.random.key(seed), None)
+        assert distinct_rows(state) == num_classes
+        assert set(np.unique(np.asarray(state.class_delta))) <= {np.float32(-EPS), np.float32(EPS)}
+    with pytest.raises(ValueError, match=r"num_patches=4 on 1 channel.*num_patches >= 8"):
+        poisons.make("regions", threat=tm, num_classes=17, image_shape=(8, 8, 1))
+
+
+def test_regions_keeps_a_first_draw_without_collisions(tm):
+    """Where the independent draw has no repeated pattern (almost always with 3 channels), the
+    patterns are that draw: poisons crafted before distinctness was enforced stay the same."""
+    key = jax.random.key(0)
+    state = poisons.make("regions", threat=tm, num_classes=3, image_shape=IMAGE_SHAPE).init(
+        key, None
+    )
+    signs = np.where(jax.random.bernoulli(key, 0.5, (3, 2, 2, 3)), 1.0, -1.0)
+    expected = np.repeat(np.repeat(signs, 4, axis=1), 4, axis=2) * np.float32(EPS)
+    np.testing.assert_array_equal(np.asarray(state.class_delta), expected)
+
+
+def test_other_class_wise_poisons_refuse_too_few_patterns(tm):
+    sign = poisons.make(
+        "random", threat=tm, num_classes=16, image_shape=(2, 2, 1), distribution="sign"
+    )
+    assert distinct_rows(jax.jit(sign.init)(jax.random.key(0), None)) == 16
+    with pytest.raises(ValueError, match="distribution='uniform'"):
+        poisons.make(
+            "random", threat=tm, num_classes=17, image_shape=(2, 2, 1), distribution="sign"
+        )
+    with pytest.raises(ValueError, match="frequency >= 2"):
+        poisons.make("low_frequency", threat=tm, num_classes=3, image_shape=(8, 8, 1), frequency=1)

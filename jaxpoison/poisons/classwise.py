@@ -1,5 +1,10 @@
 """Class-wise synthetic poisons that need no model: random noise (P5), Regions, low-frequency.
 
+Every class gets its own pattern, and the patterns are guaranteed pairwise distinct: sign
+patterns (Regions, P5 with ``distribution='sign'``) are drawn uniformly among the distinct
+assignments, and a configuration with fewer possible patterns than classes is refused. Continuous
+draws (P5 ``uniform``, low-frequency with more than one coefficient) coincide with probability 0.
+
 References:
   Tao et al. 2021, "Better Safe Than Sorry" (P5: one random perturbation per class).
   Sandoval-Segura et al. 2022, "Poisons that are learned faster are more effective" (Regions-n,
@@ -38,19 +43,63 @@ def _scaler(threat):
     )
 
 
+def _num_distinct(num_bits, num_classes):
+    """(whether `num_classes` distinct patterns of `num_bits` signs exist, the probability that
+    as many independent uniform draws are pairwise distinct)."""
+    total = 2**num_bits  # a Python int: exact for any size
+    p = 1.0
+    for i in range(min(num_classes, total + 1)):
+        p *= 1.0 - i / total
+    return total >= num_classes, p
+
+
+def _distinct_signs(key, num_classes, shape):
+    """``num_classes`` pairwise distinct ±1 patterns of `shape`, uniformly among such tuples.
+
+    The first draw is ``bernoulli(key, 0.5, (num_classes, *shape))``; a draw with a repeated
+    pattern is redrawn with ``fold_in(key, attempt)`` (rejection keeps the distribution uniform,
+    and leaves every collision-free first draw as it was). When collisions are likely (fewer than
+    2 ** 20 patterns, at most 1% of draws distinct), the patterns are instead the bits of
+    `num_classes` codes sampled without replacement, the same distribution at a bounded cost.
+    """
+    num_bits = math.prod(shape)
+    _, p_distinct = _num_distinct(num_bits, num_classes)
+    if p_distinct < 0.01 and num_bits <= 20:
+        codes = jax.random.choice(key, 2**num_bits, (num_classes,), replace=False)
+        bits = (codes[:, None] >> jnp.arange(num_bits)) & 1
+        return jnp.where(bits == 1, 1.0, -1.0).reshape(num_classes, *shape)
+
+    def repeated(carry):
+        flat = carry[1].reshape(num_classes, -1)
+        same = jnp.all(flat[:, None] == flat[None], axis=-1)
+        return jnp.any(same & ~jnp.eye(num_classes, dtype=bool))
+
+    def redraw(carry):
+        attempt = carry[0] + 1
+        return attempt, jax.random.bernoulli(jax.random.fold_in(key, attempt), 0.5, bits.shape)
+
+    bits = jax.random.bernoulli(key, 0.5, (num_classes, *shape))
+    _, bits = jax.lax.while_loop(repeated, redraw, (0, bits))
+    return jnp.where(bits, 1.0, -1.0)
+
+
 def random(*, threat, num_classes, image_shape, distribution="uniform"):
     """P5: for each class one fixed random perturbation, uniform in [-ε, ε] per pixel (``uniform``,
-    as Tao et al.'s code draws it) or ±ε with equal probability (``sign``)."""
+    as Tao et al.'s code draws it) or ±ε with equal probability (``sign``, distinct per class)."""
+    if distribution not in ("uniform", "sign"):
+        raise ValueError(f"distribution must be 'uniform' or 'sign', not {distribution!r}.")
+    if distribution == "sign" and not _num_distinct(math.prod(image_shape), num_classes)[0]:
+        raise ValueError(
+            f"random: {tuple(image_shape)} images allow only 2**{math.prod(image_shape)} sign "
+            f"patterns, fewer than the {num_classes} classes; use distribution='uniform'."
+        )
     scale = _scaler(threat)
 
     def make_delta(key):
-        shape = (num_classes, *image_shape)
         if distribution == "uniform":
-            d = jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
-        elif distribution == "sign":
-            d = jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0)
+            d = jax.random.uniform(key, (num_classes, *image_shape), minval=-1.0, maxval=1.0)
         else:
-            raise ValueError(f"distribution must be 'uniform' or 'sign', not {distribution!r}.")
+            d = _distinct_signs(key, num_classes, tuple(image_shape))
         return scale(d)
 
     return _static(threat, make_delta)
@@ -66,18 +115,30 @@ def patch_grid(num_patches):
 
 def regions(*, threat, num_classes, image_shape, num_patches=4):
     """Regions-n: the image is cut into an n-patch grid; in each class every patch is one fixed
-    colour whose channels are ±ε with equal probability."""
+    colour whose channels are ±ε with equal probability, no two classes with the same pattern.
+
+    Raises:
+      ValueError: the patches do not fit the image, or the 2 ** (num_patches * channels) sign
+        patterns are fewer than the classes (e.g. Regions-2 on one channel for 10 classes).
+    """
     h, w, c = image_shape
     rows, cols = patch_grid(num_patches)
     if rows > h or cols > w:
         raise ValueError(f"{num_patches} patches do not fit a {h}x{w} image.")
+    if not _num_distinct(num_patches * c, num_classes)[0]:
+        enough = next(2**k for k in range(64) if 2 ** (2**k * c) >= num_classes)
+        raise ValueError(
+            f"regions: num_patches={num_patches} on {c} channel(s) gives only "
+            f"2**{num_patches * c} distinct patterns, fewer than the {num_classes} classes; "
+            f"use num_patches >= {enough}."
+        )
     # Pixel -> patch index maps (patch borders as even as integer division allows).
     row_of = np.minimum(np.arange(h) * rows // h, rows - 1)
     col_of = np.minimum(np.arange(w) * cols // w, cols - 1)
     scale = _scaler(threat)
 
     def make_delta(key):
-        colours = jnp.where(jax.random.bernoulli(key, 0.5, (num_classes, rows, cols, c)), 1.0, -1.0)
+        colours = _distinct_signs(key, num_classes, (rows, cols, c))
         return scale(colours[:, row_of][:, :, col_of])
 
     return _static(threat, make_delta)
@@ -94,10 +155,19 @@ def _idct_matrix(n):
 
 def low_frequency(*, threat, num_classes, image_shape, frequency=4):
     """Low-frequency DCT noise: per class an n x n x C block of Gaussian DCT coefficients (n =
-    `frequency`), zero-padded to the image size, inverse-DCT'd, scaled so its ℓ∞ norm is ε."""
+    `frequency`), zero-padded to the image size, inverse-DCT'd, scaled so its ℓ∞ norm is ε.
+
+    With a single coefficient (frequency 1 on one channel) every pattern is ±ε everywhere: only
+    two exist, so that case is refused for more than one class.
+    """
     h, w, c = image_shape
     if not 1 <= frequency <= min(h, w):
         raise ValueError(f"frequency={frequency} must be in 1..{min(h, w)}.")
+    if frequency * frequency * c == 1 and num_classes > 1:
+        raise ValueError(
+            f"low_frequency: frequency=1 on 1 channel makes every class pattern a constant ±ε "
+            f"image, so the {num_classes} classes cannot all differ; use frequency >= 2."
+        )
     dh, dw = _idct_matrix(h), _idct_matrix(w)
     scale = _scaler(threat)
 
