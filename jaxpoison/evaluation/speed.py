@@ -186,7 +186,8 @@ def scatter(points, path, *, x, y, xlabel=None, ylabel=None, title="", diagonal=
     censored = np.array([p[x] is None or p[y] is None for p in points.values()], bool)
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     if (~censored).any():
-        ax.scatter(xs[~censored], ys[~censored], s=25, color="C0", label="measured")
+        label = "measured" if censored.any() else None
+        ax.scatter(xs[~censored], ys[~censored], s=25, color="C0", label=label)
     if censored.any():
         ax.scatter(
             xs[censored],
@@ -200,7 +201,8 @@ def scatter(points, path, *, x, y, xlabel=None, ylabel=None, title="", diagonal=
         ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if diagonal and (~censored).any():
         shown = np.concatenate([xs[~censored], ys[~censored]])
-        ax.plot([shown.min(), shown.max()], [shown.min(), shown.max()], "k--", lw=0.8, alpha=0.6)
+        line = [shown.min(), shown.max()]
+        ax.plot(line, line, "k--", lw=0.8, alpha=0.6, label="y = x")
     for axis, field in (("x", x), ("y", y)):
         if "epoch" in field:
             plots.integer_epoch_axis(ax, axis=axis, last=budget, never=censored.any())
@@ -208,7 +210,7 @@ def scatter(points, path, *, x, y, xlabel=None, ylabel=None, title="", diagonal=
     ax.set_ylabel(ylabel or y)
     ax.set_title(f"{title + ': ' if title else ''}Spearman {rho_text(*correlation(points, x, y))}")
     ax.grid(alpha=0.3)
-    if censored.any():
+    if censored.any() or diagonal:
         ax.legend(fontsize=7)
     plots.save_figure(fig, path)
 
