@@ -22,7 +22,9 @@ floating-point reassociation (tests compare them with `lax`), and both support g
 On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (forward, input
 gradient and kernel gradient from `jaxpoison._cpu_kernels`, each differentiated by the other two
 here, so every order of derivative stays on oneDNN) when the library is available;
-`set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
+`set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above. oneDNN is
+chosen for the platform a program is lowered for (`lax.platform_dependent`), so a program a CPU
+process lowers for cuda or tpu holds no CPU-only custom call.
 Measurements: docs/performance.md and benchmarks/conv_layers.py.
 """
 
@@ -60,6 +62,11 @@ def set_conv_backend(name):
 
 
 def _use_onednn(*arrays):
+    """Whether to stage out oneDNN for these operands (for the CPU platform only: `_on_cpu`).
+
+    A process whose default backend is not the CPU never builds the kernels: it lowers for its
+    accelerator, where they do not exist.
+    """
     if _conv_backend not in _CONV_BACKENDS:
         raise ValueError(f"JAXPOISON_CONV={_conv_backend!r}: use one of {_CONV_BACKENDS}.")
     if _conv_backend == "xla" or jax.default_backend() != "cpu":
@@ -69,6 +76,18 @@ def _use_onednn(*arrays):
     if _conv_backend == "onednn":
         return _cpu_kernels.require()
     return _cpu_kernels.available()
+
+
+def _on_cpu(onednn_kernel, xla_kernel, *arrays):
+    """``onednn_kernel(*arrays)`` where the program runs on CPU, ``xla_kernel(*arrays)`` elsewhere.
+
+    The choice is made when the program is lowered, for the platform it is lowered for (not the
+    process's default backend): a CPU process lowering for cuda or tpu gets XLA's kernel, never a
+    CPU-only custom call. Without oneDNN (`_use_onednn`) it is XLA's kernel everywhere.
+    """
+    if not _use_onednn(*arrays):
+        return xla_kernel(*arrays)
+    return lax.platform_dependent(*arrays, cpu=onednn_kernel, default=xla_kernel)
 
 
 def _explicit_padding(padding, in_hw, kernel_hw, strides):
@@ -179,9 +198,12 @@ def _is_nhwc(dimension_numbers):
 
 
 def _conv_kernel(x, w, strides, pads):
-    if _use_onednn(x, w):
-        return _cpu_kernels.conv(x, w, strides, pads)
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+    return _on_cpu(
+        lambda x, w: _cpu_kernels.conv(x, w, strides, pads),
+        lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC),
+        x,
+        w,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -231,13 +253,23 @@ def _patch_gemm(xp, ct, kernel_hw, strides, cin):
 
 
 def kernel_gradient(x, ct, kernel_hw, strides, pads):
+    """d<conv(x, w), ct>/dw for a kernel of spatial size ``kernel_hw``: oneDNN's on CPU when it
+    is chosen (`_on_cpu`), else GEMMs over the patches (`_xla_kernel_gradient`)."""
+    kernel_hw = tuple(kernel_hw)
+    return _on_cpu(
+        lambda x, ct: _onednn_kernel_gradient(x, ct, kernel_hw, strides, pads),
+        lambda x, ct: _xla_kernel_gradient(x, ct, kernel_hw, strides, pads),
+        x,
+        ct,
+    )
+
+
+def _xla_kernel_gradient(x, ct, kernel_hw, strides, pads):
     """d<conv(x, w), ct>/dw as GEMMs: [kh*kw*Cin, B*Ho*Wo] @ [B*Ho*Wo, Cout].
 
     The batch is cut into chunks whose patch matrix fits in cache (`_DW_CHUNK_ELEMENTS`); a
     `lax.scan` over the chunks sums their products.
     """
-    if _use_onednn(x, ct):
-        return _onednn_kernel_gradient(x, ct, tuple(kernel_hw), strides, pads)
     kh, kw = kernel_hw
     b, ho, wo, cout = ct.shape
     cin = x.shape[3]
@@ -287,6 +319,18 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _input_gradient_kernel(ct, w, in_hw, strides, pads):
+    """d<conv(x, w), ct>/dx for an input of spatial size ``in_hw``: oneDNN's on CPU when it is
+    chosen (`_on_cpu`), else `_xla_input_gradient`."""
+    in_hw = tuple(in_hw)
+    return _on_cpu(
+        lambda ct, w: _cpu_kernels.input_gradient(ct, w, in_hw, strides, pads),
+        lambda ct, w: _xla_input_gradient(ct, w, in_hw, strides, pads),
+        ct,
+        w,
+    )
+
+
+def _xla_input_gradient(ct, w, in_hw, strides, pads):
     """d<conv(x, w), ct>/dx: ``ct`` dilated by the strides, convolved with the flipped kernel.
 
     The kernel is flipped and transposed to HWIO explicitly. JAX's own transpose rule hands XLA
@@ -295,8 +339,6 @@ def _input_gradient_kernel(ct, w, in_hw, strides, pads):
     generic loop (measured: the L2C generator's gradient 2.5x slower inside a scan of length 1
     than outside it).
     """
-    if _use_onednn(ct, w):
-        return _cpu_kernels.input_gradient(ct, w, tuple(in_hw), strides, pads)
     kh, kw = w.shape[:2]
     w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     padding = []

@@ -244,6 +244,26 @@ def test_onednn_kernels_replace_xla_convolutions_in_loops_vmap_and_remat():
         _close(a, b, scale=100)
 
 
+def test_onednn_is_chosen_for_the_lowering_platform(monkeypatch):
+    """oneDNN's custom calls exist on CPU only: lowered for cuda or tpu from this CPU process, a
+    vmapped second-order conv program has XLA convolutions and no custom call; for cpu, oneDNN."""
+    monkeypatch.setattr(ops, "_conv_backend", "onednn")
+    x, w = _arrays((2, 8, 8, 3), (2, 3, 3, 3, 4))
+
+    def meta(w, x):
+        loss = lambda w_, x_: jnp.sum(jnp.tanh(_ops_conv(x_, w_, (1, 1), "SAME")) ** 2)
+        return jax.grad(lambda w_, x_: jnp.vdot(jax.grad(loss)(w_, x_), w_), (0, 1))(w, x)
+
+    traced = jax.jit(jax.vmap(meta, (0, None))).trace(w, x)
+    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    for name in ("forward", "backward_data", "backward_weights"):
+        assert f"custom_call @jaxpoison_conv_{name}" in text["cpu"], name
+    assert "stablehlo.convolution" not in text["cpu"]
+    for platform in ("cuda", "tpu"):
+        assert "custom_call" not in text[platform], platform
+        assert "stablehlo.convolution" in text[platform], platform
+
+
 def test_conv_backend_choice_and_dtypes(monkeypatch):
     with pytest.raises(ValueError, match="conv backend 'mkl'"):
         ops.set_conv_backend("mkl")
