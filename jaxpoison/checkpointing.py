@@ -7,16 +7,24 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpoison import workdir
+
 
 class Manager:
     """Keeps the latest checkpoints of ``(state pytree, history dict)`` under `directory`.
 
     Saving is synchronous so a SIGKILL right after `save` returns loses nothing; orbax writes
     to a temporary folder and renames it, so a killed save leaves no half-written checkpoint.
+
+    With a `record` (what determined the state: see `jaxpoison.workdir`), the directory is
+    claimed for it: a directory holding checkpoints of another record is refused with the fields
+    that differ, so a changed spec never resumes from stale state.
     """
 
-    def __init__(self, directory, max_to_keep=2):
+    def __init__(self, directory, max_to_keep=2, *, record=None):
         self.directory = Path(directory).absolute()
+        if record is not None:
+            workdir.claim(self.directory, record)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
         )

@@ -28,6 +28,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpoison import checkpointing, data, losses, models, objectives
 from jaxpoison.progress import progress_bar
+from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
+
+# Victim-spec fields that do not change the trained state (left out of checkpoint records).
+_NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,11 @@ def data_mesh():
 
 @dataclasses.dataclass(frozen=True)
 class TrainData:
-    """Arrays the trainer reads: float images in [0, 1] and int labels, as jax arrays."""
+    """Arrays the trainer reads: float images in [0, 1] and int labels, as jax arrays.
+
+    `digest` (sha256 of every array and the augmentation settings, computed on the host by
+    `create`) keys the checkpoints of victims trained on it.
+    """
 
     x_train: jax.Array
     y_train: jax.Array
@@ -131,6 +139,7 @@ class TrainData:
     y_val: jax.Array | None = None
     crop_padding: int = 0
     flip: bool = False
+    digest: str = ""
 
     @classmethod
     def create(
@@ -146,29 +155,34 @@ class TrainData:
         flip=False,
         mesh=None,
     ):
-        """Moves arrays to the devices (replicated), uint8 images converted to float in [0, 1]."""
+        """Moves arrays to the devices (replicated), images converted by `data.as_float_images`
+        (uint8 or floats in [0, 1]; NaN, inf, channel-first and other ranges refused)."""
         mesh = mesh or data_mesh()
         rep = NamedSharding(mesh, P())
 
-        def put(a, dtype):
+        def images(a, split):
             if a is None or len(a) == 0:
                 return None
-            a = np.asarray(a)
-            a = a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(dtype)
-            if dtype == jnp.float32 and not np.isfinite(a).all():
-                raise data.DataError("Training images contain NaN or inf; fix the poison or data.")
-            return jax.device_put(a, rep)
+            return data.as_float_images(np.asarray(a), what=f"TrainData: {split} images")
 
-        return cls(
-            put(x_train, jnp.float32),
-            put(y_train, jnp.int32),
-            put(x_test, jnp.float32),
-            put(y_test, jnp.int32),
-            put(x_val, jnp.float32),
-            put(y_val, jnp.int32),
-            crop_padding,
-            flip,
-        )
+        def labels(a, x, split):
+            if x is None:
+                return None
+            a = np.asarray(a)
+            if a.shape != (len(x),):
+                raise data.DataError(
+                    f"TrainData: {split} labels of shape {a.shape} for {len(x)} images; pass "
+                    "one integer label per image."
+                )
+            return a.astype(np.int32)
+
+        xs = [images(x_train, "train"), images(x_test, "test"), images(x_val, "val")]
+        splits = ("train", "test", "val")
+        ys = [labels(y, x, n) for y, x, n in zip((y_train, y_test, y_val), xs, splits, strict=True)]
+        arrays = [xs[0], ys[0], xs[1], ys[1], xs[2], ys[2]]
+        digest = array_digest(*arrays, np.asarray([crop_padding, int(flip)]))
+        placed = [None if a is None else jax.device_put(a, rep) for a in arrays]
+        return cls(*placed, crop_padding, flip, digest)
 
 
 @dataclasses.dataclass
@@ -183,6 +197,8 @@ class Trainer:
       epochs, batch_size, eval_batch_size: loop sizes.
       optimizer_kwargs: keyword arguments of `make_optimizer` (without epochs/steps_per_epoch).
       checkpoint_every: save every this many epochs (0 = only at the end) when given a directory.
+      spec: the plain victim spec that built it (set by `from_config`); checkpoints are keyed by
+        it (see `record`), so a `Trainer` built by hand needs one to checkpoint.
     """
 
     module: Any
@@ -195,6 +211,7 @@ class Trainer:
     checkpoint_every: int = 1
     seed_strategy: str = "auto"
     mesh: Mesh | None = None
+    spec: dict | None = None
 
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
@@ -215,6 +232,7 @@ class Trainer:
             checkpoint_every=config.get("checkpoint_every", 1),
             seed_strategy=config.get("seed_strategy", "auto"),
             mesh=mesh,
+            spec={k: v for k, v in plain(config).items() if k not in _NOT_DETERMINING},
         )
 
     def __post_init__(self):
@@ -305,7 +323,19 @@ class Trainer:
         return self._compiled[cache_key]
 
     def evaluate(self, states, x, y):
-        """Eval-mode accuracy and mean loss of every seed on (x, y): dict of [S] arrays."""
+        """Eval-mode accuracy and mean loss of every seed on (x, y): dict of [S] arrays.
+
+        `x`: uint8 images or floats in [0, 1] (`data.as_float_images`), `y`: int labels.
+        """
+        x = data.as_float_images(x, what="Trainer.evaluate: images")
+        if len(y) != len(x):
+            raise data.DataError(
+                f"Trainer.evaluate: {len(y)} labels for {len(x)} images; pass one label per image."
+            )
+        return self._evaluate_checked(states, x, jnp.asarray(y, jnp.int32))
+
+    def _evaluate_checked(self, states, x, y):
+        """`evaluate` of images already float32 in [0, 1] (the `TrainData` arrays)."""
         if "eval" not in self._compiled:
             self._compiled["eval"] = jax.jit(self._evaluate, static_argnums=3)
         return self._compiled["eval"](states, x, y, min(self.eval_batch_size, len(y)))
@@ -336,6 +366,33 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------------
 
+    def record(self, train_data, *, key, num_seeds):
+        """What determines the victims `fit` trains: the content-key record of their checkpoints.
+
+        Raises:
+          ValueError: for a `Trainer` without `spec` (its objective and model are code, not data).
+        """
+        if self.spec is None:
+            raise ValueError(
+                "this Trainer has no spec, so its checkpoints cannot be keyed; build it with "
+                "Trainer.from_config, pass spec= (the dict that determines it), or fit without "
+                "ckpt_dir."
+            )
+        return {
+            "kind": "victim",
+            "version": ARTIFACT_VERSION,
+            "trainer": self.spec,
+            "module": repr(self.module),
+            "image_shape": list(self.image_shape),
+            "data": train_data.digest,
+            "key": key,
+            "num_seeds": int(num_seeds),
+        }
+
+    def checkpoint_dir(self, ckpt_root, train_data, *, key, num_seeds):
+        """``ckpt_root/<content key of record>``: where `fit` keeps these victims' checkpoints."""
+        return keyed_dir(ckpt_root, self.record(train_data, key=key, num_seeds=num_seeds))
+
     def _cached(self, name, arg, build):
         """A jitted helper built once per (name, arg), so repeated `fit` calls reuse it."""
         if (name, arg) not in self._compiled:
@@ -350,12 +407,16 @@ class Trainer:
         """
         record = {
             f"train/{k}": v
-            for k, v in self.evaluate(states, train_data.x_train, train_data.y_train).items()
+            for k, v in self._evaluate_checked(
+                states, train_data.x_train, train_data.y_train
+            ).items()
         }
         for split in ("test", "val"):
             x, y = getattr(train_data, f"x_{split}"), getattr(train_data, f"y_{split}")
             if x is not None:
-                record |= {f"{split}/{k}": v for k, v in self.evaluate(states, x, y).items()}
+                record |= {
+                    f"{split}/{k}": v for k, v in self._evaluate_checked(states, x, y).items()
+                }
         return {
             k: [[float(a) for a in np.atleast_1d(v)]] for k, v in jax.device_get(record).items()
         }
@@ -389,8 +450,10 @@ class Trainer:
           train_data: a `TrainData`.
           key: PRNG key of this run; seed s uses ``fold_in``-derived keys of it.
           num_seeds: victims trained in parallel (a leading axis of every state array).
-          ckpt_dir: if given, the state and history are saved there every `checkpoint_every`
-            epochs and a run that finds a checkpoint resumes from it.
+          ckpt_dir: if given, the state and history are saved every `checkpoint_every` epochs
+            under ``ckpt_dir/<key>`` (`checkpoint_dir`: the content key of everything that
+            determines these victims) and a run that finds a checkpoint there resumes from it; a
+            changed spec, data or key gets a new directory and trains afresh.
           name: shown on the progress bar.
           progress: show a progress bar.
           epoch_callback: optional ``f(epoch, states, history)`` called after each epoch.
@@ -436,7 +499,10 @@ class Trainer:
             ),
         )
 
-        manager = checkpointing.Manager(ckpt_dir) if ckpt_dir else None
+        manager = None
+        if ckpt_dir:
+            record = self.record(train_data, key=key, num_seeds=num_seeds)
+            manager = checkpointing.Manager(keyed_dir(ckpt_dir, record), record=record)
         history, start_epoch = {}, 0
         states = self.init_seeds(key, num_seeds, steps_per_epoch)
         if manager is not None and manager.latest_step() is not None:
@@ -470,7 +536,9 @@ class Trainer:
             for split in ("test", "val"):
                 x, y = getattr(train_data, f"x_{split}"), getattr(train_data, f"y_{split}")
                 if x is not None:
-                    record |= {f"{split}/{k}": v for k, v in self.evaluate(states, x, y).items()}
+                    record |= {
+                        f"{split}/{k}": v for k, v in self._evaluate_checked(states, x, y).items()
+                    }
             record = jax.device_get(record)
             if not all(np.isfinite(v).all() for v in record.values()):
                 raise FloatingPointError(

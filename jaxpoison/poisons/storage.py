@@ -1,10 +1,12 @@
 """Poison artifacts: the crafted state as a pickle-free `.npz` plus self-describing JSON metadata.
 
-    WORKDIR/poison/<run>/state.npz       # leaves of the poison state, keyed by their pytree path
-    WORKDIR/poison/<run>/metadata.json   # format, poison name and spec, threat, dataset, hash
+    WORKDIR/poison/<run>/<key>/state.npz       # leaves of the poison state, by pytree path
+    WORKDIR/poison/<run>/<key>/metadata.json   # format, poison name and spec, threat, dataset,
+                                               # the record that made it and its content key
 
 `load` checks the format version, that the clean data is the one the poison was made on (sha256
-of the training set), and that every perturbation leaf lies in the recorded ball.
+of the training set), that the artifact was made by the record asked for (its content key, see
+`jaxpoison.workdir`), and that every perturbation leaf lies in the recorded ball.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from jaxpoison.workdir import canonical, content_key, differences, write_json_atomic
 
 FORMAT = "jaxpoison.poison/1"
 BOUND_TOLERANCE = 1e-5
@@ -39,18 +43,11 @@ def _check_finite(where, key, value):
         )
 
 
-def write_json_atomic(path, obj):
-    """Writes JSON to `path` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
+def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, record=None):
     """Saves a poison state and its metadata atomically into `directory` (replacing it).
+
+    `record` (optional) is everything that determined the state (`jaxpoison.workdir`); it is
+    stored with its content key, which `load` can require.
 
     Raises:
       PoisonFileError: when a leaf holds NaN or infinite values (nothing is written).
@@ -76,6 +73,8 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
             "dataset": dataset_name,
             "train_sha256": fingerprint,
             "leaves": {k: list(v.shape) for k, v in leaves.items()},
+            "record": canonical(record),
+            "key": None if record is None else content_key(record),
         },
     )
     if directory.exists():
@@ -83,13 +82,15 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint):
     os.replace(tmp, directory)
 
 
-def load(directory, template, *, fingerprint=None):
+def load(directory, template, *, fingerprint=None, record=None):
     """Loads a saved poison state shaped like `template` and checks it.
 
     Args:
       directory: the artifact directory written by `save`.
       template: a state of the same structure (e.g. ``poison.init(key, dataset)``).
       fingerprint: sha256 of the clean training data it is to be applied to; refused if different.
+      record: what the state must have been made by; refused (naming the fields that differ) if
+        the artifact was made by another record or carries none.
 
     Returns:
       (state, metadata).
@@ -105,6 +106,12 @@ def load(directory, template, *, fingerprint=None):
         raise PoisonFileError(
             f"{directory} was crafted on other training data (sha256 {meta['train_sha256'][:12]}…"
             f" vs {fingerprint[:12]}…); craft it again for this dataset."
+        )
+    if record is not None and meta.get("key") != content_key(record):
+        changed = differences(meta.get("record"), canonical(record))
+        raise PoisonFileError(
+            f"{directory} was crafted by another spec (it differs in {', '.join(changed)}); "
+            "craft it again (delete the directory) or restore the spec that made it."
         )
     with np.load(directory / "state.npz", allow_pickle=False) as f:
         stored = {k: f[k] for k in f.files}

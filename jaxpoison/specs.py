@@ -1,0 +1,284 @@
+"""From a config to the objects it names: the threat ball, models, victims and poisons.
+
+Every trainer builds these through this module, so one config field means one thing everywhere,
+and every artifact's *record* (what determined it; `jaxpoison.workdir`) is made in one place.
+
+* `threat`: the config's one `LpBall` (``config.threat``, or a poison spec's own ``threat``).
+* `model_spec`: a model spec with ``name='auto'`` resolved from the data's image shape, checked
+  to build on that shape before any work is done.
+* `victim` / `surrogate`: the victim (crafting-model) spec, merged with per-architecture
+  overrides, its model resolved.
+* `poison_spec` / `make_poison` / `poison_record`: a run of ``config.poisons`` parsed, built,
+  and keyed.
+* `selected`: the entries of ``config.poisons`` / ``objectives`` / ``victims`` chosen by
+  ``config.select``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxpoison import _registry, models, poisons
+from jaxpoison import threat as threat_lib
+from jaxpoison.progress import say
+from jaxpoison.workdir import ARTIFACT_VERSION, plain
+
+# Fields of a poison spec that are not the factory's keyword arguments.
+_RUN_FIELDS = ("name", "threat", "batch_size", "clean_extra", "surrogate")
+
+# The model ``name='auto'`` stands for, by number of channels, and the shapes the named models
+# were designed for (another shape works, with a note: a CNN's dense layer adapts).
+AUTO_MODELS = {1: "cnn_mnist", 3: "cnn_cifar"}
+DESIGNED_FOR = {"cnn_mnist": (28, 28, 1), "cnn_cifar": (32, 32, 3)}
+
+
+def threat(config, spec=None):
+    """The `LpBall` of ``spec['threat']`` when a poison spec has its own, else ``config.threat``."""
+    fields = plain((spec or {}).get("threat") or config.threat)
+    if "epsilon" not in fields:
+        raise ValueError(
+            f"threat {fields} has no epsilon; set config.threat.epsilon (e.g. 8/255): jaxpoison "
+            "has no default radius."
+        )
+    return threat_lib.make(**fields)
+
+
+def selected(config, field):
+    """``config[field]`` (a dict of named specs) restricted to ``config.select[field]``.
+
+    An empty or absent selection keeps every entry. Unknown names are refused with the list.
+    """
+    table = plain(config.get(field) or {})
+    chosen = tuple(plain((config.get("select") or {}).get(field) or ()))
+    if not chosen:
+        return table
+    missing = sorted(set(chosen) - set(table))
+    if missing:
+        raise ValueError(
+            f"config.select.{field}={chosen}: {missing} not among config.{field} ({sorted(table)})."
+        )
+    return {k: v for k, v in table.items() if k in chosen}
+
+
+@functools.lru_cache(maxsize=64)
+def _check_builds(name, width, image_shape, num_classes):
+    module = models.make(name, num_classes=num_classes, width=width)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), x), x, train=False))
+
+
+def model_spec(spec, image_shape, *, num_classes, what="model"):
+    """`spec` (``{'name', 'width', ...}``) with ``name='auto'`` resolved for `image_shape`.
+
+    Raises:
+      ValueError: when the model cannot take images of `image_shape` (checked by tracing it,
+        before any work), or 'auto' has no default for the number of channels.
+    """
+    spec = dict(plain(spec))
+    image_shape = tuple(int(d) for d in image_shape)
+    name = spec.get("name", "auto")
+    if name == "auto":
+        if image_shape[-1] not in AUTO_MODELS:
+            raise ValueError(
+                f"{what}: no default model for {image_shape} images; set its model.name to one "
+                f"of {sorted(models.MODELS)}."
+            )
+        name = AUTO_MODELS[image_shape[-1]]
+    elif DESIGNED_FOR.get(name, image_shape) != image_shape:
+        say(
+            f"note: {what} is {name}, designed for {DESIGNED_FOR[name]} images, on "
+            f"{image_shape} images (model.name='auto' picks one for the data)."
+        )
+    if name not in models.MODELS:
+        raise ValueError(
+            f"{what}: unknown model {name!r}; use 'auto' or one of {sorted(models.MODELS)}."
+        )
+    try:
+        _check_builds(name, float(spec.get("width", 1.0)), image_shape, int(num_classes))
+    except Exception as e:  # flax/XLA raise many types for a shape a model cannot take
+        raise ValueError(
+            f"{what}: model {name!r} cannot take {image_shape} images "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); choose another model.name "
+            "(or 'auto')."
+        ) from e
+    spec["name"] = name
+    return spec
+
+
+def _merged(base, overrides):
+    """`base` (plain dicts) updated recursively by `overrides`."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def victim(config, overrides=None, *, image_shape, num_classes, field="victim"):
+    """``config[field]`` updated by `overrides` (e.g. an entry of ``config.victims``), its model
+    resolved (`model_spec`), as a ConfigDict for `training.Trainer.from_config`."""
+    spec = _merged(plain(config[field]), plain(overrides or {}))
+    spec["model"] = model_spec(
+        spec.get("model", {"name": "auto"}),
+        image_shape,
+        num_classes=num_classes,
+        what=f"config.{field}",
+    )
+    return ml_collections.ConfigDict(spec)
+
+
+def surrogate(config, overrides=None, *, image_shape, num_classes):
+    """The crafting model's spec: ``config.surrogate`` updated by a poison's ``surrogate``."""
+    if not config.get("surrogate"):
+        raise ValueError(
+            "a poison needs a crafting model but the config has no surrogate block; add "
+            "config.surrogate (a victim-style spec: model, epochs, batch_size, optimizer)."
+        )
+    return victim(
+        config, overrides, image_shape=image_shape, num_classes=num_classes, field="surrogate"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonSpec:
+    """One run of ``config.poisons``, parsed.
+
+    Attributes:
+      run: the run's name (key in ``config.poisons``).
+      name: the poison's name in `poisons.POISONS`.
+      kwargs: the factory's keyword arguments (``fraction`` / ``classes`` included).
+      threat: the `LpBall` it is crafted in, and `threat_fields` the config fields it came from.
+      craft: keyword arguments of `poisons.craft` (``batch_size``).
+      surrogate: overrides of ``config.surrogate`` for its own crafting model, or None.
+      clean_extra: clean examples added to its training set (see the grid trainer).
+    """
+
+    run: str
+    name: str
+    kwargs: dict
+    threat: threat_lib.LpBall
+    threat_fields: dict
+    craft: dict
+    surrogate: dict | None
+    clean_extra: int
+
+    @property
+    def requires_model(self):
+        return self.name in poisons.REQUIRES_MODEL
+
+
+def poison_spec(config, run, *, image_shape, num_classes):
+    """Parses ``config.poisons[run]``; a crafting model named in it (``model``) is resolved."""
+    spec = plain(config.poisons[run])
+    name = spec.get("name")
+    if name not in poisons.POISONS:
+        raise ValueError(
+            f"poisons.{run}.name={name!r} is unknown; use one of {sorted(poisons.POISONS)}."
+        )
+    kwargs = {k: v for k, v in spec.items() if k not in _RUN_FIELDS}
+    if isinstance(kwargs.get("model"), dict):
+        kwargs["model"] = model_spec(
+            kwargs["model"], image_shape, num_classes=num_classes, what=f"poisons.{run}.model"
+        )
+    ball = threat(config, spec)
+    return PoisonSpec(
+        run=run,
+        name=name,
+        kwargs=kwargs,
+        threat=ball,
+        threat_fields=plain(spec.get("threat") or config.threat),
+        craft={k: spec[k] for k in ("batch_size",) if k in spec},
+        surrogate=spec.get("surrogate"),
+        clean_extra=int(spec.get("clean_extra", 0) or 0),
+    )
+
+
+def make_poison(ps, *, image_shape, num_classes, apply_fn=None, variables=None):
+    """Builds the `Poison` of a `PoisonSpec`; a crafting model's (apply_fn, variables) when it
+    needs one (None is enough to *apply* a stored state)."""
+    model = dict(apply_fn=apply_fn, variables=variables) if ps.requires_model else {}
+    try:
+        return poisons.make(
+            ps.name,
+            threat=ps.threat,
+            num_classes=num_classes,
+            image_shape=tuple(image_shape),
+            **model,
+            **ps.kwargs,
+        )
+    except ValueError as e:
+        raise ValueError(f"poisons.{ps.run}: {e}") from e
+
+
+def check(config, *, image_shape, num_classes, victims=True):
+    """Builds every selected spec of `config` that names a model or a poison, before any work.
+
+    A bad model name, a model that cannot take the data's shape, or a poison argument its
+    factory does not take is then one clear ValueError at the start of a run, not after hours of
+    crafting. With ``victims=False`` the victim specs are left to the trainer.
+    """
+    shape = dict(image_shape=image_shape, num_classes=num_classes)
+    if victims:
+        for overrides in (selected(config, "victims") or {"": {}}).values():
+            victim(config, overrides, **shape)
+    for run in selected(config, "poisons"):
+        ps = poison_spec(config, run, **shape)
+        if ps.requires_model:
+            surrogate(config, ps.surrogate, **shape)
+        model = dict(apply_fn=None, variables=None) if ps.requires_model else {}
+        kwargs = {k: v for k, v in ps.kwargs.items() if k not in ("fraction", "classes")}
+        try:
+            _registry.check_arguments(
+                "poison",
+                ps.name,
+                poisons.POISONS[ps.name],
+                dict(threat=ps.threat, **shape, **model, **kwargs),
+            )
+        except ValueError as e:
+            raise ValueError(f"poisons.{run}: {e}") from e
+
+
+def poison_record(ps, *, fingerprint, image_shape, num_classes, key, surrogate_key=None):
+    """What determines a crafted poison: the content-key record of its artifact.
+
+    A factory argument named ``path`` (a file the poison reads, e.g. ``from_file``'s) enters
+    with the sha256 of the file's bytes, so a file changed on disk is read afresh.
+    """
+    files = {}
+    if isinstance(ps.kwargs.get("path"), str) and Path(ps.kwargs["path"]).is_file():
+        files["path"] = hashlib.sha256(Path(ps.kwargs["path"]).read_bytes()).hexdigest()
+    return {
+        "files": files,
+        "kind": "poison",
+        "version": ARTIFACT_VERSION,
+        "name": ps.name,
+        "kwargs": ps.kwargs,
+        "threat": ps.threat_fields,
+        "craft": ps.craft,
+        "data": fingerprint,
+        "image_shape": list(image_shape),
+        "num_classes": int(num_classes),
+        "key": key,
+        "surrogate": surrogate_key,
+    }
+
+
+__all__ = [
+    "AUTO_MODELS",
+    "PoisonSpec",
+    "check",
+    "make_poison",
+    "model_spec",
+    "poison_record",
+    "poison_spec",
+    "selected",
+    "surrogate",
+    "threat",
+    "victim",
+]

@@ -1,0 +1,205 @@
+"""A run's workdir and the content keys that make its artifacts impossible to mix up.
+
+A leaf module: it imports nothing else of jaxpoison but the progress log, so every layer can use
+it. The workdir of every config run looks the same::
+
+    WORKDIR/config.json                  the resolved config, written first
+    WORKDIR/checkpoints/<part>/<key>/    orbax checkpoints of a victim, surrogate or crafting run
+    WORKDIR/poison/<run>/<key>/          a crafted poison (state.npz + metadata.json)
+    WORKDIR/results.json                 written last and atomically
+    WORKDIR/log.txt                      the progress lines as plain text
+
+``<key>`` is the `content_key` of a *record*: a JSON-able dict of everything that determined the
+artifact (its spec, a digest of the data it saw, the PRNG key, the models it used, and
+`ARTIFACT_VERSION`). A changed spec therefore lands in a new directory and is crafted or trained
+afresh, and an artifact is reused only on an exact match. Each keyed directory also holds its
+record as ``spec.json``, so a person can see what made it (and `differences` can say what
+changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxpoison.progress import say, set_log_file
+
+# Bump when a change of code changes what an unchanged spec produces (a poison's update rule, the
+# train step, the data pipeline): every stored artifact then gets a new key and is made again.
+ARTIFACT_VERSION = 2
+
+KEY_LENGTH = 16  # hex digits of the sha256 used in directory names
+
+
+class StaleArtifactError(ValueError):
+    """A directory holds state made by another record than the one asked for."""
+
+
+def plain(value):
+    """`value` with ConfigDicts (and anything mapping-like) as dicts and tuples as lists."""
+    if hasattr(value, "items"):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def canonical(value):
+    """`value` as plain JSON data: dicts, lists, str, int, float, bool, None.
+
+    PRNG keys become their key data, numpy and jax scalars and arrays Python numbers and lists.
+    Raises TypeError for anything else (a record must say what determined an artifact in data).
+    """
+    if hasattr(value, "items"):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(value)).tolist()
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be part of an artifact record.")
+
+
+def content_key(record):
+    """The sha256 (hex) of the canonical JSON of `record`."""
+    text = json.dumps(canonical(record), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def array_digest(*arrays):
+    """sha256 (hex) of arrays' dtypes, shapes and bytes (None entries count as absent)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none;")
+            continue
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def differences(stored, wanted, prefix=""):
+    """Dotted paths of the fields in which two records differ, e.g. ``['spec.optimizer.lr']``."""
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        out = []
+        for k in sorted(stored.keys() | wanted.keys()):
+            out += differences(stored.get(k), wanted.get(k), f"{prefix}{k}.")
+        return out
+    return [] if stored == wanted else [prefix.rstrip(".") or "(record)"]
+
+
+def keyed_dir(parent, record):
+    """``parent/<first KEY_LENGTH hex digits of content_key(record)>``."""
+    return Path(parent) / content_key(record)[:KEY_LENGTH]
+
+
+def claim(directory, record):
+    """Makes `directory` the home of the state that `record` determines.
+
+    Writes ``spec.json`` (the record) into a new directory; accepts a directory whose
+    ``spec.json`` holds the same record.
+
+    Raises:
+      StaleArtifactError: when `directory` holds state of another record, or files but no record
+        (made before artifacts were keyed): it names the fields that differ and the fix.
+    """
+    directory = Path(directory)
+    spec_path = directory / "spec.json"
+    wanted = canonical(record)
+    if spec_path.is_file():
+        stored = json.loads(spec_path.read_text())
+        changed = differences(stored, wanted)
+        if changed:
+            raise StaleArtifactError(
+                f"{directory} holds state made by another spec (it differs in "
+                f"{', '.join(changed)}); delete that directory or use another one."
+            )
+        return directory
+    if directory.is_dir() and any(directory.iterdir()):
+        raise StaleArtifactError(
+            f"{directory} holds state of unknown origin (no spec.json: made before artifacts "
+            "were keyed); delete that directory or use another one."
+        )
+    write_json_atomic(spec_path, wanted)
+    return directory
+
+
+def run_key(root, name):
+    """A key for the named part of the experiment, independent of the order parts run in."""
+    return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def write_json_atomic(path, obj):
+    """Writes JSON to `path` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def open_run(config, workdir):
+    """Returns the complete results found in `workdir`, or None after writing ``config.json``
+    and opening ``log.txt`` for a new (or resumed) run.
+
+    Raises:
+      ValueError: when `workdir` holds complete results of another config.
+    """
+    workdir = Path(workdir)
+    results_path = workdir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if results.get("complete"):
+            wanted = json.loads(json.dumps(plain(config)))  # as stored: lists, not tuples
+            changed = differences(results.get("config", {}), wanted)
+            if changed:
+                raise ValueError(
+                    f"{results_path} holds the complete results of another config (it differs in "
+                    f"{', '.join(changed)}). Use a new workdir, or move results.json away to "
+                    "extend this one: poisons and victims whose specs match exactly are reused, "
+                    "the others are made afresh."
+                )
+            say(f"{results_path} is complete; nothing to do (delete it to run again).")
+            return results
+    workdir.mkdir(parents=True, exist_ok=True)
+    set_log_file(workdir / "log.txt")
+    write_json_atomic(workdir / "config.json", plain(config))
+    return None
+
+
+def close_run(results, workdir, *, plots=()):
+    """Writes ``results.json`` atomically, names it and the `plots` in the log, closes the log."""
+    path = Path(workdir) / "results.json"
+    write_json_atomic(path, results)
+    listed = f"  plots: {', '.join(Path(f).name for f in plots)}" if plots else ""
+    say(f"results: {path}{listed}")
+    set_log_file(None)
+
+
+__all__ = [
+    "ARTIFACT_VERSION",
+    "StaleArtifactError",
+    "array_digest",
+    "canonical",
+    "claim",
+    "close_run",
+    "content_key",
+    "differences",
+    "keyed_dir",
+    "open_run",
+    "plain",
+    "run_key",
+    "write_json_atomic",
+]

@@ -1,0 +1,159 @@
+"""Content keys and specs: an artifact is reused only for exactly what made it, a model that
+cannot take the data is refused before any work, 'auto' picks a model for the data."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxpoison import checkpointing, specs, training, workdir
+from jaxpoison.poisons import storage
+
+
+def test_content_key_is_canonical_and_sensitive():
+    record = {"spec": {"lr": 0.1, "sizes": (1, 2)}, "key": jax.random.key(3)}
+    same = {"key": jax.random.key(3), "spec": {"sizes": [1, 2], "lr": 0.1}}
+    assert workdir.content_key(record) == workdir.content_key(same)
+    assert workdir.content_key(record) != workdir.content_key(dict(record, key=jax.random.key(4)))
+    assert workdir.content_key(record) != workdir.content_key(
+        {"spec": {"lr": 0.1000001, "sizes": (1, 2)}, "key": jax.random.key(3)}
+    )
+    with pytest.raises(TypeError, match="cannot be part of an artifact record"):
+        workdir.content_key({"fn": len})
+
+
+def test_array_digest_sees_values_dtypes_and_shapes():
+    a = np.zeros((2, 3), np.float32)
+    assert workdir.array_digest(a) == workdir.array_digest(a.copy())
+    assert workdir.array_digest(a) != workdir.array_digest(a.astype(np.float64))
+    assert workdir.array_digest(a) != workdir.array_digest(a.reshape(3, 2))
+    b = a.copy()
+    b[1, 2] = 1e-7
+    assert workdir.array_digest(a) != workdir.array_digest(b)
+    assert workdir.array_digest(a, None) != workdir.array_digest(a)
+
+
+def test_claim_refuses_another_record_naming_the_fields(tmp_path):
+    d = tmp_path / "ckpt"
+    record = {"trainer": {"optimizer": {"learning_rate": 0.1}, "epochs": 3}, "data": "abc"}
+    workdir.claim(d, record)
+    assert json.loads((d / "spec.json").read_text()) == record
+    workdir.claim(d, record)  # the same record: accepted
+    other = {"trainer": {"optimizer": {"learning_rate": 0.01}, "epochs": 3}, "data": "abc"}
+    with pytest.raises(workdir.StaleArtifactError, match=r"trainer\.optimizer\.learning_rate"):
+        workdir.claim(d, other)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "1").mkdir()
+    with pytest.raises(workdir.StaleArtifactError, match="unknown origin"):
+        workdir.claim(legacy, record)
+    with pytest.raises(workdir.StaleArtifactError):
+        checkpointing.Manager(d, record=other)
+
+
+def test_poison_artifact_loads_only_for_its_record(tmp_path):
+    from jaxpoison import threat
+
+    state = {"delta": np.full((4, 2, 2, 1), 0.01, np.float32)}
+    record = {"kind": "poison", "kwargs": {"num_patches": 4}}
+    kw = dict(name="regions", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
+    storage.save(tmp_path / "a", state, fingerprint="f", record=record, **kw)
+    loaded, meta = storage.load(tmp_path / "a", state, fingerprint="f", record=record)
+    np.testing.assert_array_equal(loaded["delta"], state["delta"])
+    assert meta["key"] == workdir.content_key(record)
+    changed = {"kind": "poison", "kwargs": {"num_patches": 16}}
+    with pytest.raises(storage.PoisonFileError, match=r"kwargs\.num_patches"):
+        storage.load(tmp_path / "a", state, fingerprint="f", record=changed)
+
+
+def test_trainer_checkpoints_are_keyed_by_spec_data_and_key(tmp_path):
+    config = ml_collections.ConfigDict(
+        dict(
+            model=dict(name="mlp", width=0.05),
+            epochs=1,
+            batch_size=8,
+            num_seeds=1,
+            checkpoint_every=1,
+            optimizer=dict(learning_rate=0.1),
+        )
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, 16)
+    td = training.TrainData.create(x, y, x[:8], y[:8])
+    trainer = training.Trainer.from_config(config, num_classes=3, image_shape=(4, 4, 1))
+    key = jax.random.key(0)
+    where = trainer.checkpoint_dir(tmp_path, td, key=key, num_seeds=1)
+    trainer.fit(td, key=key, ckpt_dir=tmp_path, progress=False)
+    assert (where / "spec.json").is_file() and where.parent == tmp_path
+    # Anything that changes the victims changes the directory; bookkeeping fields do not.
+    config.checkpoint_every = 5
+    same = training.Trainer.from_config(config, num_classes=3, image_shape=(4, 4, 1))
+    assert same.checkpoint_dir(tmp_path, td, key=key, num_seeds=1) == where
+    config.optimizer.learning_rate = 0.01
+    other = training.Trainer.from_config(config, num_classes=3, image_shape=(4, 4, 1))
+    assert other.checkpoint_dir(tmp_path, td, key=key, num_seeds=1) != where
+    poisoned = training.TrainData.create(x ^ 1, y, x[:8], y[:8])
+    assert trainer.checkpoint_dir(tmp_path, poisoned, key=key, num_seeds=1) != where
+    assert trainer.checkpoint_dir(tmp_path, td, key=jax.random.key(1), num_seeds=1) != where
+    hand_built = training.Trainer(
+        module=trainer.module,
+        objective=trainer.objective,
+        image_shape=(4, 4, 1),
+        epochs=1,
+        batch_size=8,
+        optimizer_kwargs={"learning_rate": 0.1},
+    )
+    with pytest.raises(ValueError, match="no spec"):
+        hand_built.fit(td, key=key, ckpt_dir=tmp_path / "h", progress=False)
+
+
+def test_auto_model_follows_the_data_and_a_bad_shape_is_refused():
+    assert specs.model_spec({"name": "auto"}, (28, 28, 1), num_classes=10)["name"] == "cnn_mnist"
+    assert specs.model_spec({"name": "auto"}, (32, 32, 3), num_classes=10)["name"] == "cnn_cifar"
+    with pytest.raises(ValueError, match="no default model"):
+        specs.model_spec({"name": "auto"}, (8, 8, 2), num_classes=10)
+    with pytest.raises(ValueError, match="unknown model 'resnet7'"):
+        specs.model_spec({"name": "resnet7"}, (32, 32, 3), num_classes=10)
+    # Two VALID 5x5 convolutions and pools leave nothing of a 6x6 image.
+    with pytest.raises(ValueError, match="cannot take \\(6, 6, 1\\) images"):
+        specs.model_spec({"name": "cnn_mnist", "width": 0.1}, (6, 6, 1), num_classes=10)
+
+
+def test_selected_keeps_all_or_the_named_and_refuses_unknown_names():
+    config = ml_collections.ConfigDict(
+        dict(poisons=dict(a=dict(name="random"), b=dict(name="regions")), select=dict(poisons=()))
+    )
+    assert list(specs.selected(config, "poisons")) == ["a", "b"]
+    config.select.poisons = ("b",)
+    assert list(specs.selected(config, "poisons")) == ["b"]
+    config.select.poisons = ("c",)
+    with pytest.raises(ValueError, match=r"\['c'\] not among config.poisons"):
+        specs.selected(config, "poisons")
+
+
+def test_a_threat_without_epsilon_is_refused():
+    config = ml_collections.ConfigDict(dict(threat=dict(norm="linf")))
+    with pytest.raises(ValueError, match="no default radius"):
+        specs.threat(config)
+
+
+def test_a_poison_file_enters_its_record_by_content(tmp_path):
+    path = tmp_path / "p.npz"
+    config = ml_collections.ConfigDict(
+        dict(threat=dict(epsilon=8 / 255), poisons=dict(f=dict(name="from_file", path=str(path))))
+    )
+    shape = dict(image_shape=(2, 2, 1), num_classes=2)
+    ps = specs.poison_spec(config, "f", **shape)
+
+    def key():
+        record = specs.poison_record(ps, fingerprint="d", key=jax.random.key(0), **shape)
+        return workdir.content_key(record)
+
+    x = np.zeros((3, 2, 2, 1), np.uint8)
+    np.savez(path, x_train=x, y_train=np.zeros(3))
+    first = key()
+    np.savez(path, x_train=x + 1, y_train=np.zeros(3))
+    assert key() != first
