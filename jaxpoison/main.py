@@ -1,7 +1,9 @@
 """Command line: ``jaxpoison --config=configs/<name>.py[:tiny] --workdir=DIR [--config.a.b=v]``,
-or ``jaxpoison report WORKDIR [WORKDIR...] [--out DIR]`` (see `jaxpoison.report`).
+``jaxpoison report WORKDIR [WORKDIR...] [--out DIR]`` (see `jaxpoison.report`), or
+``jaxpoison export WORKDIR RUN OUT.npz`` (see `jaxpoison.export`).
 
-Real logic lives in `jaxpoison.experiment`; this file only parses flags.
+Real logic lives in `jaxpoison.trainers` (``TRAINERS[config.trainer]``); this file only parses
+flags.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    from jaxpoison import data, experiment
+    from jaxpoison import data, trainers
     from jaxpoison.poisons.storage import PoisonFileError
 
     try:
-        experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=not _QUIET.value)
+        trainers.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=not _QUIET.value)
     except (data.DataError, PoisonFileError, ValueError, FloatingPointError) as e:
         print(f"jaxpoison: error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -71,6 +73,10 @@ def run():
         from jaxpoison import report
 
         sys.exit(report.main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from jaxpoison import export
+
+        sys.exit(export.main(sys.argv[2:]))
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=_parse_flags)
 

@@ -161,39 +161,22 @@ def _eval_rows(runs):
     return rows
 
 
-def perturbation_grid(config, run, artifact, path, *, num_images=NUM_IMAGES):
-    """Clean images (top), poisoned (middle), δ rescaled to [0, 1] (bottom) for one artifact.
+def perturbation_grid(config, run, workdir, path, *, num_images=NUM_IMAGES):
+    """Clean images (top), poisoned (middle), δ rescaled to [0, 1] (bottom) for one run.
 
-    Recomputes the poisoned images from the artifact with `jaxpoison.poisons` on the first
-    `num_images` training examples of ``data.load(config.data)``.
+    Recomputes the poisoned images from the run's artifact (`trainers.poisoning.load_poison`)
+    on the first `num_images` training examples of ``data.load(config.data)``.
     """
-    import jax
     import ml_collections
 
-    from jaxpoison import data, experiment, poisons
-    from jaxpoison.poisons import storage
+    from jaxpoison import data, specs
+    from jaxpoison.trainers import poisoning
 
     config = ml_collections.ConfigDict(config)
     dataset = data.load(config.data)
-    spec = dict(experiment.plain(config.poisons[run]))
-    name = spec.pop("name")
-    for k in ("batch_size", "clean_extra", "surrogate"):
-        spec.pop(k, None)
-    tm = experiment.make_threat(spec.pop("threat", config.threat))
-    kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
-    if name in poisons.REQUIRES_MODEL:
-        kwargs.update(apply_fn=None, variables=None)  # applying a stored δ needs no model
-    poison = poisons.make(name, **kwargs, **spec)
-    x_clean = data.to_float(dataset.x_train)
-    template = jax.eval_shape(
-        poison.init,
-        jax.random.key(0),
-        {
-            "image": jax.ShapeDtypeStruct(x_clean.shape, np.float32),
-            "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
-        },
-    )
-    state, _ = storage.load(artifact, template, fingerprint=dataset.fingerprint())
+    poison, state = poisoning.load_poison(config, run, dataset, workdir)
+    name, tm = config.poisons[run].name, specs.threat(config, config.poisons[run])
+    x_clean = data.as_float_images(dataset.x_train)
     k = min(num_images, len(dataset.y_train))
     idx = np.arange(k)
     batch = {"image": x_clean[idx], "label": dataset.y_train[idx], "index": idx}
@@ -345,14 +328,17 @@ def _figures_section(k, config, results, title, out):
 
 
 def _poison_section(k, workdir, config, out):
-    poison_dir = workdir / "poison"
-    artifacts = sorted(p for p in poison_dir.glob("*") if (p / "metadata.json").is_file())
-    if not artifacts:
-        return []
-    lines = ["### Poisons", ""]
-    for artifact in artifacts:
+    from jaxpoison.trainers import poisoning
+
+    runs = sorted(p.name for p in (workdir / "poison").glob("*") if p.is_dir())
+    lines = []
+    for run in runs:
+        try:
+            artifact = poisoning.artifact_dir(workdir, run)
+        except ValueError as e:
+            lines.append(f"- **{run}**: {e}")
+            continue
         meta = _load_json(artifact / "metadata.json")
-        run = artifact.name
         t = meta.get("threat", {})
         lines.append(
             f"- **{run}**: {meta.get('poison')} ({t.get('norm')}, ε = {_fmt(t.get('epsilon'))}), "
@@ -363,10 +349,13 @@ def _poison_section(k, workdir, config, out):
             continue
         path = out / f"perturbations_{k}_{run}.png"
         try:
-            perturbation_grid(config, run, artifact, path)
+            perturbation_grid(config, run, workdir, path)
             lines.append(f"\n  ![{run}]({path.name})")
         except Exception as e:  # noqa: BLE001 — a missing dataset must not stop the report
             lines.append(f"  (perturbation grid skipped: {type(e).__name__}: {e})")
+    if not lines:
+        return []
+    lines = ["### Poisons", "", *lines]
     return lines + [""]
 
 

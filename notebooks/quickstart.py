@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 from IPython.display import Image, display
 
-from jaxpoison import experiment
+from jaxpoison import trainers
 from jaxpoison.evaluation import summarize
 
 print("jax", jax.__version__, "on", jax.default_backend())
@@ -45,7 +45,7 @@ print(config.poisons, config.victim.epochs, "epochs,", config.victim.num_seeds, 
 
 # %%
 workdir = Path(tempfile.mkdtemp(prefix="jaxpoison-quickstart-"))
-results = experiment.train_and_evaluate(config, workdir, progress=False)
+results = trainers.train_and_evaluate(config, workdir, progress=False)
 print(summarize.table(results["summary"]))
 
 # %%

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import experiment, main, models, report, threat
+from jaxpoison import main, models, report, threat, trainers
 from jaxpoison.evaluation import EVALUATORS, risk, speed
 from jaxpoison.training import TrainState
 
@@ -160,7 +160,7 @@ def tiny_config():
 
 def test_report_on_a_finished_workdir(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
-    results = experiment.train_and_evaluate(tiny_config(), workdir, progress=False)
+    results = trainers.train_and_evaluate(tiny_config(), workdir, progress=False)
     assert set(results["summary"]) == {"clean", "random", "regions"}
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["jaxpoison", "report", str(workdir), "--out", str(out)])

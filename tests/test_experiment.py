@@ -1,13 +1,14 @@
 """End to end: the config run writes its workdir; the CLI refuses bad input with clear errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from jaxpoison import experiment, report
+from jaxpoison import report, trainers
 from jaxpoison.evaluation import summarize
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -33,7 +34,7 @@ def load_config(name, arg=None):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
-    return workdir, experiment.train_and_evaluate(
+    return workdir, trainers.train_and_evaluate(
         load_config("quickstart", "tiny"), workdir, progress=False
     )
 
@@ -42,9 +43,13 @@ def test_quickstart_tiny_writes_the_standard_workdir(tiny_run):
     workdir, results = tiny_run
     for name in ("config.json", "results.json", "curves.png", "log.txt"):
         assert (workdir / name).is_file(), name
-    assert (workdir / "poison" / "poisoned" / "metadata.json").is_file()
-    assert any((workdir / "checkpoints" / "clean").iterdir())
     on_disk = json.loads((workdir / "results.json").read_text())
+    artifact = workdir / on_disk["poisons"]["poisoned"]["artifact"]
+    assert artifact.parent == workdir / "poison" / "poisoned"
+    assert (artifact / "metadata.json").is_file()
+    checkpoint = workdir / on_disk["runs"]["clean"]["checkpoint"]
+    assert checkpoint.parent == workdir / "checkpoints" / "clean"
+    assert (checkpoint / "spec.json").is_file() and any(checkpoint.iterdir())
     assert on_disk["complete"] and set(on_disk["summary"]) == {"clean", "poisoned"}
     for run in on_disk["summary"].values():
         for key in ("final_test_acc", "peak_test_acc"):
@@ -57,13 +62,89 @@ def test_quickstart_tiny_writes_the_standard_workdir(tiny_run):
 def test_a_complete_workdir_is_returned_as_is_or_refused_for_another_config(tiny_run):
     workdir, results = tiny_run
     before = (workdir / "results.json").read_text()
-    again = experiment.train_and_evaluate(load_config("quickstart", "tiny"), workdir)
+    again = trainers.train_and_evaluate(load_config("quickstart", "tiny"), workdir)
     assert again["summary"] == results["summary"]
     other = load_config("quickstart", "tiny")
     other.victim.epochs = 3
     with pytest.raises(ValueError, match="another config .*victim.*move results.json away"):
-        experiment.train_and_evaluate(other, workdir, progress=False)
+        trainers.train_and_evaluate(other, workdir, progress=False)
     assert (workdir / "results.json").read_text() == before
+
+
+def _rerun_changed(tiny_run, tmp_path, change):
+    """Copies the finished tiny workdir, moves results.json away (as the refusal message says),
+    reruns with `change` applied to the config; returns (old results, new results)."""
+    workdir, old = tiny_run
+    used = tmp_path / "used"
+    shutil.copytree(workdir, used)
+    (used / "results.json").rename(tmp_path / "results.old.json")
+    config = load_config("quickstart", "tiny")
+    change(config)
+    return old, trainers.train_and_evaluate(config, used, progress=False), used
+
+
+def test_a_changed_poison_spec_in_a_used_workdir_is_crafted_afresh(tiny_run, tmp_path):
+    """Bug: with num_patches=16 the run said 'loaded from' and reused the Regions-4 artifact."""
+
+    def change(config):
+        config.poisons.poisoned.num_patches = 16
+
+    old, new, used = _rerun_changed(tiny_run, tmp_path, change)
+    assert new["poisons"]["poisoned"]["key"] != old["poisons"]["poisoned"]["key"]
+    meta = json.loads((used / new["poisons"]["poisoned"]["artifact"] / "metadata.json").read_text())
+    assert meta["spec"]["num_patches"] == 16 and meta["record"]["kwargs"]["num_patches"] == 16
+    assert "poison poisoned: crafted" in (used / "log.txt").read_text()
+    # The clean victims did not depend on the poison: reused; the poisoned ones trained afresh.
+    assert new["runs"]["clean"]["checkpoint"] == old["runs"]["clean"]["checkpoint"]
+    assert new["runs"]["clean"]["history"] == old["runs"]["clean"]["history"]
+    assert new["runs"]["poisoned"]["checkpoint"] != old["runs"]["poisoned"]["checkpoint"]
+    assert new["runs"]["poisoned"]["history"] != old["runs"]["poisoned"]["history"]
+
+
+def test_a_changed_victim_spec_in_a_used_workdir_is_trained_afresh(tiny_run, tmp_path):
+    """Bug: finished victims of the old learning rate were restored under the new one."""
+
+    def change(config):
+        config.victim.optimizer.learning_rate = 0.01
+
+    old, new, _ = _rerun_changed(tiny_run, tmp_path, change)
+    assert new["poisons"] == old["poisons"]  # the poison did not depend on the victim
+    for run in ("clean", "poisoned"):
+        assert new["runs"][run]["checkpoint"] != old["runs"][run]["checkpoint"]
+        losses = [r["runs"][run]["history"]["train/loss"] for r in (old, new)]
+        assert losses[0] != losses[1]
+
+
+def test_export_and_from_file_round_trip(tiny_run, tmp_path):
+    """A crafted poison exported as a dataset file runs again as the registry's from_file
+    poison, inside the ball; a file of another order is refused, not clipped."""
+    import jax
+    import numpy as np
+
+    from jaxpoison import data, poisons
+    from jaxpoison.trainers import poisoning
+
+    workdir, _ = tiny_run
+    out = tmp_path / "poisoned.npz"
+    proc = cli("export", str(workdir), "poisoned", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as f:
+        x, y = f["x_train"], f["y_train"]
+    config = load_config("quickstart", "tiny")
+    dataset = data.load(config.data)
+    poison, state = poisoning.load_poison(config, "poisoned", dataset, workdir)
+    images, labels = poisons.apply_all(poison, state, dataset.x_train, dataset.y_train)
+    assert x.dtype == np.uint8 and np.array_equal(y, labels)
+    assert np.abs(x / 255.0 - images).max() < 1 / 255
+    config.poisons = {"theirs": dict(name="from_file", path=str(out))}
+    run = dict(key=jax.random.key(0), workdir=tmp_path / "w", progress=False)
+    crafted = poisoning.craft_poisons(config, dataset, **run)["theirs"]
+    np.testing.assert_array_equal(crafted.images, data.as_float_images(x))
+    np.savez(tmp_path / "reversed.npz", x_train=x[::-1], y_train=y)
+    config.poisons = {"theirs": dict(name="from_file", path=str(tmp_path / "reversed.npz"))}
+    with pytest.raises(ValueError, match="outside epsilon"):
+        poisoning.craft_poisons(config, dataset, **run)
+    assert cli("export", str(workdir), "nope", str(out)).returncode == 1
 
 
 def cli(*args):
@@ -111,7 +192,8 @@ def test_cli_restarts_once_with_huge_pages(monkeypatch):
         ("--config.data.name=cifar11", "No cifar11.npz found"),
         ("--config.threat.epsilon=8.0", "epsilon=8.0 > 1"),
         ("--config.poisons.poisoned.name=regionz", "regionz"),
-        ("--config.victim.model.name=resnet7", "Unknown model 'resnet7'"),
+        ("--config.victim.model.name=resnet7", "unknown model 'resnet7'"),
+        ("--config.poisons.poisoned.name=random", "does not take argument(s) ['num_patches']"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message):
@@ -121,6 +203,7 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, mess
     proc = cli(*args, override)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "jaxpoison: error:" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and "crafted" not in proc.stderr  # before any work
     assert not (tmp_path / "results.json").exists()
 
 
@@ -157,7 +240,7 @@ def test_config_evals_are_run_and_stored(tmp_path):
         config.victim.epochs = 1
         config.include_clean = False
         config.evals = {"risk": dict(name="risk", num_steps=3)}
-    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     evals = results["runs"]["poisoned"]["evals"]["risk"]
     assert len(evals["acc/D"]) == 2  # one value per seed
     assert all(0.0 <= a <= 1.0 for a in evals["acc/F"])

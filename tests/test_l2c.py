@@ -388,8 +388,8 @@ def test_l2c_victims_of_a_transfer_run(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from jaxpoison import experiment
-    from jaxpoison.evaluation import l2c_victims
+    from jaxpoison import trainers
+    from jaxpoison.trainers import l2c_victims
 
     path = Path(__file__).resolve().parents[1] / "configs" / "l2c_cifar10.py"
     spec = importlib.util.spec_from_file_location("l2c_cifar10", path)
@@ -401,7 +401,7 @@ def test_l2c_victims_of_a_transfer_run(tmp_path):
     # `ops.max_pool` (jnp.max: cotangent x (x == max) / count) divides 0 by 0 there: unoptimized,
     # XLA computes the normalized activations twice with different rounding, so no element of
     # the window equals the max. Optimized (one copy) and op by op the gradient is finite.
-    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     out = l2c_victims.evaluate_workdir(tmp_path, max_train=100, victims=("random_forest",))
     assert set(results["summary"]) == {"mlp/clean", "mlp/l2c"}
     assert out["num_train"] == 100 and set(out["sklearn"]) == {"clean", "l2c"}

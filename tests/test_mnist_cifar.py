@@ -1,5 +1,5 @@
 """MNIST-CIFAR (simplicity bias): the dataset builder, the MNIST-randomized test set, PGD-AT whose
-ball is restricted to the MNIST half, and the study run through `experiment.train_and_evaluate`."""
+ball is restricted to the MNIST half, and the study run through `trainers.train_and_evaluate`."""
 
 import importlib.util
 
@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import data, experiment, models, objectives
+from jaxpoison import data, models, objectives, trainers
 from jaxpoison.data import mnist_cifar
 from jaxpoison.data.sources import Dataset
 
@@ -139,7 +139,7 @@ def test_study_records_both_test_sets_per_run(tmp_path, shared_data_dir):
     config.data.num_train, config.data.num_test = 100, 60
     config.objectives = {"st": dict(name="erm")}
     config.victim.model = dict(name="mlp", width=1 / 32)
-    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     s = results["summary"]["st"]
     randomized = results["runs"]["st"]["history"]["test_mnist_randomized/accuracy"]
     assert len(randomized) == config.victim.epochs and len(randomized[0]) == 1

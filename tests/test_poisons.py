@@ -283,7 +283,8 @@ def test_partial_poisoning(name, dataset, tm, surrogate):
 def test_clean_data_addition_comes_from_outside_the_subset():
     import ml_collections
 
-    from jaxpoison import data, experiment
+    from jaxpoison import data
+    from jaxpoison.trainers import poisoning
 
     config = ml_collections.ConfigDict(
         dict(
@@ -292,7 +293,7 @@ def test_clean_data_addition_comes_from_outside_the_subset():
         )
     )
     dataset = data.load(config.data)
-    extras = experiment.clean_additions(config, dataset)
+    extras = poisoning.clean_additions(config, dataset)
     assert set(extras) == {"p"}
     x_extra, y_extra = extras["p"]
     assert x_extra.shape == (20, 32, 32, 3) and x_extra.dtype == np.float32

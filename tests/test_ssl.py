@@ -1,5 +1,5 @@
 """Rotation self-supervised learning: the four rotations of a batch, the pretext objective, the
-models' penultimate features, the linear probe, and the study through `experiment`."""
+models' penultimate features, the linear probe, and the study through `trainers`."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpoison import experiment, models, objectives
+from jaxpoison import models, objectives, trainers
 from jaxpoison.ssl import probe, rotation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_study_records_the_probe_accuracy_per_run(tmp_path, shared_data_dir):
     config.data.num_train, config.data.num_test = 100, 50
     config.objectives = {"st": dict(name="erm")}
     config.victim.model = dict(name="mlp", width=1 / 32)
-    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     assert set(results["summary"]) == {"st/clean", "st/regions4"}
     for name, s in results["summary"].items():
         scores = results["runs"][name]["evals"]["linear_probe"]

@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import experiment
-from jaxpoison.theory import gaussian, linear, runner
+from jaxpoison import trainers
+from jaxpoison.theory import gaussian, linear
+from jaxpoison.trainers import gaussian_theory
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +71,7 @@ def test_theorems_2_and_3_across_the_sweep(eta, max_log_d):
     # Theorem 3: adversarial training on either delusive distribution beats standard training.
     assert np.all(r["AT on D1 (flip)"] < r["ST on D1 (flip)"])
     assert np.all(r["AT on D2 (amplify)"] < r["ST on D2 (amplify)"])
-    assert runner.check_theorems(dims, eta=eta, sigma=1.0) == {
+    assert gaussian_theory.check_theorems(dims, eta=eta, sigma=1.0) == {
         "theorem2": True,
         "theorem3_flip": True,
         "theorem3_amplify": True,
@@ -156,11 +157,11 @@ def test_trained_classifiers_reach_the_closed_form(trained_models):
     assert acc["ST on D"] > acc["ST on D1 (flip)"] + 0.06
 
 
-def test_gaussian_theory_config_runs_through_experiment(tmp_path):
-    """The dispatch in `experiment.train_and_evaluate` runs the theory runner (tiny config)."""
+def test_gaussian_theory_config_runs_through_trainers(tmp_path):
+    """The dispatch in `trainers.train_and_evaluate` runs the theory trainer (tiny config)."""
     config = ml_collections.ConfigDict(
         dict(
-            experiment="gaussian_theory",
+            trainer="gaussian_theory",
             name="tiny",
             seed=0,
             theory=dict(
@@ -178,9 +179,9 @@ def test_gaussian_theory_config_runs_through_experiment(tmp_path):
             ),
         )
     )
-    results = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     assert results["complete"] and all(results["theorems"].values())
     assert results["monte_carlo_max_standard_errors"] < 4
     assert (tmp_path / "figure2.png").is_file() and (tmp_path / "config.json").is_file()
-    again = experiment.train_and_evaluate(config, tmp_path, progress=False)
+    again = trainers.train_and_evaluate(config, tmp_path, progress=False)
     assert again["wall_time_s"] == results["wall_time_s"]  # complete: nothing re-run

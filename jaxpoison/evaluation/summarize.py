@@ -56,7 +56,8 @@ def eval_summary(evals):
     """Mean ± std over seeds of every per-seed scalar of ``runs[name]['evals']``.
 
     Args:
-      evals: ``{label: {metric: [value per seed] or [[...] per seed]}}`` (`experiment.run_evals`).
+      evals: ``{label: {metric: [value per seed] or [[...] per seed]}}``
+        (`trainers.grid.run_evals`).
 
     Returns:
       ``{label: {metric: {'mean', 'std'}}}`` for the metrics with one scalar per seed (NaN, e.g.
@@ -120,3 +121,16 @@ def table(summary):
 def percent(acc):
     """``mean ± std`` in %, or ``-`` for a missing entry."""
     return "-" if acc is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
+
+
+def text_table(rows):
+    """A plain-text table from equal-length tuples of strings (the first is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def pct(ms):
+    """``{'mean', 'std'}`` of a fraction as ``'mm.mm ± s.ss'`` percent."""
+    return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"

@@ -1,6 +1,6 @@
 """Transfer of poisons across architectures: the victim-accuracy matrix and attack transfer.
 
-A config with ``config.victims`` (named victim specs, see `jaxpoison.experiment`) trains every
+A config with ``config.victims`` (named victim specs, see `jaxpoison.trainers.grid`) trains every
 victim architecture on every training set. Two matrices follow, rows the training sets (the
 clean one and each poison, labelled with the architecture that crafted it), columns the victims:
 

@@ -13,6 +13,7 @@ from jaxpoison.poisons import (
     adversarial,
     classwise,
     error_minimizing,
+    from_file,
     l2c,
     partial,
     substandard,
@@ -35,6 +36,7 @@ POISONS = {
     "noise": substandard.noise,
     "mislabeling": substandard.mislabeling,
     "l2c": l2c.l2c,
+    "from_file": from_file.from_file,
 }
 
 # Names of POISONS whose factory takes a trained model (apply_fn, variables); `register` adds to it.

@@ -7,7 +7,7 @@
 - `probe`: penultimate features of a trained model over a dataset, and a multinomial logistic
   regression fitted on them by full-batch gradient descent.
 
-The experiment (``config.experiment = 'rotation_ssl'``) is `jaxpoison.studies.rotation_ssl`.
+The trainer ``config.trainer = 'rotation_ssl'`` is `jaxpoison.trainers.rotation_ssl`.
 """
 
 from jaxpoison.ssl import probe, rotation

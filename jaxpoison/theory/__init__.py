@@ -4,9 +4,10 @@ adversarial training can be analysed in closed form and checked by sampling and 
 - `gaussian`: the clean and the two delusive distributions, Bayes-optimal and optimal linear
   ℓ∞-robust classifiers, closed-form natural accuracy, Monte Carlo.
 - `linear`: linear classifiers trained on samples with the library's objectives.
-- `runner`: the ``gaussian_theory`` experiment (Figure 2) that ``configs/gaussian_theory.py`` runs.
+
+The ``gaussian_theory`` trainer (`jaxpoison.trainers.gaussian_theory`) runs Figure 2.
 """
 
-from jaxpoison.theory import gaussian, linear, runner
+from jaxpoison.theory import gaussian, linear
 
-__all__ = ["gaussian", "linear", "runner"]
+__all__ = ["gaussian", "linear"]

@@ -5,10 +5,10 @@ them on clean MNIST; `sklearn_victims` does that for any (float image) training 
 diagnostic `noise_diagnostic` measures how well classifiers predict the labels from the
 perturbation g(x) alone. `evaluate_workdir` runs both on a finished `jaxpoison` run:
 
-    python -m jaxpoison.evaluation.l2c_victims --workdir=/tmp/l2c_mnist [--max_train=10000]
+    python -m jaxpoison.trainers.l2c_victims --workdir=/tmp/l2c_mnist [--max_train=10000]
 
-It reads ``config.json``, the crafted artifact ``poison/<run>/`` and the victims' checkpoints
-``checkpoints/{clean,<run>}/``, and writes ``l2c_victims.json``.
+It reads ``config.json`` and ``results.json``, the crafted artifact and the victims' checkpoints
+that ``results.json`` names, and writes ``l2c_victims.json``.
 
 References:
   Feng, Cai & Zhou, "Learning to Confuse: Generating Training Time Adversarial Data with
@@ -27,8 +27,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxpoison import checkpointing, data, experiment, poisons, training
-from jaxpoison.poisons import l2c, storage
+from jaxpoison import checkpointing, data, poisons, specs, training
+from jaxpoison.poisons import l2c
+from jaxpoison.trainers import poisoning
+from jaxpoison.workdir import write_json_atomic
 
 SKLEARN_VICTIMS = ("random_forest", "svm_rbf")
 
@@ -86,27 +88,29 @@ def noise_diagnostic(classifiers, noise, labels):
     }
 
 
-def victim_runs(config, run):
+def victim_runs(config, run, dataset):
     """(label, victim spec, run name) of the clean-trained and `run`-trained victims of a run.
 
     One victim per training set, or, with ``config.victims`` (the transfer study), one per
     architecture and training set, labelled ``<architecture>_<set>``.
     """
-    victims = experiment.plain(config.get("victims", {}))
+    shape = dict(image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+    victims = specs.selected(config, "victims")
     if not victims:
-        return [(f"victim_{s}", config.victim, s) for s in ("clean", run)]
+        return [(f"victim_{s}", specs.victim(config, **shape), s) for s in ("clean", run)]
     return [
-        (f"{arch}_{s}", experiment.victim_config(config, overrides), f"{arch}/{s}")
+        (f"{arch}_{s}", specs.victim(config, overrides, **shape), f"{arch}/{s}")
         for arch, overrides in victims.items()
         for s in ("clean", run)
     ]
 
 
-def _restore_victim(victim_config, dataset, workdir, run_name):
-    """(apply_fn, variables of seed 0) of a victim the experiment trained, or None."""
-    ckpt = Path(workdir) / "checkpoints" / run_name.replace("/", "__")
-    if not ckpt.is_dir():
+def _restore_victim(victim_config, dataset, workdir, run_name, results):
+    """(apply_fn, variables of seed 0) of a victim the run trained, or None."""
+    entry = results.get("runs", {}).get(run_name)
+    if entry is None or not (Path(workdir) / entry["checkpoint"]).is_dir():
         return None
+    ckpt = Path(workdir) / entry["checkpoint"]
     trainer = training.Trainer.from_config(
         victim_config, num_classes=dataset.num_classes, image_shape=dataset.image_shape
     )
@@ -136,30 +140,17 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
       The dict also written to ``WORKDIR/l2c_victims.json``.
     """
     workdir = Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    results_path = workdir / "results.json"
+    if not results_path.is_file():
+        raise ValueError(f"{workdir} has no results.json; finish the run first (same command).")
+    results = json.loads(results_path.read_text())
+    config = ml_collections.ConfigDict(results["config"])
     dataset = data.load(config.data)
-    spec = dict(experiment.plain(config.poisons[run]))
-    name = spec.pop("name")
-    for k in ("batch_size", "clean_extra"):
-        spec.pop(k, None)
-    threat = experiment.make_threat(spec.pop("threat", config.threat))
-    poison = poisons.make(
-        name,
-        threat=threat,
-        num_classes=dataset.num_classes,
-        image_shape=dataset.image_shape,
-        **spec,
+    poison, state = poisoning.load_poison(config, run, dataset, workdir)
+    ps = specs.poison_spec(
+        config, run, image_shape=dataset.image_shape, num_classes=dataset.num_classes
     )
     x_clean = data.to_float(dataset.x_train)
-    template = jax.eval_shape(
-        poison.init,
-        jax.random.key(0),
-        {
-            "image": jax.ShapeDtypeStruct(x_clean.shape, np.float32),
-            "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
-        },
-    )
-    state, _ = storage.load(workdir / "poison" / run, template, fingerprint=dataset.fingerprint())
     x_poison, y_poison = poisons.apply_all(poison, state, x_clean, dataset.y_train)
     n = len(y_poison) if max_train is None else min(int(max_train), len(y_poison))
     result = {"run": run, "num_train": n, "num_test": int(len(dataset.y_test))}
@@ -181,17 +172,17 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
             n_jobs=n_jobs,
         ),
     }
-    if name == "l2c":
+    if ps.name == "l2c":
         noise = l2c.perturbations(
-            state, data.to_float(dataset.x_test), generator=spec["generator"], threat=threat
+            state, data.to_float(dataset.x_test), generator=ps.kwargs["generator"], threat=ps.threat
         )
         classifiers = {}
-        for label, victim_config, victim_run in victim_runs(config, run):
-            restored = _restore_victim(victim_config, dataset, workdir, victim_run)
+        for label, victim_config, victim_run in victim_runs(config, run, dataset):
+            restored = _restore_victim(victim_config, dataset, workdir, victim_run, results)
             if restored is not None:
                 classifiers[label] = restored
         result["noise_only_test_accuracy"] = noise_diagnostic(classifiers, noise, dataset.y_test)
-    storage.write_json_atomic(workdir / "l2c_victims.json", result)
+    write_json_atomic(workdir / "l2c_victims.json", result)
     return result
 
 

@@ -1,10 +1,10 @@
-"""The rotation-SSL study (``config.experiment = 'rotation_ssl'``): self-supervised rotation
+"""The rotation-SSL study (``config.trainer = 'rotation_ssl'``): self-supervised rotation
 prediction on the (poisoned) training images, then a linear probe on clean labels, with standard
 and with adversarial training of the pretext task (Tao et al. 2021, after Gidaris et al. 2018).
 
 For every training set (``clean`` when ``config.include_clean``, and every poison of
-``config.poisons``, crafted as `experiment.craft_poisons` does) and every pretext objective of
-``config.objectives`` (label -> objective spec of `jaxpoison.objectives`, e.g. ``erm`` for ST and
+``config.poisons``, crafted by `trainers.poisoning.craft_poisons`) and every pretext objective
+of ``config.objectives`` (label -> objective spec of `jaxpoison.objectives`, e.g. ``erm`` for ST and
 ``pgd_at`` for AT, PGD then maximising the rotation loss):
 
 1. the victim (``config.victim``, a model with 4 outputs) learns to predict the rotation
@@ -36,10 +36,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison import __version__, data, experiment, models, plots, studies, training
+from jaxpoison import __version__, data, models, plots, specs, training
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
 from jaxpoison.ssl import probe, rotation
+from jaxpoison.trainers import poisoning
+from jaxpoison.workdir import close_run, open_run, plain, run_key
 
 
 def make_probe_fn(trainer, *, num_classes, config):
@@ -82,9 +84,9 @@ def make_probe_fn(trainer, *, num_classes, config):
     return probe_fn
 
 
-def run(config, workdir, *, progress=True):
+def train_and_evaluate(config, workdir, *, progress=True):
     """Runs the rotation-SSL study `config` in `workdir`; returns the results dict."""
-    done = studies.open_workdir(config, workdir)
+    done = open_run(config, workdir)
     if done is not None:
         return done
     workdir = Path(workdir)
@@ -93,12 +95,14 @@ def run(config, workdir, *, progress=True):
     ssl_cfg = config.get("ssl", ml_collections.ConfigDict())
     dataset = data.load(config.data)
     say(f"data: {dataset.name} train {dataset.x_train.shape} test {dataset.x_test.shape}")
+    specs.check(
+        config, image_shape=dataset.image_shape, num_classes=dataset.num_classes, victims=False
+    )
     train_sets = {}
     if config.get("include_clean", True):
         train_sets["clean"] = (dataset.x_train, dataset.y_train)
-    train_sets.update(
-        experiment.craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress)
-    )
+    crafted = poisoning.craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress)
+    train_sets.update({run: (c.images, c.labels) for run, c in crafted.items()})
     mesh = training.data_mesh()
     rep = NamedSharding(mesh, P())
     x_test = jax.device_put(data.to_float(dataset.x_test), rep)
@@ -107,8 +111,10 @@ def run(config, workdir, *, progress=True):
     x_rot_test, y_rot_test = jax.device_get(rotation.rotate(x_test[:num_pretext_test]))
 
     runs, summary = {}, {}
-    for obj_label, obj_spec in studies.plain(config.objectives).items():
-        victim_cfg = ml_collections.ConfigDict(studies.plain(config.victim))
+    for obj_label, obj_spec in specs.selected(config, "objectives").items():
+        victim_cfg = specs.victim(
+            config, image_shape=dataset.image_shape, num_classes=rotation.NUM_ROTATIONS
+        )
         victim_cfg.objective = obj_spec
         trainer = training.Trainer.from_config(
             victim_cfg,
@@ -116,7 +122,11 @@ def run(config, workdir, *, progress=True):
             image_shape=dataset.image_shape,
             mesh=mesh,
         )
-        trainer = dataclasses.replace(trainer, objective=rotation.pretext(trainer.objective))
+        trainer = dataclasses.replace(
+            trainer,
+            objective=rotation.pretext(trainer.objective),
+            spec=dict(trainer.spec, pretext="rotation"),
+        )
         probe_fn = make_probe_fn(trainer, num_classes=dataset.num_classes, config=ssl_cfg)
         for set_name, (x_train, y_train) in train_sets.items():
             run_name = f"{obj_label}/{set_name}"
@@ -132,7 +142,7 @@ def run(config, workdir, *, progress=True):
             t0 = time.time()
             states, history = trainer.fit(
                 td,
-                key=studies.run_key(root, f"pretext/{run_name}"),
+                key=run_key(root, f"pretext/{run_name}"),
                 num_seeds=config.victim.num_seeds,
                 ckpt_dir=workdir / "checkpoints" / run_name.replace("/", "__"),
                 name=f"{run_name} (rotation)",
@@ -172,29 +182,29 @@ def run(config, workdir, *, progress=True):
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "wall_time_s": time.time() - t_start,
-        "config": studies.plain(config),
+        "config": plain(config),
         "runs": runs,
         "summary": summary,
     }
     title = (config.get("name", "") + "\n(rotation accuracy on clean test images)").strip()
     plots.curves(runs, workdir / "curves.png", title=title)
     say(
-        studies.table(
+        summarize.text_table(
             [("run", "linear probe test acc", "probe train acc", "rotation test acc", "seeds")]
             + [
                 (
                     name,
-                    studies.pct(s["probe_test_acc"]),
-                    studies.pct(s["probe_train_acc"]),
-                    studies.pct(s["pretext_final_test_acc"]),
+                    summarize.pct(s["probe_test_acc"]),
+                    summarize.pct(s["probe_train_acc"]),
+                    summarize.pct(s["pretext_final_test_acc"]),
                     str(s["seeds"]),
                 )
                 for name, s in summary.items()
             ]
         )
     )
-    studies.close_workdir(results, workdir)
+    close_run(results, workdir)
     return results
 
 
-__all__ = ["make_probe_fn", "run"]
+__all__ = ["make_probe_fn", "train_and_evaluate"]

@@ -1,10 +1,9 @@
 """The Gaussian-theory experiment: Figure 2 of Tao et al. (2021) in closed form, checked by Monte
 Carlo and by linear classifiers trained with the library's ``erm`` and ``pgd_at`` objectives.
 
-``run(config, workdir)`` is what ``experiment.train_and_evaluate`` calls for a config with
-``config.experiment = 'gaussian_theory'`` (see ``configs/gaussian_theory.py``). The workdir looks
-like every other run's: ``config.json`` first, ``log.txt``, ``figure2.png``, and ``results.json``
-last (atomically); a run that finds a complete ``results.json`` does nothing.
+The trainer of ``config.trainer = 'gaussian_theory'`` (``configs/gaussian_theory.py``). The
+workdir looks like every other run's: ``config.json`` first, ``log.txt``, ``figure2.png``, and
+``results.json`` last (atomically); a run that finds a complete ``results.json`` does nothing.
 
 Config fields (``config.theory``): ``sigma``, ``eta``, ``epsilon`` (None: 2η), ``dims`` (the
 closed-form curve), ``mc_dims`` and ``mc_samples`` (Monte Carlo on the sufficient statistics of
@@ -20,9 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpoison import __version__, experiment, plots
+from jaxpoison import __version__, plots
 from jaxpoison.progress import say
 from jaxpoison.theory import gaussian, linear
+from jaxpoison.workdir import close_run, open_run, plain
 
 
 def check_theorems(dims, *, eta, sigma, epsilon=None):
@@ -164,10 +164,10 @@ def plot(results, path, *, title=""):
     plots.save_figure(fig, path)
 
 
-def run(config, workdir, *, progress=True):
+def train_and_evaluate(config, workdir, *, progress=True):
     """Runs the Gaussian-theory experiment `config` in `workdir`; returns the results dict."""
     del progress
-    done = experiment.open_workdir(config, workdir)
+    done = open_run(config, workdir)
     if done is not None:
         return done
     workdir = Path(workdir)
@@ -212,7 +212,7 @@ def run(config, workdir, *, progress=True):
         "complete": True,
         "jaxpoison_version": __version__,
         "backend": jax.default_backend(),
-        "config": experiment.plain(config),
+        "config": plain(config),
         "closed_form": {"dims": dims, "accuracy": {k: v.tolist() for k, v in curves.items()}},
         "theorems": theorems,
         "monte_carlo": mc,
@@ -222,8 +222,8 @@ def run(config, workdir, *, progress=True):
     }
     title = config.get("name", "") or f"σ={sigma}, η={eta}, ε={epsilon:g}"
     plot(results, workdir / "figure2.png", title=title)
-    experiment.close_workdir(results, workdir, plots=[workdir / "figure2.png"])
+    close_run(results, workdir, plots=[workdir / "figure2.png"])
     return results
 
 
-__all__ = ["check_theorems", "monte_carlo", "plot", "run", "trained"]
+__all__ = ["check_theorems", "monte_carlo", "plot", "train_and_evaluate", "trained"]

@@ -1,4 +1,4 @@
-"""The simplicity-bias study (``config.experiment = 'simplicity_bias'``): on MNIST-CIFAR, does a
+"""The simplicity-bias study (``config.trainer = 'simplicity_bias'``): on MNIST-CIFAR, does a
 defense make the network learn the CIFAR half, which standard training ignores?
 
 Every objective of ``config.objectives`` (label -> objective spec, e.g. ``erm`` and ``pgd_at``
@@ -22,22 +22,22 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison import __version__, data, plots, studies, training
+from jaxpoison import __version__, data, plots, specs, training
 from jaxpoison.data import mnist_cifar
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
+from jaxpoison.workdir import close_run, open_run, plain, run_key
 
 RANDOMIZED = "test_mnist_randomized/accuracy"
 
 
-def run(config, workdir, *, progress=True):
+def train_and_evaluate(config, workdir, *, progress=True):
     """Runs the simplicity-bias study `config` in `workdir`; returns the results dict."""
-    done = studies.open_workdir(config, workdir)
+    done = open_run(config, workdir)
     if done is not None:
         return done
     workdir = Path(workdir)
@@ -53,8 +53,10 @@ def run(config, workdir, *, progress=True):
     x_randomized = mnist_cifar.randomize_mnist(dataset.x_test, seed=config.seed)
     root = jax.random.key(config.seed)
     runs, summary = {}, {}
-    for label, spec in studies.plain(config.objectives).items():
-        victim_cfg = ml_collections.ConfigDict(studies.plain(config.victim))
+    for label, spec in specs.selected(config, "objectives").items():
+        victim_cfg = specs.victim(
+            config, image_shape=dataset.image_shape, num_classes=dataset.num_classes
+        )
         victim_cfg.objective = spec
         trainer = training.Trainer.from_config(
             victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape
@@ -79,7 +81,7 @@ def run(config, workdir, *, progress=True):
         t0 = time.time()
         _, history = trainer.fit(
             td,
-            key=studies.run_key(root, f"victim/{label}"),
+            key=run_key(root, f"victim/{label}"),
             num_seeds=config.victim.num_seeds,
             ckpt_dir=workdir / "checkpoints" / label.replace("/", "__"),
             name=label,
@@ -103,7 +105,7 @@ def run(config, workdir, *, progress=True):
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "wall_time_s": time.time() - t_start,
-        "config": studies.plain(config),
+        "config": plain(config),
         "runs": runs,
         "summary": summary,
     }
@@ -111,21 +113,21 @@ def run(config, workdir, *, progress=True):
     plots.curves(runs, workdir / "curves.png", title=title)
     plots.curves(runs, workdir / "curves_mnist_randomized.png", metric=RANDOMIZED, title=title)
     say(
-        studies.table(
+        summarize.text_table(
             [("run", "test acc", "MNIST-randomized test acc", "seeds")]
             + [
                 (
                     name,
-                    studies.pct(s["final_test_acc"]),
-                    studies.pct(s["final_mnist_randomized_acc"]),
+                    summarize.pct(s["final_test_acc"]),
+                    summarize.pct(s["final_mnist_randomized_acc"]),
                     str(s["seeds"]),
                 )
                 for name, s in summary.items()
             ]
         )
     )
-    studies.close_workdir(results, workdir)
+    close_run(results, workdir)
     return results
 
 
-__all__ = ["RANDOMIZED", "run"]
+__all__ = ["RANDOMIZED", "train_and_evaluate"]

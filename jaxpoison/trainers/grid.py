@@ -1,18 +1,21 @@
-"""Config runs: craft poisons, train victims on clean and poisoned data, write results and plots.
+"""The grid trainer (``config.trainer = 'grid'``): craft poisons, train victims on clean and
+poisoned data under every objective, write results and plots.
 
-``train_and_evaluate(config, workdir)`` is what ``jaxpoison --config=... --workdir=...`` calls.
-A run's workdir (same for every experiment)::
+A run's workdir (same for every trainer; artifacts content-addressed, see `jaxpoison.workdir`)::
 
-    WORKDIR/config.json     the resolved config, written first
-    WORKDIR/checkpoints/    orbax checkpoints per victim run and per crafting run (resumable)
-    WORKDIR/poison/<run>/   crafted poison artifacts (state.npz + metadata.json)
-    WORKDIR/results.json    written last and atomically: config, histories, summary
+    WORKDIR/config.json                  the resolved config, written first
+    WORKDIR/checkpoints/<run>/<key>/     orbax checkpoints per victim, surrogate and crafting run
+    WORKDIR/poison/<run>/<key>/          crafted poison artifacts (state.npz + metadata.json)
+    WORKDIR/results.json    written last and atomically: config, histories, summary, and where
+                            each run's poison (``poisons[run].artifact``) and victims
+                            (``runs[run].checkpoint``) live
     WORKDIR/curves.png      clean test accuracy per epoch, one line per run
     WORKDIR/log.txt         the progress lines as plain text
 
 Config fields (see configs/quickstart.py): ``seed``, ``data``, ``threat``, ``poisons`` (run name
 -> poison spec), ``include_clean``, ``objectives`` (label -> objective spec), ``surrogate``
-(the crafting model, for poisons that need one) and ``victim``.
+(the crafting model, for poisons that need one) and ``victim``; ``select`` (``poisons``,
+``objectives``, ``victims``: tuples of names) runs a subset (empty: all).
 
 A poison spec holds ``name`` and the factory's keyword arguments, and optionally ``threat``,
 ``batch_size`` (crafting), ``fraction`` / ``classes`` (partial poisoning), ``clean_extra``: k
@@ -44,193 +47,18 @@ runs the learning-speed scatters ``learning_speed_*.png`` are written beside ``c
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
-from jaxpoison import __version__, data, plots, poisons, threat, training
+from jaxpoison import __version__, data, plots, specs, training
 from jaxpoison.evaluation import risk, speed, summarize, tradeoff, transfer
-from jaxpoison.poisons import storage
-from jaxpoison.progress import say, set_log_file
-
-
-def plain(value):
-    if isinstance(value, ml_collections.ConfigDict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def run_key(root, name):
-    """A key for the named part of the experiment, independent of the order parts run in."""
-    return jax.random.fold_in(root, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-
-
-def make_threat(spec):
-    return threat.make(**plain(spec))
-
-
-def _merged(base, overrides):
-    """`base` (plain dicts) updated recursively by `overrides`."""
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def victim_config(config, overrides):
-    """``config.victim`` updated by one entry of ``config.victims`` (a ConfigDict)."""
-    return ml_collections.ConfigDict(_merged(plain(config.victim), overrides))
-
-
-def train_surrogate(config, dataset, *, key, workdir, progress, spec=None, name="surrogate"):
-    """Trains the crafting model on clean data; returns (apply_fn, variables) of seed 0.
-
-    `spec` (default ``config.surrogate``) is the crafting model's victim-style spec; `name`
-    names its checkpoint directory.
-    """
-    spec = ml_collections.ConfigDict(spec if spec is not None else plain(config.surrogate))
-    trainer = training.Trainer.from_config(
-        spec, num_classes=dataset.num_classes, image_shape=dataset.image_shape
-    )
-    td = training.train_data_from(
-        dataset.x_train,
-        dataset.y_train,
-        dataset,
-        crop_padding=config.data.get("crop_padding", 0),
-        flip=config.data.get("flip", False),
-    )
-    states, history = trainer.fit(
-        td,
-        key=key,
-        num_seeds=1,
-        name=name,
-        progress=progress,
-        ckpt_dir=Path(workdir) / "checkpoints" / name,
-    )
-    state = jax.tree.map(lambda a: a[0], states)
-    variables = {"params": state.params, **state.model_state}
-    say(f"{name}: clean test accuracy {history['test/accuracy'][-1][0]:.4f}")
-    return trainer.apply_fn, variables
-
-
-def craft_poisons(config, dataset, *, key, workdir, progress=True):
-    """Crafts every poison of ``config.poisons``; returns {run name: (images, labels)}.
-
-    A spec's ``surrogate`` (a dict of ``config.surrogate`` fields, e.g. ``model``) gives that
-    poison its own crafting model (trained once per distinct spec, checkpoints under
-    ``checkpoints/surrogate_<run>``); without it the poisons share ``config.surrogate``.
-    """
-    out, surrogates = {}, {}
-    x_clean = dataset.x_train.astype(np.float32) / 255.0
-    fingerprint = dataset.fingerprint()
-    for run_name, spec in config.poisons.items():
-        spec = plain(spec)
-        name = spec.pop("name")
-        if name not in poisons.POISONS:
-            raise ValueError(
-                f"poisons.{run_name}.name={name!r} is unknown; use one of "
-                f"{sorted(poisons.POISONS)}."
-            )
-        craft_kwargs = {k: spec.pop(k) for k in ("batch_size",) if k in spec}
-        spec.pop("clean_extra", None)  # used by `clean_additions`, not by the poison
-        surrogate_overrides = spec.pop("surrogate", None)
-        tm = make_threat(spec.pop("threat", config.threat))
-        kwargs = dict(threat=tm, num_classes=dataset.num_classes, image_shape=dataset.image_shape)
-        if name in poisons.REQUIRES_MODEL:
-            if surrogate_overrides:
-                surrogate_spec = _merged(plain(config.surrogate), surrogate_overrides)
-                tag = f"surrogate_{run_name}"
-            else:
-                surrogate_spec, tag = plain(config.surrogate), "surrogate"
-            cache = json.dumps(surrogate_spec, sort_keys=True)
-            if cache not in surrogates:
-                surrogates[cache] = train_surrogate(
-                    config,
-                    dataset,
-                    key=run_key(key, "surrogate" if tag == "surrogate" else cache),
-                    workdir=workdir,
-                    progress=progress,
-                    spec=surrogate_spec,
-                    name=tag,
-                )
-            kwargs.update(apply_fn=surrogates[cache][0], variables=surrogates[cache][1])
-        poison = poisons.make(name, **kwargs, **spec)
-        pkey = run_key(key, f"poison/{run_name}")
-        artifact = Path(workdir) / "poison" / run_name
-        if (artifact / "metadata.json").is_file():
-            template = jax.eval_shape(
-                poison.init,
-                pkey,
-                {
-                    "image": jax.ShapeDtypeStruct(x_clean.shape, np.float32),
-                    "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
-                },
-            )
-            state, _ = storage.load(artifact, template, fingerprint=fingerprint)
-            say(f"poison {run_name}: loaded from {artifact}")
-        else:
-            t0 = time.time()
-            state, _ = poisons.craft(
-                poison,
-                x_clean,
-                dataset.y_train,
-                key=pkey,
-                ckpt_dir=Path(workdir) / "checkpoints" / f"craft_{run_name}",
-                name=f"craft {run_name}",
-                progress=progress,
-                **craft_kwargs,
-            )
-            storage.save(
-                artifact,
-                state,
-                name=name,
-                spec=spec,
-                threat=tm,
-                dataset_name=dataset.name,
-                fingerprint=fingerprint,
-            )
-            say(f"poison {run_name}: crafted in {time.time() - t0:.1f}s")
-        out[run_name] = poisons.apply_all(poison, state, x_clean, dataset.y_train)
-    return out
-
-
-def clean_additions(config, dataset):
-    """{run name: (float images, labels)} of the extra clean examples of runs with ``clean_extra``.
-
-    They are the first examples of each class (class-balanced) among the training examples that
-    ``data.num_train`` left out, so they are disjoint from the poisoned set.
-    """
-    wanted = {
-        run: int(spec.get("clean_extra", 0))
-        for run, spec in config.poisons.items()
-        if spec.get("clean_extra", 0)
-    }
-    if not wanted:
-        return {}
-    full = data.load(ml_collections.ConfigDict(dict(plain(config.data), num_train=0)))
-    subset = np.arange(len(full.y_train))
-    if len(dataset.y_train) < len(full.y_train):
-        subset = data.balanced_indices(full.y_train, len(dataset.y_train), full.num_classes)
-    if not np.array_equal(full.x_train[subset], dataset.x_train):
-        raise data.DataError("clean_extra: cannot locate the training subset in the full dataset.")
-    pool = np.setdiff1d(np.arange(len(full.y_train)), subset)
-    out = {}
-    for run, k in wanted.items():
-        if k > len(pool):
-            raise ValueError(
-                f"poisons.{run}.clean_extra={k} but only {len(pool)} training examples lie "
-                "outside data.num_train; lower clean_extra or data.num_train."
-            )
-        idx = pool[data.balanced_indices(full.y_train[pool], k, full.num_classes)]
-        out[run] = (full.x_train[idx].astype(np.float32) / 255.0, full.y_train[idx])
-    return out
+from jaxpoison.progress import say
+from jaxpoison.trainers import poisoning
+from jaxpoison.workdir import close_run, open_run, plain, run_key
 
 
 def make_evaluators(evals, trainer, *, num_classes):
@@ -265,57 +93,9 @@ def run_evals(evals, trainer, states, td, *, num_classes, key, evaluators=None):
     return out
 
 
-def open_workdir(config, workdir):
-    """Returns the complete results found in `workdir`, or None after writing ``config.json``
-    and opening ``log.txt`` for a new (or resumed) run.
-
-    Raises:
-      ValueError: when `workdir` holds complete results of another config.
-    """
-    workdir = Path(workdir)
-    results_path = workdir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("complete"):
-            stored = results.get("config", {})
-            wanted = json.loads(json.dumps(plain(config)))  # as stored: lists, not tuples
-            changed = sorted(
-                k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k)
-            )
-            if changed:
-                raise ValueError(
-                    f"{results_path} holds the complete results of another config (it differs in "
-                    f"{', '.join(changed)}). Use a new workdir, or move results.json away to "
-                    "extend this one: its finished victims and poisons are reused where they match."
-                )
-            say(f"{results_path} is complete; nothing to do (delete it to run again).")
-            return results
-    workdir.mkdir(parents=True, exist_ok=True)
-    set_log_file(workdir / "log.txt")
-    storage.write_json_atomic(workdir / "config.json", plain(config))
-    return None
-
-
-def close_workdir(results, workdir, *, plots=()):
-    """Writes ``results.json`` atomically, names it and the `plots` in the log, closes the log."""
-    path = Path(workdir) / "results.json"
-    storage.write_json_atomic(path, results)
-    listed = f"  plots: {', '.join(Path(f).name for f in plots)}" if plots else ""
-    say(f"results: {path}{listed}")
-    set_log_file(None)
-
-
 def train_and_evaluate(config, workdir, *, progress=True):
-    """Runs the experiment `config` in `workdir` and returns the results dict."""
-    if config.get("experiment", "images") == "gaussian_theory":
-        from jaxpoison.theory import runner
-
-        return runner.run(config, workdir, progress=progress)
-    if config.get("experiment", "images") in ("simplicity_bias", "rotation_ssl"):
-        from jaxpoison import studies
-
-        return studies.run(config, workdir, progress=progress)
-    done = open_workdir(config, workdir)
+    """Runs the grid `config` in `workdir` and returns the results dict."""
+    done = open_run(config, workdir)
     if done is not None:
         return done
     workdir = Path(workdir)
@@ -324,26 +104,28 @@ def train_and_evaluate(config, workdir, *, progress=True):
 
     dataset = data.load(config.data)
     say(f"data: {dataset.name} train {dataset.x_train.shape} test {dataset.x_test.shape}")
+    specs.check(config, image_shape=dataset.image_shape, num_classes=dataset.num_classes)
     train_sets = {}
     if config.get("include_clean", True):
         train_sets["clean"] = (dataset.x_train, dataset.y_train)
     if config.get("include_naive", False):
-        if "naive" in config.poisons:
+        if "naive" in specs.selected(config, "poisons"):
             raise ValueError(
                 "include_naive=True adds a run named 'naive' but config.poisons has one too; "
                 "rename the poison."
             )
         train_sets["naive"] = (dataset.x_train, dataset.y_train)  # trained for zero epochs
-    train_sets.update(craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress))
-    extras = clean_additions(config, dataset)
+    crafted = poisoning.craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress)
+    train_sets.update({run: (c.images, c.labels) for run, c in crafted.items()})
+    extras = poisoning.clean_additions(config, dataset)
 
     val_size = config.data.get("val_size", 0)
     train_idx, val_idx = data.split_validation(
         dataset.y_train, val_size, dataset.num_classes, seed=config.seed
     )
-    objectives = plain(config.get("objectives", {"erm": {"name": "erm"}}))
+    objectives = specs.selected(config, "objectives") or {"erm": {"name": "erm"}}
     evals = plain(config.get("evals", {}))
-    victims = plain(config.get("victims", {}))
+    victims = specs.selected(config, "victims")
     sweep_eval = plain(config.get("lambda_sweep") or {}).get("eval")
     if sweep_eval is not None and evals.get(sweep_eval, {}).get("name") not in ("risk", "targeted"):
         raise ValueError(
@@ -353,7 +135,12 @@ def train_and_evaluate(config, workdir, *, progress=True):
     runs, attack_transfer = {}, {}
     for obj_label, obj_spec in objectives.items():
         for victim_name, victim_overrides in (victims or {"": {}}).items():
-            victim_cfg = victim_config(config, victim_overrides)
+            victim_cfg = specs.victim(
+                config,
+                victim_overrides,
+                image_shape=dataset.image_shape,
+                num_classes=dataset.num_classes,
+            )
             victim_cfg.objective = obj_spec
             trainer = training.Trainer.from_config(
                 victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape
@@ -382,13 +169,15 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     crop_padding=config.data.get("crop_padding", 0),
                     flip=config.data.get("flip", False),
                 )
-                untrained = set_name == "naive" and "naive" not in config.poisons
+                untrained = set_name == "naive" and "naive" not in crafted
                 t0 = time.time()
+                victim_key = run_key(root, f"victim/{run_name}")
+                ckpt_root = workdir / "checkpoints" / run_name.replace("/", "__")
                 states, history = trainer.fit(
                     td,
-                    key=run_key(root, f"victim/{run_name}"),
+                    key=victim_key,
                     num_seeds=victim_cfg.num_seeds,
-                    ckpt_dir=workdir / "checkpoints" / run_name.replace("/", "__"),
+                    ckpt_dir=ckpt_root,
                     name=run_name,
                     progress=progress,
                     epochs=0 if untrained else None,
@@ -398,6 +187,11 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     "objective": obj_label,
                     "history": history,
                     "wall_time_s": time.time() - t0,
+                    "checkpoint": str(
+                        trainer.checkpoint_dir(
+                            ckpt_root, td, key=victim_key, num_seeds=victim_cfg.num_seeds
+                        ).relative_to(workdir)
+                    ),
                 }
                 if victims:
                     runs[run_name]["victim"] = victim_name
@@ -436,6 +230,15 @@ def train_and_evaluate(config, workdir, *, progress=True):
         "devices": jax.device_count(),
         "wall_time_s": time.time() - t_start,
         "config": plain(config),
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "class_names": list(dataset.class_names),
+        },
+        "poisons": {
+            run: {"artifact": str(c.artifact.relative_to(workdir)), "key": c.key}
+            for run, c in crafted.items()
+        },
         "runs": runs,
         "summary": summary,
         "learning_speed": speed.diagnostics(trained),
@@ -495,17 +298,11 @@ def train_and_evaluate(config, workdir, *, progress=True):
     say(summarize.table(summary))
     if summarize.eval_table(summary):
         say(summarize.eval_table(summary))
-    if len(trained) >= 3:
-        ls = results["learning_speed"]
-        say(
-            "learning speed: Spearman rho (epoch to loss < "
-            f"{loss_threshold} vs peak acc) = {ls['spearman/epoch_to_threshold_vs_peak_acc']:.3f}, "
-            f"(peak vs final acc) = {ls['spearman/peak_acc_vs_final_acc']:.3f}, "
-            f"{ls['num_runs']} runs"
-        )
+    if trained:
+        say(speed.describe(results["learning_speed"]))
     if victims:
         say(transfer.table(results["transfer"]))
-    close_workdir(results, workdir, plots=figures)
+    close_run(results, workdir, plots=figures)
     return results
 
 
@@ -528,13 +325,4 @@ def _attack_transfer(trainer, states, train_sets, train_idx, dataset):
     return out
 
 
-__all__ = [
-    "clean_additions",
-    "craft_poisons",
-    "make_evaluators",
-    "run_evals",
-    "make_threat",
-    "train_and_evaluate",
-    "train_surrogate",
-    "victim_config",
-]
+__all__ = ["make_evaluators", "run_evals", "train_and_evaluate"]

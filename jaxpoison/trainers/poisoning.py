@@ -1,0 +1,267 @@
+"""The poisoning stage every trainer shares: crafting models, crafted poisons, clean additions.
+
+Every artifact is content-addressed (`jaxpoison.workdir`): a surrogate's checkpoints live under
+``checkpoints/surrogate[_<run>]/<key>``, a crafting run's under ``checkpoints/craft_<run>/<key>``
+and the crafted poison under ``poison/<run>/<key>``, where ``<key>`` hashes everything that
+determined it (the spec, the clean data, the PRNG key, the surrogate's own key, the code's
+`workdir.ARTIFACT_VERSION`). A changed spec is crafted afresh; an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxpoison import data, poisons, specs, training
+from jaxpoison.poisons import storage
+from jaxpoison.progress import say
+from jaxpoison.workdir import content_key, keyed_dir, plain, run_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Crafted:
+    """A crafted poison run: the poisoned training set and where its artifact lives."""
+
+    images: np.ndarray  # float32 [N, H, W, C] in [0, 1]
+    labels: np.ndarray  # int32 [N]
+    artifact: Path
+    key: str  # the artifact's content key
+
+
+def train_surrogate(config, dataset, *, key, workdir, progress, overrides=None, name="surrogate"):
+    """Trains the crafting model on clean data.
+
+    Returns:
+      (apply_fn, variables of seed 0, the checkpoints' content key).
+    """
+    spec = specs.surrogate(
+        config, overrides, image_shape=dataset.image_shape, num_classes=dataset.num_classes
+    )
+    trainer = training.Trainer.from_config(
+        spec, num_classes=dataset.num_classes, image_shape=dataset.image_shape
+    )
+    td = training.train_data_from(
+        dataset.x_train,
+        dataset.y_train,
+        dataset,
+        crop_padding=config.data.get("crop_padding", 0),
+        flip=config.data.get("flip", False),
+    )
+    states, history = trainer.fit(
+        td,
+        key=key,
+        num_seeds=1,
+        name=name,
+        progress=progress,
+        ckpt_dir=Path(workdir) / "checkpoints" / name,
+    )
+    state = jax.tree.map(lambda a: a[0], states)
+    variables = {"params": state.params, **state.model_state}
+    say(f"{name}: clean test accuracy {history['test/accuracy'][-1][0]:.4f}")
+    record_key = content_key(trainer.record(td, key=key, num_seeds=1))
+    return trainer.apply_fn, variables, record_key
+
+
+def craft_poisons(config, dataset, *, key, workdir, progress=True):
+    """Crafts (or reloads) every selected poison of ``config.poisons``: {run: `Crafted`}.
+
+    A spec's ``surrogate`` (fields of ``config.surrogate``, e.g. ``model``) gives that poison
+    its own crafting model (trained once per distinct spec); without it the poisons share
+    ``config.surrogate``.
+    """
+    out, surrogates = {}, {}
+    x_clean = data.to_float(dataset.x_train)
+    fingerprint = dataset.fingerprint()
+    shape, k = dataset.image_shape, dataset.num_classes
+    for run in specs.selected(config, "poisons"):
+        ps = specs.poison_spec(config, run, image_shape=shape, num_classes=k)
+        model, surrogate_key = {}, None
+        if ps.requires_model:
+            tag = f"surrogate_{run}" if ps.surrogate else "surrogate"
+            cache = repr(plain(ps.surrogate or {}))
+            if cache not in surrogates:
+                surrogates[cache] = train_surrogate(
+                    config,
+                    dataset,
+                    key=run_key(key, "surrogate" if not ps.surrogate else cache),
+                    workdir=workdir,
+                    progress=progress,
+                    overrides=ps.surrogate,
+                    name=tag,
+                )
+            apply_fn, variables, surrogate_key = surrogates[cache]
+            model = dict(apply_fn=apply_fn, variables=variables)
+        poison = specs.make_poison(ps, image_shape=shape, num_classes=k, **model)
+        pkey = run_key(key, f"poison/{run}")
+        record = specs.poison_record(
+            ps,
+            fingerprint=fingerprint,
+            image_shape=shape,
+            num_classes=k,
+            key=pkey,
+            surrogate_key=surrogate_key,
+        )
+        artifact = keyed_dir(Path(workdir) / "poison" / run, record)
+        if (artifact / "metadata.json").is_file():
+            template = jax.eval_shape(
+                poison.init,
+                pkey,
+                {
+                    "image": jax.ShapeDtypeStruct(x_clean.shape, np.float32),
+                    "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
+                },
+            )
+            state, _ = storage.load(artifact, template, fingerprint=fingerprint, record=record)
+            say(f"poison {run}: loaded from {artifact}")
+        else:
+            t0 = time.time()
+            state, _ = poisons.craft(
+                poison,
+                x_clean,
+                dataset.y_train,
+                key=pkey,
+                ckpt_dir=keyed_dir(Path(workdir) / "checkpoints" / f"craft_{run}", record),
+                name=f"craft {run}",
+                progress=progress,
+                **ps.craft,
+            )
+            storage.save(
+                artifact,
+                state,
+                name=ps.name,
+                spec=ps.kwargs,
+                threat=ps.threat,
+                dataset_name=dataset.name,
+                fingerprint=fingerprint,
+                record=record,
+            )
+            say(f"poison {run}: crafted in {time.time() - t0:.1f}s")
+        images, labels = poisons.apply_all(poison, state, x_clean, dataset.y_train)
+        if ps.name not in poisons.UNBOUNDED:
+            check_bounds(ps, x_clean, dataset.y_train, images, labels)
+        out[run] = Crafted(images, labels, artifact, content_key(record))
+    return out
+
+
+def check_bounds(ps, x_clean, y_clean, images, labels, *, tolerance=1e-5, chunk=4096):
+    """Refuses a poisoned training set that leaves its threat ball or changes a label.
+
+    Every bounded poison of the registry stays inside by construction; this catches a poison
+    read from a file (of another subset, order or budget) or a user's poison that does not.
+
+    Raises:
+      ValueError: naming the first offending example, its distance and the fix.
+    """
+    changed = np.flatnonzero(np.asarray(labels) != np.asarray(y_clean))
+    if changed.size:
+        raise ValueError(
+            f"poisons.{ps.run}: {changed.size} labels differ from the clean ones (first: example "
+            f"{changed[0]}); a delusive poison keeps labels: check the file's order and subset."
+        )
+    eps, norm = float(ps.threat.epsilon), ps.threat.norm
+    for start in range(0, len(images), chunk):
+        delta = (images[start : start + chunk] - x_clean[start : start + chunk]).reshape(
+            min(chunk, len(images) - start), -1
+        )
+        size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        worst = int(np.argmax(size)) if size.size else 0
+        if size.size and size[worst] > eps + tolerance:
+            raise ValueError(
+                f"poisons.{ps.run}: example {start + worst} lies {size[worst]:.5f} ({norm}) from "
+                f"its clean image, outside epsilon={eps:.5f}; check that the poison was made for "
+                "this data (subset and order) and budget (threat.epsilon)."
+            )
+
+
+def artifact_dir(workdir, run):
+    """The directory of run `run`'s poison artifact in `workdir`.
+
+    It is the one ``results.json`` names (``poisons[run].artifact``), or, for a run still in
+    progress, the only artifact under ``poison/<run>/``.
+
+    Raises:
+      storage.PoisonFileError: when there is none, or several and no results.json names one.
+    """
+    workdir = Path(workdir)
+    results_path = workdir / "results.json"
+    if results_path.is_file():
+        entry = json.loads(results_path.read_text()).get("poisons", {}).get(run)
+        if entry:
+            return workdir / entry["artifact"]
+    found = sorted(p.parent for p in (workdir / "poison" / run).glob("*/metadata.json"))
+    if len(found) != 1:
+        raise storage.PoisonFileError(
+            f"{workdir}: {len(found)} artifacts of run {run!r} under poison/{run}/ and no "
+            "results.json naming one; finish the run (same command) first."
+        )
+    return found[0]
+
+
+def load_poison(config, run, dataset, workdir):
+    """(poison, state) of run `run` of `workdir` (see `artifact_dir`), without its crafting
+    model (applying a stored state needs none)."""
+    config = ml_collections.ConfigDict(plain(config))
+    shape = dict(image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+    poison = specs.make_poison(specs.poison_spec(config, run, **shape), **shape)
+    template = jax.eval_shape(
+        poison.init,
+        jax.random.key(0),
+        {
+            "image": jax.ShapeDtypeStruct(
+                (*dataset.y_train.shape, *shape["image_shape"]), np.float32
+            ),
+            "label": jax.ShapeDtypeStruct(dataset.y_train.shape, np.int32),
+        },
+    )
+    artifact = artifact_dir(workdir, run)
+    state, _ = storage.load(artifact, template, fingerprint=dataset.fingerprint())
+    return poison, state
+
+
+def clean_additions(config, dataset):
+    """{run name: (float images, labels)} of the extra clean examples of runs with ``clean_extra``.
+
+    They are the first examples of each class (class-balanced) among the training examples that
+    ``data.num_train`` left out, so they are disjoint from the poisoned set.
+    """
+    wanted = {
+        run: int(spec.get("clean_extra", 0))
+        for run, spec in specs.selected(config, "poisons").items()
+        if spec.get("clean_extra", 0)
+    }
+    if not wanted:
+        return {}
+    full = data.load(ml_collections.ConfigDict(dict(plain(config.data), num_train=0)))
+    subset = np.arange(len(full.y_train))
+    if len(dataset.y_train) < len(full.y_train):
+        subset = data.balanced_indices(full.y_train, len(dataset.y_train), full.num_classes)
+    if not np.array_equal(full.x_train[subset], dataset.x_train):
+        raise data.DataError("clean_extra: cannot locate the training subset in the full dataset.")
+    pool = np.setdiff1d(np.arange(len(full.y_train)), subset)
+    out = {}
+    for run, k in wanted.items():
+        if k > len(pool):
+            raise ValueError(
+                f"poisons.{run}.clean_extra={k} but only {len(pool)} training examples lie "
+                "outside data.num_train; lower clean_extra or data.num_train."
+            )
+        idx = pool[data.balanced_indices(full.y_train[pool], k, full.num_classes)]
+        out[run] = (full.x_train[idx].astype(np.float32) / 255.0, full.y_train[idx])
+    return out
+
+
+__all__ = [
+    "Crafted",
+    "artifact_dir",
+    "check_bounds",
+    "clean_additions",
+    "craft_poisons",
+    "load_poison",
+    "train_surrogate",
+]
