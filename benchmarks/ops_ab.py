@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpoison import attacks, models, objectives, ops, threat, training
+from jaxpoison import attacks, models, objectives, ops, threat, train_state
 
 BATCH = 128
 SHAPE = (32, 32, 3)
@@ -58,7 +58,7 @@ def build(name, width, workload):
     objective = objectives.make("erm")
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
     params = variables.pop("params")
-    state = training.TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
+    state = train_state.TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
 
     def step(state, batch, key):
         def loss_fn(p):
@@ -66,7 +66,7 @@ def build(name, width, workload):
 
         (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = training.TrainState(
+        new = train_state.TrainState(
             state.step + 1,
             optax.apply_updates(state.params, updates),
             aux["model_state"],

@@ -18,104 +18,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpoison import checkpointing, data, losses, models, objectives
 from jaxpoison.progress import progress_bar
+from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_step
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 
 # Victim-spec fields that do not change the trained state (left out of checkpoint records).
 _NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """One victim's state (a leading seed axis when several are trained at once)."""
-
-    step: jax.Array
-    params: Any
-    model_state: Any
-    opt_state: Any
-
-
-def make_optimizer(
-    *,
-    learning_rate,
-    momentum=0.9,
-    weight_decay=5e-4,
-    schedule="piecewise",
-    nesterov=False,
-    epochs,
-    steps_per_epoch,
-    milestones=(0.5, 0.75),
-    decay_factor=0.1,
-    name="sgd",
-    eps_root=0.0,
-    warmup_epochs=0.0,
-):
-    """SGD with momentum (or Adam) and PyTorch-style coupled weight decay, with an lr schedule.
-
-    Schedules: ``constant``; ``piecewise`` (multiply by `decay_factor` at the given fractions of
-    training); ``cosine`` (to zero at the end). With `warmup_epochs` > 0 the rate first rises
-    linearly from 0 over that many epochs (fractions allowed), then follows the schedule over
-    the remaining steps. `name` is ``sgd`` or ``adam`` (`momentum` and
-    `nesterov` apply to SGD only). `eps_root` (Adam only) is added under Adam's square root;
-    differentiating *through* Adam steps (L2C's inner loop) needs it > 0, or the derivative of
-    √v at v = 0 makes the meta-gradient NaN.
-    """
-    warmup = int(round(warmup_epochs * steps_per_epoch))
-    if not 0 <= warmup < max(1, epochs * steps_per_epoch):
-        raise ValueError(
-            f"warmup_epochs={warmup_epochs} must be >= 0 and shorter than training "
-            f"({epochs} epochs)."
-        )
-    total = max(1, epochs * steps_per_epoch - warmup)
-    if schedule == "constant":
-        lr = learning_rate
-    elif schedule == "piecewise":
-        lr = optax.piecewise_constant_schedule(
-            learning_rate, {int(m * total): decay_factor for m in milestones}
-        )
-    elif schedule == "cosine":
-        lr = optax.cosine_decay_schedule(learning_rate, total)
-    else:
-        raise ValueError(f"Unknown schedule {schedule!r}; use constant, piecewise or cosine.")
-    if warmup:
-        rise = optax.linear_schedule(0.0, learning_rate, warmup)
-        after = lr if callable(lr) else optax.constant_schedule(lr)
-        lr = optax.join_schedules([rise, after], [warmup])
-    if name == "sgd":
-        base = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
-    elif name == "adam":
-        base = optax.adam(lr, eps_root=eps_root)
-    else:
-        raise ValueError(f"Unknown optimizer {name!r}; use sgd or adam.")
-    return optax.chain(optax.add_decayed_weights(weight_decay), base)
-
-
-def over_seeds(fn, strategy="auto"):
-    """Maps `fn` over a leading seed axis of all its arguments, inside one compiled program.
-
-    ``vmap`` batches the seeds into every op; ``map`` runs them one after another in a compiled
-    loop (`lax.map`). On CPU, XLA turns vmapped convolutions (one kernel per seed) into grouped
-    convolutions that run 2-3x slower per seed than a loop (measured: CIFAR CNN, batch 128, 4
-    seeds: vmap 3.4 s, map 1.1 s per step), so ``auto`` picks ``map`` on CPU, ``vmap`` elsewhere.
-    """
-    if strategy == "auto":
-        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    if strategy == "vmap":
-        return jax.vmap(fn)
-    if strategy == "map":
-        return lambda *args: jax.lax.map(lambda a: fn(*a), args)
-    raise ValueError(f"Unknown seed strategy {strategy!r}; use auto, vmap or map.")
 
 
 def data_mesh():
@@ -255,39 +172,7 @@ class Trainer:
 
     def init(self, key, steps_per_epoch):
         """A fresh `TrainState` for one seed."""
-        variables = models.init(self.module, key, self.image_shape)
-        params = variables.pop("params")
-        tx = self.optimizer(steps_per_epoch)
-        return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
-
-    def train_step(
-        self, state, batch, key, *, tx, crop_padding=0, flip=False, steps_per_epoch=None
-    ):
-        """One optimisation step of one seed: ``(state, batch, key) -> (state, metrics)``.
-
-        With `steps_per_epoch` the objective's batch also carries the position in the schedule,
-        computed from ``state.step`` inside the compiled step (no host round trip, no retrace):
-        ``progress = step / (epochs * steps_per_epoch)``, a float32 in [0, 1), and
-        ``epoch = step / steps_per_epoch``, a float32 (2.5 = halfway through the third epoch).
-        Objectives with schedules (FAT's τ, GAIRAT's burn-in and λ) read ``progress``.
-        """
-        aug_key, obj_key = jax.random.split(key)
-        batch = dict(
-            batch, image=data.augment(aug_key, batch["image"], crop_padding=crop_padding, flip=flip)
-        )
-        if steps_per_epoch is not None:
-            step = state.step.astype(jnp.float32)
-            total = max(1, self.epochs * steps_per_epoch)
-            batch |= {"progress": step / total, "epoch": step / steps_per_epoch}
-
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            return self.objective(variables, batch, obj_key, apply_fn=self.apply_fn)
-
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, aux["model_state"], opt_state), aux["metrics"]
+        return init_state(self.module, key, self.image_shape, self.optimizer(steps_per_epoch))
 
     def predict(self, state, x):
         """Eval-mode logits of one seed on a batch."""
@@ -308,14 +193,16 @@ class Trainer:
                 images = jax.lax.with_sharding_constraint(x[idx], self._batch_sharding(x.ndim + 1))
                 labels = jax.lax.with_sharding_constraint(y[idx], self._batch_sharding(2))
                 batch = {"image": images, "label": labels, "index": idx}
-                one = lambda s, b, k: self.train_step(
+                one = lambda s, b, k: train_step(
                     s,
                     b,
                     k,
+                    apply_fn=self.apply_fn,
+                    objective=self.objective,
                     tx=tx,
                     crop_padding=crop_padding,
                     flip=flip,
-                    steps_per_epoch=steps_per_epoch,
+                    schedule=(self.epochs, steps_per_epoch),
                 )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 
@@ -594,12 +481,4 @@ def train_data_from(
     )
 
 
-__all__ = [
-    "TrainData",
-    "TrainState",
-    "Trainer",
-    "data_mesh",
-    "make_optimizer",
-    "over_seeds",
-    "train_data_from",
-]
+__all__ = ["TrainData", "Trainer", "data_mesh", "train_data_from"]

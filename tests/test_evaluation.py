@@ -12,7 +12,7 @@ import pytest
 
 from jaxpoison import main, models, report, threat, trainers
 from jaxpoison.evaluation import EVALUATORS, risk, speed
-from jaxpoison.training import TrainState
+from jaxpoison.train_state import TrainState
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import data, progress, training
+from jaxpoison import data, progress, train_state, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,16 @@ def test_step_compiles_once(digits):
     )
     tx = trainer.optimizer(10)
     traced = chex.assert_max_traces(
-        lambda s, b, k: trainer.train_step(s, b, k, tx=tx, steps_per_epoch=10), n=1
+        lambda s, b, k: train_state.train_step(
+            s,
+            b,
+            k,
+            apply_fn=trainer.apply_fn,
+            objective=trainer.objective,
+            tx=tx,
+            schedule=(trainer.epochs, 10),
+        ),
+        n=1,
     )
     step = jax.jit(traced)
     # Placed as `fit` places states (replicated on the mesh), so outputs match inputs.
@@ -197,7 +206,7 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
 
 def test_warmup_rises_linearly_then_follows_the_schedule():
     def rates(epochs=3, **kwargs):
-        tx = training.make_optimizer(
+        tx = train_state.make_optimizer(
             learning_rate=0.1,
             momentum=0,
             weight_decay=0,

@@ -191,7 +191,7 @@ def make_certified(*, apply_fn, num_classes, epsilon=8 / 255, batch_size=500, se
       num_classes: K (unused; every evaluator factory takes it).
       epsilon: the ℓ∞ radius in pixel units.
       batch_size: examples per batch of the `lax.map` over the dataset.
-      seed_strategy: see `training.over_seeds`.
+      seed_strategy: see `train_state.over_seeds`.
 
     Returns:
       A `risk.Evaluator`: ``(states, x, y, *, key) -> dict of [S] arrays``.

@@ -39,7 +39,7 @@ that fails to help thus hands over x unchanged, and an adversary likewise.
 
 Evaluators are built by name (`EVALUATORS`, for ``config.evals``), take a `TrainState` with a
 leading seed axis (as `Trainer.evaluate` does) and run as one jitted program: batches of the
-dataset under `lax.map`, seeds under `training.over_seeds`.
+dataset under `lax.map`, seeds under `train_state.over_seeds`.
 
 References:
   Tao, Feng, Yi, Chen 2022, "With False Friends Like These, Who Can Notice Mistakes?", AAAI
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 from jaxpoison import _registry
 from jaxpoison import threat as threat_lib
 from jaxpoison.attacks.pgd import model_loss, pgd
-from jaxpoison.training import over_seeds
+from jaxpoison.train_state import over_seeds
 
 # Default radii of the paper's two threat models (images in [0, 1]).
 DEFAULT_EPSILON = {"linf": 8 / 255, "l2": 0.5}
@@ -353,7 +353,7 @@ def make_risk(
       targeted: also the success rate of targeted attacks toward every class on D- (K more
         PGD runs per example), to compare with the hypocritical success rate.
       batch_size: examples per batch of the `lax.map` over the dataset.
-      seed_strategy: see `training.over_seeds`.
+      seed_strategy: see `train_state.over_seeds`.
 
     Returns:
       An `Evaluator` returning the dict of `risks`, each value with a leading seed axis.

@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxpoison import attacks, losses, models, objectives, training
+from jaxpoison import attacks, losses, models, objectives, train_state
 from jaxpoison.poisons.base import Poison, perturb, project_pattern
 
 
@@ -43,7 +43,7 @@ class MinMinState:
 
     Attributes:
       delta: [N, H, W, C] (sample-wise) or [K, H, W, C] (class-wise) perturbations.
-      model: the crafting model's `training.TrainState`.
+      model: the crafting model's `train_state.TrainState`.
       step: batches processed so far.
       correct, loss_sum, seen: the current pass's running eval accuracy / loss counts.
       accuracy, loss: the crafting model's accuracy and mean loss on the perturbed data over
@@ -53,7 +53,7 @@ class MinMinState:
     """
 
     delta: jax.Array
-    model: training.TrainState
+    model: train_state.TrainState
     step: jax.Array
     correct: jax.Array
     loss_sum: jax.Array
@@ -87,7 +87,7 @@ def error_minimizing(
       class_wise: one δ per class (added to every example of the class) instead of one per
         example.
       model: ``{'name', 'width'}`` of the crafting model (default ResNet-18, as the paper).
-      optimizer: keyword arguments of `training.make_optimizer` (default SGD lr 0.1, momentum
+      optimizer: keyword arguments of `train_state.make_optimizer` (default SGD lr 0.1, momentum
         0.9, weight decay 5e-4, constant schedule, as the paper).
       num_epochs: at most this many passes over the training set.
       num_steps: PGD steps on δ per batch and pass (paper: 20).
@@ -105,16 +105,10 @@ def error_minimizing(
     opt_kwargs = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant")
     opt_kwargs.update(optimizer or {})
     step_size = threat.epsilon / 10 if step_size is None else step_size
-    trainer = training.Trainer(
-        module=models.make(model["name"], num_classes=num_classes, width=model.get("width", 1.0)),
-        objective=objectives.make("erm"),
-        image_shape=tuple(image_shape),
-        epochs=1,
-        batch_size=1,
-        optimizer_kwargs=opt_kwargs,
-    )
-    tx = trainer.optimizer(1)
-    apply_fn = trainer.apply_fn
+    module = models.make(model["name"], num_classes=num_classes, width=model.get("width", 1.0))
+    apply_fn = models.make_apply_fn(module)
+    objective = objectives.make("erm")
+    tx = train_state.make_optimizer(epochs=1, steps_per_epoch=1, **opt_kwargs)
 
     def perturbed(delta, x, y, index):
         """The batch's images plus their perturbation (projected into the ball and the box)."""
@@ -134,7 +128,7 @@ def error_minimizing(
         zero_f = jnp.zeros((), jnp.float32)
         return MinMinState(
             delta=delta,
-            model=trainer.init(model_key, 1),
+            model=train_state.init_state(module, model_key, tuple(image_shape), tx),
             step=jnp.zeros((), jnp.int32),
             correct=zero_f,
             loss_sum=zero_f,
@@ -157,7 +151,9 @@ def error_minimizing(
         poisoned = dict(batch, image=perturbed(state.delta, x, y, index))
         model_state = jax.lax.cond(
             do_train,
-            lambda m: trainer.train_step(m, poisoned, key, tx=tx)[0],
+            lambda m: train_state.train_step(
+                m, poisoned, key, apply_fn=apply_fn, objective=objective, tx=tx
+            )[0],
             lambda m: m,
             state.model,
         )

@@ -70,7 +70,7 @@ import optax
 from jaxpoison import losses, models, objectives
 from jaxpoison.models import generators
 from jaxpoison.poisons.base import Poison
-from jaxpoison.training import TrainState, make_optimizer
+from jaxpoison.train_state import TrainState, make_optimizer, train_step
 
 METHODS = ("exact", "algorithm1", "algorithm2")
 
@@ -227,14 +227,7 @@ def meta_problem(
         return TrainState(jnp.zeros((), jnp.int32), params, variables, tx.init(params))
 
     def inner_step(state, batch, key):
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            return objective(variables, batch, key, apply_fn=apply_fn)
-
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, aux["model_state"], opt_state), aux["metrics"]
+        return train_step(state, batch, key, apply_fn=apply_fn, objective=objective, tx=tx)
 
     def outer_objective(state, batch):
         # Training mode, as the paper's code evaluates its look-ahead model: BatchNorm victims use
@@ -350,7 +343,7 @@ def l2c(
         `jaxpoison.models.generators`, or a flax module.
       victim: the crafting victim: ``dict(name=..., width=..., ...)`` of `jaxpoison.models`
         (default ``cnn_mnist``) or a flax module; restarted from a fresh init every trial.
-      inner_optimizer: keyword arguments of `training.make_optimizer` for the victim's inner
+      inner_optimizer: keyword arguments of `train_state.make_optimizer` for the victim's inner
         steps (constant schedule; defaults: learning_rate 0.01, momentum 0.9, weight_decay 0;
         ``name='adam'`` gets ``eps_root=1e-8`` unless given, so the meta-gradient is finite).
       inner_objective: the victim's training objective spec (default ``{'name': 'erm'}``).

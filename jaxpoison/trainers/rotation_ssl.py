@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison import __version__, data, models, plots, specs, training
+from jaxpoison import __version__, data, models, plots, specs, train_state, training
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
 from jaxpoison.ssl import probe, rotation
@@ -66,7 +66,7 @@ def make_probe_fn(trainer, *, num_classes, config):
             variables = {"params": state.params, **state.model_state}
             return probe.extract(features_fn, variables, x, batch_size=batch_size)
 
-        return training.over_seeds(one_seed, trainer.seed_strategy)(states)
+        return train_state.over_seeds(one_seed, trainer.seed_strategy)(states)
 
     def score(f_train, f_test, y_train, y_test):
         p, losses = fit(f_train, y_train)
