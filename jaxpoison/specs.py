@@ -10,6 +10,8 @@ and every artifact's *record* (what determined it; `jaxpoison.workdir`) is made 
   overrides, its model resolved.
 * `poison_spec` / `make_poison` / `poison_record`: a run of ``config.poisons`` parsed, built,
   and keyed.
+* `objective` / `evaluator`: an objective or evaluator spec with the config's one threat ball
+  where the spec does not set its own radius.
 * `selected`: the entries of ``config.poisons`` / ``objectives`` / ``victims`` chosen by
   ``config.select``.
 """
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpoison import _registry, models, poisons
+from jaxpoison import _registry, models, objectives, poisons
 from jaxpoison import threat as threat_lib
 from jaxpoison.progress import say
 from jaxpoison.workdir import ARTIFACT_VERSION, plain
@@ -143,6 +145,35 @@ def surrogate(config, overrides=None, *, image_shape, num_classes):
     return victim(
         config, overrides, image_shape=image_shape, num_classes=num_classes, field="surrogate"
     )
+
+
+def _with_threat(kind, registry, spec, config):
+    """`spec` with the config's threat fields (``norm``, ``epsilon``, ``mask``) filled in where its
+    factory takes them and the spec does not set them: one ball for attacker, defender and
+    evaluation unless a spec names its own."""
+    spec = dict(plain(spec))
+    name = spec.get("name")
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; use one of {sorted(registry)}.")
+    fields = plain(config.get("threat") or {})
+    for field in ("norm", "epsilon", "mask"):
+        if field in fields and field not in spec and _registry.accepts(registry[name], field):
+            spec[field] = fields[field]
+    return spec
+
+
+def objective(config, spec):
+    """An objective spec (``{'name', **kwargs}`` of `objectives.OBJECTIVES`) with the config's
+    threat fields where it takes them and does not set them."""
+    return _with_threat("objective", objectives.OBJECTIVES, spec, config)
+
+
+def evaluator(config, spec):
+    """An evaluator spec (``{'name', **kwargs}`` of `risk.EVALUATORS`) with the config's threat
+    fields where it takes them and does not set them."""
+    from jaxpoison.evaluation import risk
+
+    return _with_threat("evaluator", risk.EVALUATORS, spec, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +304,10 @@ __all__ = [
     "AUTO_MODELS",
     "PoisonSpec",
     "check",
+    "evaluator",
     "make_poison",
     "model_spec",
+    "objective",
     "poison_record",
     "poison_spec",
     "selected",

@@ -245,39 +245,3 @@ def test_config_evals_are_run_and_stored(tmp_path):
     assert len(evals["acc/D"]) == 2  # one value per seed
     assert all(0.0 <= a <= 1.0 for a in evals["acc/F"])
     assert "learning_speed" in json.loads((tmp_path / "results.json").read_text())
-
-
-CONFIG_FILES = sorted(
-    p.relative_to(REPO / "configs")
-    for p in (REPO / "configs").rglob("*.py")
-    if not p.name.startswith("_")
-)
-
-
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=str)
-def test_every_config_builds_at_full_and_tiny_size(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, REPO / "configs" / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    full, tiny = module.get_config(None), module.get_config("tiny")
-    assert full.seed == tiny.seed
-    assert full.get("name") and tiny.get("name")
-    with pytest.raises(ValueError, match="config argument"):
-        module.get_config("no_such_size")
-
-
-def test_family_config_selects_runs_and_lengthens_victims():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("family", REPO / "configs" / "poison_family.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("long,only=random+error_minimizing")
-    assert sorted(config.poisons) == ["error_minimizing", "random"]
-    assert config.victim.epochs == 20 and module.get_config(None).victim.epochs == 6
-    assert config.poisons.error_minimizing.optimizer.name == "adam"
-    assert sorted(module.get_config("crafted,only=random+regions").poisons) == []
-    with pytest.raises(ValueError, match="not among the runs"):
-        module.get_config("only=random+no_such_poison")

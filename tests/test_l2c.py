@@ -344,44 +344,6 @@ def test_registry_and_noise_accuracy():
     assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
 
 
-def test_config_victims_option_sets_the_transfer_study():
-    import importlib.util
-    from pathlib import Path
-
-    from jaxpoison.evaluation import transfer
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    loaded = {}
-    for name in ("l2c_mnist", "l2c_mnist_label_specific", "l2c_cifar10"):
-        spec = importlib.util.spec_from_file_location(name, configs / f"{name}.py")
-        loaded[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(loaded[name])
-    config = loaded["l2c_mnist"].get_config("cpu,victims=cnn_mnist+resnet18")
-    assert config.data.num_train == 10000  # the :cpu run, whose poison the study reuses
-    assert {k: v.model.to_dict() for k, v in config.victims.items()} == {
-        "cnn_mnist": {"name": "cnn_mnist", "width": 1.0},
-        "resnet18": {"name": "resnet18", "width": 0.25},
-    }
-    tiny = loaded["l2c_mnist_label_specific"].get_config("tiny,victims=mlp")
-    assert tiny.poisons.l2c.label_specific and tiny.victims.mlp.model.width == 0.25
-    assert "victims" not in loaded["l2c_mnist"].get_config(None)
-    # The transfer table names the architecture that crafted the poison: the L2C victim.
-    assert transfer.crafting_architecture(config.to_dict(), "l2c") == "cnn_mnist"
-    # CIFAR-10: the crafting architecture keeps the width of the config's own victim.
-    cifar = loaded["l2c_cifar10"]
-    full = cifar.get_config("victims=cnn_cifar+vgg11")
-    assert full.poisons.l2c.method == "algorithm2" and full.data.num_train == 10000
-    assert {k: v.model.width for k, v in full.victims.items()} == {"cnn_cifar": 1.0, "vgg11": 0.25}
-    reduced = cifar.get_config("cpu,victims=cnn_cifar+mlp")
-    assert reduced.poisons.l2c.method == "exact" and reduced.victims.cnn_cifar.model.width == 0.5
-    assert cifar.get_config("tiny,victims=cnn_cifar").victims.cnn_cifar.model.width == 0.25
-    assert transfer.crafting_architecture(full.to_dict(), "l2c") == "cnn_cifar"
-    for bad, match in (("victims=lenet", "lenet"), ("tiny,cpu", "one of tiny and cpu")):
-        for config_module in (loaded["l2c_mnist"], cifar):
-            with pytest.raises(ValueError, match=match):
-                config_module.get_config(bad)
-
-
 def test_l2c_victims_of_a_transfer_run(tmp_path):
     """The CIFAR-10 config's transfer study end to end on the embedded subset, then the
     scikit-learn victims and the noise diagnostic for every architecture's victims."""
@@ -395,7 +357,10 @@ def test_l2c_victims_of_a_transfer_run(tmp_path):
     spec = importlib.util.spec_from_file_location("l2c_cifar10", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("tiny,victims=mlp")
+    config = module.get_config("transfer,tiny")
+    config.select.victims = ("mlp",)
+    config.data.source = "embedded"
+    config.victim.update(epochs=1, num_seeds=1)
     # Compiled with XLA's optimizations: under `logic_only` (jax_disable_most_optimizations)
     # the U-Net's gradient is NaN once its weights have moved by one Adam step. The gradient of
     # `ops.max_pool` (jnp.max: cotangent x (x == max) / count) divides 0 by 0 there: unoptimized,
@@ -404,6 +369,8 @@ def test_l2c_victims_of_a_transfer_run(tmp_path):
     results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     out = l2c_victims.evaluate_workdir(tmp_path, max_train=100, victims=("random_forest",))
     assert set(results["summary"]) == {"mlp/clean", "mlp/l2c"}
+    # The transfer table names the architecture that crafted the poison: L2C's own victim.
+    assert results["transfer"]["crafted_with"]["l2c"] == config.poisons.l2c.victim.name
     assert out["num_train"] == 100 and set(out["sklearn"]) == {"clean", "l2c"}
     assert 0.0 <= out["sklearn"]["l2c"]["random_forest"]["test_accuracy"] <= 1.0
     noise = out["noise_only_test_accuracy"]

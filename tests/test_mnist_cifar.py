@@ -139,6 +139,7 @@ def test_study_records_both_test_sets_per_run(tmp_path, shared_data_dir):
     config.data.num_train, config.data.num_test = 100, 60
     config.objectives = {"st": dict(name="erm")}
     config.victim.model = dict(name="mlp", width=1 / 32)
+    config.victim.num_seeds = 1
     results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     s = results["summary"]["st"]
     randomized = results["runs"]["st"]["history"]["test_mnist_randomized/accuracy"]

@@ -138,6 +138,7 @@ def test_study_records_the_probe_accuracy_per_run(tmp_path, shared_data_dir):
     config.data.data_dir = str(shared_data_dir)
     config.data.num_train, config.data.num_test = 100, 50
     config.objectives = {"st": dict(name="erm")}
+    config.select.poisons = ("regions4",)
     config.victim.model = dict(name="mlp", width=1 / 32)
     results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     assert set(results["summary"]) == {"st/clean", "st/regions4"}
@@ -151,25 +152,3 @@ def test_study_records_the_probe_accuracy_per_run(tmp_path, shared_data_dir):
         history = results["runs"][name]["history"]["test/accuracy"]  # rotation, 4 classes
         assert len(history) == config.victim.epochs
     assert (tmp_path / "poison" / "regions4" / "metadata.json").is_file()
-
-
-def test_config_options_family_subset_and_selection():
-    spec = importlib.util.spec_from_file_location("rs", REPO / "configs" / "rotation_ssl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    full = module.get_config(None)
-    assert set(full.objectives) == {"st", "at", "fast_at"} and full.data.num_train == 5000
-    assert full.objectives.fast_at.num_steps == 1
-    family = module.get_config(
-        "family,objectives=st+fast_at,poisons=clean+regions4,epochs=20,warmup_epochs=2"
-    )
-    assert family.victim.optimizer.warmup_epochs == 2.0
-    assert family.data.num_train == 2500 and family.data.crop_padding == 4
-    assert set(family.objectives) == {"st", "fast_at"} and family.victim.epochs == 20
-    assert list(family.poisons) == ["regions4"] and family.include_clean
-    # The specs are poison_family's, so a poison_family workdir's artifacts can be reused.
-    assert set(module.get_config("family").poisons) == set(module.FAMILY_POISON_RUNS)
-    assert family.surrogate.model.name == "cnn_cifar"
-    for bad, match in (("familly", "Unknown config argument"), ("poisons=P9", "P9")):
-        with pytest.raises(ValueError, match=match):
-            module.get_config(bad)

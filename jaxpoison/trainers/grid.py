@@ -123,8 +123,16 @@ def train_and_evaluate(config, workdir, *, progress=True):
     train_idx, val_idx = data.split_validation(
         dataset.y_train, val_size, dataset.num_classes, seed=config.seed
     )
-    objectives = specs.selected(config, "objectives") or {"erm": {"name": "erm"}}
-    evals = plain(config.get("evals", {}))
+    objectives = {
+        label: specs.objective(config, spec)
+        for label, spec in (
+            specs.selected(config, "objectives") or {"erm": {"name": "erm"}}
+        ).items()
+    }
+    evals = {
+        label: specs.evaluator(config, spec)
+        for label, spec in plain(config.get("evals", {})).items()
+    }
     victims = specs.selected(config, "victims")
     sweep_eval = plain(config.get("lambda_sweep") or {}).get("eval")
     if sweep_eval is not None and evals.get(sweep_eval, {}).get("name") not in ("risk", "targeted"):
@@ -289,7 +297,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         results["transfer"] = {
             "victims": list(victims),
             "crafted_with": {
-                t: transfer.crafting_architecture(plain(config), t) for t in train_sets
+                t: _crafting_architecture(config, t, dataset.image_shape) for t in train_sets
             },
             "accuracy": transfer.accuracy_matrix(runs, summary),
             "attack_transfer": attack_transfer,
@@ -304,6 +312,12 @@ def train_and_evaluate(config, workdir, *, progress=True):
         say(transfer.table(results["transfer"]))
     close_run(results, workdir, plots=figures)
     return results
+
+
+def _crafting_architecture(config, run, image_shape):
+    """`transfer.crafting_architecture` with ``'auto'`` resolved for the data's images."""
+    name = transfer.crafting_architecture(plain(config), run)
+    return specs.AUTO_MODELS.get(image_shape[-1], name) if name == "auto" else name
 
 
 def _attack_transfer(trainer, states, train_sets, train_idx, dataset):

@@ -115,7 +115,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         victim_cfg = specs.victim(
             config, image_shape=dataset.image_shape, num_classes=rotation.NUM_ROTATIONS
         )
-        victim_cfg.objective = obj_spec
+        victim_cfg.objective = specs.objective(config, obj_spec)
         trainer = training.Trainer.from_config(
             victim_cfg,
             num_classes=rotation.NUM_ROTATIONS,

@@ -57,7 +57,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         victim_cfg = specs.victim(
             config, image_shape=dataset.image_shape, num_classes=dataset.num_classes
         )
-        victim_cfg.objective = spec
+        victim_cfg.objective = specs.objective(config, spec)
         trainer = training.Trainer.from_config(
             victim_cfg, num_classes=dataset.num_classes, image_shape=dataset.image_shape
         )
