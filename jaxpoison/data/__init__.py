@@ -10,8 +10,8 @@ channel-first and non-4-d arrays refused with the fix).
 
 from jaxpoison.data import mnist_cifar
 from jaxpoison.data.pipeline import as_float_images, augment, epoch_batches, to_float
-from jaxpoison.data.sources import SOURCES, DataError, Dataset, validate_arrays
-from jaxpoison.data.splits import balanced_indices, load, split_validation
+from jaxpoison.data.sources import DataError, Dataset, validate_arrays
+from jaxpoison.data.splits import SOURCES, balanced_indices, load, split_validation
 
 __all__ = [
     "SOURCES",

@@ -227,19 +227,3 @@ def load_tfds(name, *, data_dir=None, download=False, **_):
     builder = tfds.builder(name, data_dir=data_dir)
     num_classes = builder.info.features["label"].num_classes
     return _from_arrays(name, *arrays, num_classes=num_classes)
-
-
-def load_mnist_cifar(name="mnist_cifar", **kwargs):
-    """MNIST digits stacked on CIFAR-10 images, two classes (see `data.mnist_cifar`)."""
-    from jaxpoison.data import mnist_cifar
-
-    return mnist_cifar.load(name, **kwargs)
-
-
-SOURCES = {
-    "npz": load_npz,
-    "embedded": load_embedded,
-    "digits": load_digits,
-    "tfds": load_tfds,
-    "mnist_cifar": load_mnist_cifar,
-}

@@ -6,7 +6,17 @@ import dataclasses
 
 import numpy as np
 
-from jaxpoison.data.sources import SOURCES, DataError
+from jaxpoison.data import mnist_cifar, sources
+from jaxpoison.data.sources import DataError
+
+# data.source -> loader ``fn(name, **fields) -> Dataset``.
+SOURCES = {
+    "npz": sources.load_npz,
+    "embedded": sources.load_embedded,
+    "digits": sources.load_digits,
+    "tfds": sources.load_tfds,
+    "mnist_cifar": mnist_cifar.load,
+}
 
 
 def balanced_indices(labels, num, num_classes):
