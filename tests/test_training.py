@@ -109,6 +109,20 @@ def test_nan_images_and_bad_batch_sizes_are_refused(digits):
         trainer.fit(training.train_data_from(ds.x_train, ds.y_train, ds), key=jax.random.key(0))
 
 
+def test_evaluate_takes_uint8_as_images_and_refuses_what_is_not(trained, digits):
+    """Bug: uint8 images given to `Trainer.evaluate` were read as floats (99.6% saturated)."""
+    trainer, states, _ = trained
+    ds, _ = digits
+    as_uint8 = trainer.evaluate(states, ds.x_test, ds.y_test)
+    as_float = trainer.evaluate(states, ds.x_test.astype(np.float32) / 255.0, ds.y_test)
+    np.testing.assert_array_equal(as_uint8["accuracy"], as_float["accuracy"])
+    assert (np.asarray(as_uint8["accuracy"]) > 0.85).all()
+    with pytest.raises(data.DataError, match="divide by 255"):
+        trainer.evaluate(states, ds.x_test.astype(np.float32), ds.y_test)
+    with pytest.raises(data.DataError, match="transpose"):
+        training.train_data_from(np.zeros((10, 3, 16, 16), np.uint8), np.zeros(10), ds)
+
+
 def run_python(code, env=None):
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
