@@ -3,6 +3,11 @@
 A threat model is a small frozen pytree. `LpBall(epsilon, norm, mask)` is the ℓ∞ or ℓ2 ball of
 radius `epsilon`, optionally restricted to the pixels where `mask == 1`, always intersected with
 the image box: `x + delta` stays in [0, 1].
+
+The same `LpBall` is passed as ``threat=`` to poisons, objectives (the defender's inner attack)
+and evaluators. Objectives and evaluators also take its fields (``norm``, ``epsilon``, ``mask``)
+as plain keywords, so a config can stay plain data; `resolve` chooses between the two and has no
+default radius: a radius must always be given.
 """
 
 from __future__ import annotations
@@ -100,3 +105,45 @@ def make(*, epsilon, norm="linf", mask=None, quantize=False):
     if mask is not None:
         mask = jnp.asarray(mask, jnp.float32)
     return LpBall(epsilon=float(epsilon), norm=norm, mask=mask, quantize=quantize)
+
+
+def resolve(threat=None, *, norm=None, epsilon=None, mask=None, what):
+    """The ball a factory runs in: `threat` as given, or one built from `norm`, `epsilon`, `mask`.
+
+    Objectives and evaluators take either form (`LpBall` objects for code, its fields for
+    configs); this is the one place that chooses. There is no default radius.
+
+    Args:
+      threat: an `LpBall` (the same object the poisons take), or None.
+      norm: ``"linf"`` (when None) or ``"l2"``; only without `threat`.
+      epsilon: the radius; only without `threat`, and needed then.
+      mask: optional pixel mask (see `LpBall`); only without `threat`.
+      what: the factory's name, for the error messages (e.g. ``"pgd_at"``).
+
+    Returns:
+      An `LpBall`.
+
+    Raises:
+      ValueError: neither `threat` nor `epsilon` is given, `threat` is not an `LpBall`, or
+        `threat` is given together with any of the fields.
+    """
+    if threat is not None:
+        if not isinstance(threat, LpBall):
+            raise ValueError(
+                f"{what}: threat= must be a threat.LpBall, got {type(threat).__name__}; build one "
+                "with threat.make(epsilon=..., norm=...) or pass epsilon= / norm= instead."
+            )
+        fields = {"norm": norm, "epsilon": epsilon, "mask": mask}
+        given = sorted(k for k, v in fields.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"{what}: got threat= and {', '.join(f'{k}=' for k in given)}; pass the ball "
+                "either as threat= (an LpBall) or as its fields, not both."
+            )
+        return threat
+    if epsilon is None:
+        raise ValueError(
+            f"{what} needs a radius: pass threat= (an LpBall) or epsilon=; in a config it comes "
+            "from config.threat."
+        )
+    return make(epsilon=epsilon, norm="linf" if norm is None else norm, mask=mask)

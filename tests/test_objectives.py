@@ -8,10 +8,11 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import attacks, losses, models, objectives, threat, training
+from jaxpoison import _registry, attacks, losses, models, objectives, specs, threat, training
 from jaxpoison.objectives import gairat, inner
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -176,8 +177,8 @@ def test_inner_attacks_move_the_loss_the_right_way(setup, results):
 
 
 def test_every_registry_entry(setup):
-    """Every OBJECTIVES entry, with its default hyperparameters: the right output structure
-    (abstractly evaluated: traced, not compiled)."""
+    """Every OBJECTIVES entry, with its default hyperparameters (and a radius where it needs
+    one): the right output structure (abstractly evaluated: traced, not compiled)."""
     variables, batch, _, key = setup
     assert set(objectives.OBJECTIVES) == {
         "erm",
@@ -191,7 +192,9 @@ def test_every_registry_entry(setup):
     }
     assert {c[1] for c in CONFIGS} == set(objectives.OBJECTIVES)
     for name in objectives.OBJECTIVES:
-        objective = objectives.make(name)
+        objective = objectives.make(
+            name, **({"epsilon": EPS} if name in objectives.ADVERSARIAL else {})
+        )
 
         def run(params, objective=objective):
             return jax.value_and_grad(
@@ -212,6 +215,56 @@ def test_every_registry_entry(setup):
         objectives.make("nope")
     with pytest.raises(ValueError, match="epsilon"):
         objectives.make("pgd_at", epsilon=8)
+
+
+def test_adversarial_objectives_need_a_radius_and_take_one_ball_form():
+    """No hidden default radius: every defense refuses to be built without threat= or epsilon=,
+    and refuses both at once; ADVERSARIAL is exactly the objectives that take a ball."""
+    takes_ball = {n for n, f in objectives.OBJECTIVES.items() if _registry.accepts(f, "threat")}
+    assert takes_ball == objectives.ADVERSARIAL
+    for name in objectives.ADVERSARIAL:
+        with pytest.raises(
+            ValueError, match=f"^{name} needs a radius: pass threat=.*config.threat"
+        ):
+            objectives.make(name, norm="linf")
+        with pytest.raises(ValueError, match="got threat= and epsilon=.*not both"):
+            objectives.make(name, threat=threat.make(epsilon=EPS), epsilon=EPS)
+
+
+def test_threat_ball_and_its_fields_give_bit_identical_losses(setup):
+    """`threat=LpBall(...)` (what a poison takes) is the same defense as the equivalent fields."""
+    variables, batch, _, key = setup
+    mask = np.zeros(SHAPE, np.float32)
+    mask[:4] = 1.0
+    fields = dict(norm="l2", epsilon=0.5, mask=mask)
+    hyper = dict(beta=6.0, num_steps=3, step_size=0.2)
+    run = lambda obj: jax.jit(lambda v, b, k: obj(v, b, k, apply_fn=APPLY))(variables, batch, key)
+    loss, aux = run(objectives.make("trades", threat=threat.make(**fields), **hyper))
+    ref, ref_aux = run(objectives.make("trades", **fields, **hyper))
+    np.testing.assert_array_equal(loss, ref)
+    np.testing.assert_array_equal(aux["adversarial"], ref_aux["adversarial"])
+    assert float(jnp.abs(aux["adversarial"] - batch["image"])[:, 4:].max()) == 0.0  # the mask
+    assert float(jnp.abs(aux["adversarial"] - batch["image"]).max()) > 0.0
+
+
+def test_specs_objective_ties_the_defender_to_the_config_threat():
+    """A config's one threat block gives every objective spec without its own radius that
+    radius (and norm); a spec with its own keeps it; the radius is one FieldReference."""
+    config = ml_collections.ConfigDict()
+    radius = ml_collections.FieldReference(0.5)
+    config.threat = dict(norm="l2", epsilon=radius)
+    spec = specs.objective(config, {"name": "pgd_at", "num_steps": 2})
+    assert (spec["norm"], spec["epsilon"]) == ("l2", 0.5)
+    own = specs.objective(config, {"name": "pgd_at", "norm": "linf", "epsilon": EPS})
+    assert (own["norm"], own["epsilon"]) == ("linf", EPS)
+    assert specs.objective(config, {"name": "erm"}) == {"name": "erm"}
+    radius.set(0.25)  # --config.threat.epsilon=0.25 moves the defender's radius with it
+    spec = specs.objective(config, {"name": "pgd_at"})
+    assert spec["epsilon"] == 0.25
+    objectives.make(spec.pop("name"), **spec)  # builds: the radius came from the config
+    bare = specs.objective(ml_collections.ConfigDict(), {"name": "pgd_at"})  # no config.threat
+    with pytest.raises(ValueError, match="pgd_at needs a radius"):
+        objectives.make(bare.pop("name"), **bare)
 
 
 # ----- early-stopped PGD and geometry values against per-example loops -------------------------
@@ -308,7 +361,7 @@ def test_gair_weights():
     np.testing.assert_allclose(w, raw / raw.mean(), rtol=1e-6)
     np.testing.assert_allclose(gairat.gair_weights(kappa, 10, lam=float("inf")), 1.0)
     with pytest.raises(ValueError, match="weight_fn"):
-        gairat.make(weight_fn="cubic")
+        gairat.make(weight_fn="cubic", epsilon=EPS)
 
 
 # ----- schedules over training: batch['progress'] ----------------------------------------------
@@ -365,7 +418,7 @@ def test_pgd_at_epsilon_ramp_follows_progress(setup):
     )
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     with pytest.raises(ValueError, match="epsilon_ramp=2"):
-        objectives.make("pgd_at", epsilon_ramp=2)
+        objectives.make("pgd_at", epsilon=EPS, epsilon_ramp=2)
 
 
 def test_early_stopped_pgd_with_traced_tau_matches_loop(linear_problem):
@@ -449,6 +502,7 @@ def test_missing_progress_is_the_start_of_training(setup, caplog):
     assert float(inner.progress_of({}, name="x")) == 0.0
     assert float(inner.progress_of({"progress": jnp.float32(0.3)}, name="x")) == pytest.approx(0.3)
     for name, kwargs in [("fat", dict(tau_schedule="dynamic")), ("gairat", dict(begin=0.5))]:
+        kwargs["epsilon"] = EPS
         caplog.clear()
         objective = functools.partial(objectives.make(name, **kwargs), apply_fn=APPLY)
         loss, _ = jax.eval_shape(objective, variables, batch, key)
@@ -458,19 +512,21 @@ def test_missing_progress_is_the_start_of_training(setup, caplog):
 
 def test_schedule_arguments_are_checked():
     with pytest.raises(ValueError, match="tau_schedule"):
-        objectives.make("fat", tau_schedule="cosine")
+        objectives.make("fat", epsilon=EPS, tau_schedule="cosine")
     with pytest.raises(ValueError, match="fractions"):
-        objectives.make("fat", tau_schedule=((1.5, 1),))
+        objectives.make("fat", epsilon=EPS, tau_schedule=((1.5, 1),))
     with pytest.raises(ValueError, match="integer"):
-        objectives.make("fat", tau_schedule=((0.5, 1.5),))
+        objectives.make("fat", epsilon=EPS, tau_schedule=((0.5, 1.5),))
     with pytest.raises(ValueError, match="integer"):
-        objectives.make("fat", tau_schedule=((0.5, float("inf")),))
+        objectives.make("fat", epsilon=EPS, tau_schedule=((0.5, float("inf")),))
     with pytest.raises(ValueError, match="lam_schedule"):
-        objectives.make("gairat", lam_schedule="cosine")
+        objectives.make("gairat", epsilon=EPS, lam_schedule="cosine")
     with pytest.raises(ValueError, match="finite"):
-        objectives.make("gairat", lam_schedule="linear")  # lam_max = +inf, as in the reference
+        objectives.make(
+            "gairat", epsilon=EPS, lam_schedule="linear"
+        )  # lam_max = +inf, as in the reference
     with pytest.raises(ValueError, match="begin"):
-        objectives.make("gairat", begin=60)
+        objectives.make("gairat", epsilon=EPS, begin=60)
 
 
 def test_trainer_puts_progress_into_every_batch():

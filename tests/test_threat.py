@@ -63,3 +63,22 @@ def test_step_direction_has_unit_norm(tiny_images):
 def test_bad_threat_models_are_refused(eps, norm, match):
     with pytest.raises(ValueError, match=match):
         threat.make(norm=norm, epsilon=eps)
+
+
+def test_resolve_takes_a_ball_or_its_fields_never_both_nor_neither():
+    mask = np.ones((8, 8, 1), np.float32)
+    ball = threat.make(norm="l2", epsilon=0.5, mask=mask)
+    assert threat.resolve(ball, what="x") is ball  # the object itself, not a copy
+    built = threat.resolve(norm="l2", epsilon=0.5, mask=mask, what="x")
+    assert (built.norm, built.epsilon, built.quantize) == ("l2", 0.5, False)
+    np.testing.assert_array_equal(built.mask, ball.mask)
+    assert threat.resolve(epsilon=0.1, what="x").norm == "linf"  # the norm alone has a default
+    with pytest.raises(ValueError, match=r"pgd_at needs a radius: pass threat= .* or epsilon="):
+        threat.resolve(norm="linf", what="pgd_at")
+    for fields in (dict(epsilon=0.5), dict(norm="l2"), dict(mask=mask)):
+        with pytest.raises(ValueError, match=f"got threat= and {next(iter(fields))}=.*not both"):
+            threat.resolve(ball, **fields, what="x")
+    with pytest.raises(ValueError, match="must be a threat.LpBall, got dict"):
+        threat.resolve({"epsilon": 0.5}, what="x")
+    with pytest.raises(ValueError, match="8/255"):  # the fields are checked as `make` checks them
+        threat.resolve(epsilon=8, what="x")

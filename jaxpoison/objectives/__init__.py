@@ -9,8 +9,11 @@ scalar (the mean over the batch) and ``aux = {'model_state': ..., 'metrics': {..
 A factory ``make(**hyperparameters)`` returns the objective; the trainer takes the gradient of
 `loss` with respect to ``variables['params']`` and never needs to know which objective it runs.
 
-Every defense takes the defender's own threat model as keywords (``norm``, ``epsilon``, ``mask``,
-and ``num_steps``, ``step_size`` for the inner search), independent of the attacker's. Inner
+Every defense (`ADVERSARIAL`) takes the defender's own ball, which may differ from the
+attacker's: either ``threat=`` (an `LpBall`, the object the poisons take) or its fields ``norm``,
+``epsilon``, ``mask`` (as configs give them; `specs.objective` fills them from ``config.threat``
+where a spec does not set its own), and ``num_steps``, ``step_size`` for the inner search. There
+is no default radius: without ``threat`` or ``epsilon`` the factory raises a ValueError. Inner
 attacks run the model in eval mode (BatchNorm running statistics); see `objectives.inner`.
 Schedules over training read ``batch['progress']`` (`inner.progress_of`; a batch without it
 counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIRAT's ``begin``
@@ -44,7 +47,8 @@ OBJECTIVES = {
     "gairat": gairat.make,
 }
 
-# The built-in objectives whose keywords include the defender's threat model.
+# The built-in objectives that take the defender's ball (``threat=``, or ``norm`` / ``epsilon`` /
+# ``mask``) and need a radius.
 ADVERSARIAL = frozenset(OBJECTIVES) - {"erm"}
 
 

@@ -31,8 +31,9 @@ def make(
     tau=0,
     tau_schedule=None,
     omega=0.001,
-    norm="linf",
-    epsilon=8 / 255,
+    threat=None,
+    norm=None,
+    epsilon=None,
     num_steps=10,
     step_size=2 / 255,
     random_start=True,
@@ -66,12 +67,15 @@ def make(
       tau_schedule: None (fixed `tau`), a name of `TAU_SCHEDULES` (``"dynamic"``), or a
         sequence of ``(fraction of training, τ)`` pairs, each τ holding from its fraction on.
       omega: standard deviation of the Gaussian noise added at each step.
-      norm: ``"linf"`` or ``"l2"``: the defender's norm.
-      epsilon: the defender's radius.
+      threat: the defender's ball, an `LpBall` (it may differ from the attacker's); or pass its
+        fields `norm`, `epsilon`, `mask` instead (a config does: `specs.objective` fills them
+        from ``config.threat``). One of `threat` and `epsilon` is required: no default radius.
+      norm: ``"linf"`` (when None) or ``"l2"``, without `threat`.
+      epsilon: the defender's radius, without `threat`.
       num_steps: maximum PGD steps K.
       step_size: PGD step length.
       random_start: start uniformly in the ball (the reference's ``uniform_randominit``).
-      mask: optional pixel mask of the ball.
+      mask: optional pixel mask of the ball, without `threat`.
 
     Returns:
       ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
@@ -85,7 +89,7 @@ def make(
       ICML (github.com/zjfheart/Friendly-Adversarial-Training).
     """
     schedule = None if tau_schedule is None else tau_schedule_pairs(tau_schedule)
-    tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+    tm = inner.defender_threat(threat, norm=norm, epsilon=epsilon, mask=mask, what="fat")
 
     def objective(variables, batch, key, *, apply_fn):
         x, y = batch["image"], batch["label"]

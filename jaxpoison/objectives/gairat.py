@@ -90,8 +90,9 @@ def make(
     lam_schedule="fixed",
     lam_max=float("inf"),
     weight_fn="tanh",
-    norm="linf",
-    epsilon=8 / 255,
+    threat=None,
+    norm=None,
+    epsilon=None,
     num_steps=10,
     step_size=2 / 255,
     mask=None,
@@ -131,11 +132,14 @@ def make(
         sequence of ``(fraction of training, λ)`` pairs.
       lam_max: Λ_max, the start of the ``linear`` schedule.
       weight_fn: ``"tanh"`` (the paper's default), ``"sigmoid"`` or ``"discrete"``.
-      norm: ``"linf"`` or ``"l2"``: the defender's norm.
-      epsilon: the defender's radius.
+      threat: the defender's ball, an `LpBall` (it may differ from the attacker's); or pass its
+        fields `norm`, `epsilon`, `mask` instead (a config does: `specs.objective` fills them
+        from ``config.threat``). One of `threat` and `epsilon` is required: no default radius.
+      norm: ``"linf"`` (when None) or ``"l2"``, without `threat`.
+      epsilon: the defender's radius, without `threat`.
       num_steps: PGD steps K.
       step_size: PGD step length.
-      mask: optional pixel mask of the ball.
+      mask: optional pixel mask of the ball, without `threat`.
 
     Returns:
       ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
@@ -153,7 +157,7 @@ def make(
         raise ValueError(f"gairat: begin={begin!r} must be a fraction of training in [0, 1].")
     scheduled = begin is not None or not (isinstance(lam_schedule, str) and lam_schedule == "fixed")
     lam_fn = lam_schedule_fn(lam_schedule, lam=lam, lam_max=lam_max)
-    tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+    tm = inner.defender_threat(threat, norm=norm, epsilon=epsilon, mask=mask, what="gairat")
 
     def objective(variables, batch, key, *, apply_fn):
         x, y = batch["image"], batch["label"]

@@ -33,9 +33,15 @@ from jaxpoison import threat as threat_lib
 log = logging.getLogger(__name__)
 
 
-def defender_threat(*, norm, epsilon, mask=None):
-    """The defender's own `LpBall` (it may differ from the attacker's)."""
-    return threat_lib.make(epsilon=epsilon, norm=norm, mask=mask)
+def defender_threat(threat=None, *, norm=None, epsilon=None, mask=None, what):
+    """The defender's own `LpBall` (it may differ from the attacker's): `threat` as given, or
+    one built from `norm`, `epsilon`, `mask`; no default radius (see `threat.resolve`).
+
+    Raises:
+      ValueError: neither `threat` nor `epsilon` is given (the message names objective `what`
+        and the fix), or `threat` comes with any of the fields.
+    """
+    return threat_lib.resolve(threat, norm=norm, epsilon=epsilon, mask=mask, what=what)
 
 
 def eval_logits_fn(apply_fn, variables):

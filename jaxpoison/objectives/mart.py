@@ -10,8 +10,9 @@ from jaxpoison.objectives import inner
 def make(
     *,
     beta=6.0,
-    norm="linf",
-    epsilon=8 / 255,
+    threat=None,
+    norm=None,
+    epsilon=None,
     num_steps=10,
     step_size=2 / 255,
     init_scale=1e-3,
@@ -31,12 +32,15 @@ def make(
 
     Args:
       beta: weight of the misclassification-aware KL term (6 in the paper).
-      norm: ``"linf"`` or ``"l2"``: the defender's norm.
-      epsilon: the defender's radius.
+      threat: the defender's ball, an `LpBall` (it may differ from the attacker's); or pass its
+        fields `norm`, `epsilon`, `mask` instead (a config does: `specs.objective` fills them
+        from ``config.threat``). One of `threat` and `epsilon` is required: no default radius.
+      norm: ``"linf"`` (when None) or ``"l2"``, without `threat`.
+      epsilon: the defender's radius, without `threat`.
       num_steps: PGD steps.
       step_size: PGD step length.
       init_scale: standard deviation of the Gaussian start.
-      mask: optional pixel mask of the ball.
+      mask: optional pixel mask of the ball, without `threat`.
 
     Returns:
       ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
@@ -46,7 +50,7 @@ def make(
       Wang et al. 2020, "Improving Adversarial Robustness Requires Revisiting Misclassified
       Examples", ICLR (github.com/YisenWang/MART).
     """
-    tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+    tm = inner.defender_threat(threat, norm=norm, epsilon=epsilon, mask=mask, what="mart")
 
     def objective(variables, batch, key, *, apply_fn):
         x, y = batch["image"], batch["label"]

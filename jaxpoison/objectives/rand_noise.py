@@ -10,7 +10,7 @@ from jaxpoison import losses
 from jaxpoison.objectives import inner
 
 
-def make(*, norm="linf", epsilon=8 / 255, mask=None):
+def make(*, threat=None, norm=None, epsilon=None, mask=None):
     """Returns the random-noise objective: cross-entropy at ``x + delta``, delta random in the ball.
 
     For ℓ∞ the noise is uniform per pixel in [-ε, ε] (uniform in the ball); for ℓ2 it has a
@@ -18,9 +18,12 @@ def make(*, norm="linf", epsilon=8 / 255, mask=None):
     runs in training mode on the noisy batch.
 
     Args:
-      norm: ``"linf"`` or ``"l2"``.
-      epsilon: the ball's radius, images in [0, 1].
-      mask: optional pixel mask of the ball (see `threat.LpBall`).
+      threat: the defender's ball, an `LpBall` (it may differ from the attacker's); or pass its
+        fields `norm`, `epsilon`, `mask` instead (a config does: `specs.objective` fills them
+        from ``config.threat``). One of `threat` and `epsilon` is required: no default radius.
+      norm: ``"linf"`` (when None) or ``"l2"``, without `threat`.
+      epsilon: the defender's radius, without `threat`.
+      mask: optional pixel mask of the ball (see `threat.LpBall`), without `threat`.
 
     Returns:
       ``objective(variables, batch, key, *, apply_fn) -> (loss, aux)``; ``aux['adversarial']``
@@ -30,7 +33,7 @@ def make(*, norm="linf", epsilon=8 / 255, mask=None):
       Tao et al. 2021, "Better Safe Than Sorry: Preventing Delusive Adversaries with Adversarial
       Training", NeurIPS.
     """
-    tm = inner.defender_threat(norm=norm, epsilon=epsilon, mask=mask)
+    tm = inner.defender_threat(threat, norm=norm, epsilon=epsilon, mask=mask, what="rand_noise")
 
     def objective(variables, batch, key, *, apply_fn):
         x, y = batch["image"], batch["label"]
