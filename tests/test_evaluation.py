@@ -102,13 +102,37 @@ def test_binary_hypocritical_risk_equals_stability_risk_on_misclassified():
         np.testing.assert_allclose(m["R_hyp/D-"][s], m["R_sta/D-"][s], atol=1e-6)
 
 
+def test_threat_ball_and_its_fields_give_bit_identical_risks():
+    """`threat=LpBall(...)` (the poisons' ball) is the same evaluator as the equivalent fields."""
+    apply_fn, states = linear_states(2, jax.random.key(4))
+    x, y = data(5, 2)
+    kw = dict(apply_fn=apply_fn, num_classes=2, num_steps=3)
+    ev = risk.make("targeted", threat=threat.make(norm="l2", epsilon=0.5), **kw)
+    ref = risk.make("targeted", norm="l2", epsilon=0.5, **kw)
+    assert ev.name == ref.name == "risk_l2_targeted"
+    m, m_ref = (jax.device_get(e(states, x, y, key=jax.random.key(0))) for e in (ev, ref))
+    assert m.keys() == m_ref.keys()
+    for k in m:
+        np.testing.assert_array_equal(m[k], m_ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["risk", "targeted"])
+def test_attacking_evaluators_need_a_radius(name):
+    kw = dict(apply_fn=None, num_classes=2)
+    with pytest.raises(ValueError, match=f"^{name} needs a radius: pass threat=.*config.threat"):
+        risk.make(name, norm="l2", **kw)
+    with pytest.raises(ValueError, match="got threat= and epsilon=.*not both"):
+        risk.make(name, threat=threat.make(epsilon=0.1), epsilon=0.1, **kw)
+    with pytest.raises(ValueError, match=f"{name}' does not take argument.*'epsilon'"):
+        risk.make(name, eps=0.1, **kw)  # a typo is caught by the registry, not deep inside
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_hypocritical_pgd_never_leaves_the_ball(three_class, norm):
     apply_fn, states, _ = three_class
     variables = risk.variables_of(jax.tree.map(lambda a: a[0], states))
     x, y = data(6, 3)
-    tm = risk.make_threat(norm=norm)
-    assert tm.epsilon == risk.DEFAULT_EPSILON[norm]
+    tm = threat.make(norm=norm, epsilon={"linf": 8 / 255, "l2": 0.5}[norm])  # the paper's radii
     for random_start in (False, True):
         x_hyp = risk.hypocritical_examples(
             apply_fn, variables, x, y, key=jax.random.key(7), threat=tm, random_start=random_start

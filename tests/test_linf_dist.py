@@ -298,6 +298,15 @@ def test_certified_evaluator_matches_the_functions_per_seed(trained):
     close(m["err/certified_hypocritical"][0], err)
     close(m["acc/F_upper"][0], 1 - err)
     assert 0 < m["acc/certified"][0] < m["acc/D"][0] and m["err/certified_hypocritical"][0] > 0
+    # The poisons' LpBall gives the same numbers; no radius, or an l2 ball, is refused.
+    kw = dict(apply_fn=trainer.apply_fn, num_classes=K, batch_size=24)
+    ev = risk.make("certified", threat=threat.make(epsilon=epsilon), **kw)
+    for k, v in jax.device_get(ev(states, x, y, key=jax.random.key(0))).items():
+        np.testing.assert_array_equal(v, m[k], err_msg=k)
+    with pytest.raises(ValueError, match="^certified needs a radius: pass threat="):
+        risk.make("certified", **kw)
+    with pytest.raises(ValueError, match="linf ball, got norm='l2'"):
+        risk.make("certified", norm="l2", epsilon=0.5, **kw)
 
 
 def test_hinge_objective_is_the_mean_hinge_loss_in_training_mode():

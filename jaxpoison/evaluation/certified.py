@@ -50,6 +50,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpoison import threat as threat_lib
 from jaxpoison.evaluation.risk import _dataset_evaluator, _safe_div
 
 
@@ -179,24 +180,51 @@ def certified_bounds(sums):
     }
 
 
-def make_certified(*, apply_fn, num_classes, epsilon=8 / 255, batch_size=500, seed_strategy="auto"):
-    """The certified evaluator: `certified_bounds` at ℓ∞ radius `epsilon`, per seed.
+def make_certified(
+    *,
+    apply_fn,
+    num_classes,
+    threat=None,
+    norm=None,
+    epsilon=None,
+    mask=None,
+    batch_size=500,
+    seed_strategy="auto",
+):
+    """The certified evaluator: `certified_bounds` at the ℓ∞ radius of the ball, per seed.
 
     No attack runs: one eval-mode forward pass per batch. Valid only for models whose logits are
     1-Lipschitz in ℓ∞ (``linf_dist`` with ``p = inf``); for other models the numbers are not
-    bounds.
+    bounds. A ball with a mask is a subset of the full ℓ∞ ball, so the certificates (computed for
+    the full ball) still hold for it, possibly loosely.
 
     Args:
       apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)``.
       num_classes: K (unused; every evaluator factory takes it).
-      epsilon: the ℓ∞ radius in pixel units.
+      threat: an ℓ∞ `LpBall` (the one the poisons take); or pass its fields `norm`, `epsilon`,
+        `mask` instead (a config does: `specs.evaluator` fills them from ``config.threat``).
+        One of `threat` and `epsilon` is required: no default radius.
+      norm: ``"linf"`` (when None); the only norm certified here.
+      epsilon: the ℓ∞ radius in pixel units, without `threat`.
+      mask: optional pixel mask of the ball, without `threat`.
       batch_size: examples per batch of the `lax.map` over the dataset.
       seed_strategy: see `train_state.over_seeds`.
 
     Returns:
       A `risk.Evaluator`: ``(states, x, y, *, key) -> dict of [S] arrays``.
+
+    Raises:
+      ValueError: no radius, both `threat` and its fields, or a ball that is not ℓ∞.
     """
     del num_classes
+    ball = threat_lib.resolve(threat, norm=norm, epsilon=epsilon, mask=mask, what="certified")
+    if ball.norm != "linf":
+        raise ValueError(
+            f"certified: certificates here are for the linf ball, got norm={ball.norm!r}; use "
+            "the 'risk' evaluator (attacks) for other norms, or give certified its own "
+            "norm='linf' and epsilon."
+        )
+    epsilon = ball.epsilon
 
     def per_batch(variables, x, y, mask, key):
         del key

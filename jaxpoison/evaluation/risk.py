@@ -37,7 +37,9 @@ of points per example: x itself, its hypocritical example (PGD descent on CE tow
 untargeted adversarial example, on D- it searches for any change of prediction). A false friend
 that fails to help thus hands over x unchanged, and an adversary likewise.
 
-Evaluators are built by name (`EVALUATORS`, for ``config.evals``), take a `TrainState` with a
+Evaluators are built by name (`EVALUATORS`, for ``config.evals``); those that attack take their
+ball as ``threat=`` (an `LpBall`) or as its fields ``norm``, ``epsilon``, ``mask``, with no
+default radius (`threat.resolve`). They take a `TrainState` with a
 leading seed axis (as `Trainer.evaluate` does) and run as one jitted program: batches of the
 dataset under `lax.map`, seeds under `train_state.over_seeds`.
 
@@ -59,14 +61,6 @@ from jaxpoison import _registry
 from jaxpoison import threat as threat_lib
 from jaxpoison.attacks.pgd import model_loss, pgd
 from jaxpoison.train_state import over_seeds
-
-# Default radii of the paper's two threat models (images in [0, 1]).
-DEFAULT_EPSILON = {"linf": 8 / 255, "l2": 0.5}
-
-
-def make_threat(*, norm="linf", epsilon=None):
-    """The ℓ∞ (8/255) or ℓ2 (0.5) ball of the paper unless `epsilon` is given."""
-    return threat_lib.make(norm=norm, epsilon=DEFAULT_EPSILON[norm] if epsilon is None else epsilon)
 
 
 def default_step_size(threat, num_steps):
@@ -335,8 +329,10 @@ def make_risk(
     *,
     apply_fn,
     num_classes,
-    norm="linf",
+    threat=None,
+    norm=None,
     epsilon=None,
+    mask=None,
     num_steps=20,
     step_size=None,
     targeted=False,
@@ -348,7 +344,13 @@ def make_risk(
     Args:
       apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)`` of the victim.
       num_classes: K.
-      norm, epsilon: the ball (default radii `DEFAULT_EPSILON`: ℓ∞ 8/255, ℓ2 0.5).
+      threat: the ball of every attack, an `LpBall` (the one the poisons take); or pass its
+        fields `norm`, `epsilon`, `mask` instead (a config does: `specs.evaluator` fills them
+        from ``config.threat``). One of `threat` and `epsilon` is required: no default radius
+        (the paper's are ℓ∞ 8/255 and ℓ2 0.5).
+      norm: ``"linf"`` (when None) or ``"l2"``, without `threat`.
+      epsilon: the radius, without `threat`.
+      mask: optional pixel mask of the ball, without `threat`.
       num_steps, step_size: of each PGD run (default step 2.5 ε / num_steps).
       targeted: also the success rate of targeted attacks toward every class on D- (K more
         PGD runs per example), to compare with the hypocritical success rate.
@@ -361,7 +363,8 @@ def make_risk(
     References:
       Tao et al. 2022, "With False Friends Like These, Who Can Notice Mistakes?", AAAI.
     """
-    tm = make_threat(norm=norm, epsilon=epsilon)
+    what = "targeted" if targeted else "risk"
+    tm = threat_lib.resolve(threat, norm=norm, epsilon=epsilon, mask=mask, what=what)
 
     def per_batch(variables, x, y, mask, key):
         o = outcomes(
@@ -378,15 +381,40 @@ def make_risk(
         )
         return _sums(o, mask)
 
-    name = f"risk_{norm}" + ("_targeted" if targeted else "")
+    name = f"risk_{tm.norm}" + ("_targeted" if targeted else "")
     return _dataset_evaluator(
         per_batch, risks, batch_size=batch_size, seed_strategy=seed_strategy, name=name
     )
 
 
-def make_targeted(**kwargs):
-    """`make_risk` with ``targeted=True``: hypocritical vs targeted success rates on D-."""
-    return make_risk(targeted=True, **kwargs)
+def make_targeted(
+    *,
+    apply_fn,
+    num_classes,
+    threat=None,
+    norm=None,
+    epsilon=None,
+    mask=None,
+    num_steps=20,
+    step_size=None,
+    batch_size=500,
+    seed_strategy="auto",
+):
+    """`make_risk` with ``targeted=True`` (same arguments): hypocritical vs targeted success
+    rates on D-."""
+    return make_risk(
+        apply_fn=apply_fn,
+        num_classes=num_classes,
+        threat=threat,
+        norm=norm,
+        epsilon=epsilon,
+        mask=mask,
+        num_steps=num_steps,
+        step_size=step_size,
+        targeted=True,
+        batch_size=batch_size,
+        seed_strategy=seed_strategy,
+    )
 
 
 def make_accuracy(*, apply_fn, num_classes, batch_size=500, seed_strategy="auto"):
@@ -459,7 +487,6 @@ def make(name, /, **kwargs):
 
 
 __all__ = [
-    "DEFAULT_EPSILON",
     "EVALUATORS",
     "Evaluator",
     "batched",
@@ -469,7 +496,6 @@ __all__ = [
     "make_confusion",
     "make_risk",
     "make_targeted",
-    "make_threat",
     "outcomes",
     "register",
     "risks",
