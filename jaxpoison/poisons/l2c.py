@@ -208,7 +208,10 @@ def meta_problem(
     victim_module = make_victim(victim or {"name": "cnn_mnist"}, num_classes=num_classes)
     apply_fn = models.make_apply_fn(victim_module)
     obj_spec = dict(inner_objective or {"name": "erm"})
-    objective = objectives.make(obj_spec.pop("name"), **obj_spec)
+    obj_name = obj_spec.pop("name")
+    if obj_name in objectives.ADVERSARIAL and not {"threat", "epsilon"} & set(obj_spec):
+        obj_spec["threat"] = threat  # a defending victim defends the poison's own ball
+    objective = objectives.make(obj_name, **obj_spec)
     opt_kwargs = dict(learning_rate=0.01, momentum=0.9, weight_decay=0.0)
     opt_kwargs.update(inner_optimizer or {})
     if opt_kwargs.get("name") == "adam":
@@ -346,7 +349,8 @@ def l2c(
       inner_optimizer: keyword arguments of `train_state.make_optimizer` for the victim's inner
         steps (constant schedule; defaults: learning_rate 0.01, momentum 0.9, weight_decay 0;
         ``name='adam'`` gets ``eps_root=1e-8`` unless given, so the meta-gradient is finite).
-      inner_objective: the victim's training objective spec (default ``{'name': 'erm'}``).
+      inner_objective: the victim's training objective spec (default ``{'name': 'erm'}``); an
+        adversarial one without its own radius defends the poison's ball (`threat`).
       unroll_steps: T, inner steps per trial.
       truncation: K <= T; only the last K steps are differentiated (exact method). None = T.
       remat: `jax.checkpoint` the scanned inner step (exact method).
