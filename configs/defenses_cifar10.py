@@ -22,8 +22,9 @@ Presets, after the config path (``:family,sweep,tiny``):
 * ``small``: ST vs PGD-AT on clean / P5 / Regions-4, 5,000 training images, the CNN at width
   0.5, 10 epochs, 2 seeds, PGD-AT with 5 steps of 2/255.
 * ``family``: the data, victim and crafting settings of configs/poison_family.py (2,500-image
-  subset, CNN width 0.5, Adam, 6 epochs, 3 seeds, the same poison specs), so the poison
-  artifacts and surrogate of a poison_family workdir match; defender inner search 5 steps of
+  subset, CNN width 0.5, Adam, 6 epochs, 3 seeds, the same poison specs; artifacts are keyed
+  by run name too, so only runs of the same name, e.g. the error-minimizing ones, and the
+  surrogate are shared with a poison_family workdir); defender inner search 5 steps of
   2/255. Its ``L2C`` run is the measured generator of docs/l2c.md (configs/l2c_cifar10.py:cpu
   with Algorithm 2 and 32 crafting epochs). It adds the objective ``fast_at``: PGD-AT with one
   step of 1.25 ε_def from a uniform start (FGSM-RS, Wong et al. 2020), a third of the 5-step

@@ -11,7 +11,7 @@ The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each w
 T = 10 unrolled SGD+momentum steps on x + g(x) (batch 64 per step, `jax.checkpoint` on the
 scanned step; the victim continues across the trials of a crafting epoch and restarts every
 epoch, as the released code does). Then CNN victims are trained on the clean and on
-the poisoned training set and tested on clean MNIST; `python -m jaxpoison.evaluation.l2c_victims
+the poisoned training set and tested on clean MNIST; `python -m jaxpoison.trainers.l2c_victims
 --workdir=...` adds the random forest / RBF SVM victims and the noise-only diagnostic.
 
 ``label_specific``: the generator minimises the victim's clean loss toward η(y) = y + 1 mod 10

@@ -22,7 +22,8 @@ labels and evaluated on the clean test set.
 accuracy on clean test images.
 
 Preset ``family`` (``:family``): the 2,500-image subset, poison specs and surrogate of
-configs/poison_family.py, so a poison_family workdir's artifacts match; training sets clean,
+configs/poison_family.py (artifacts are keyed by run name and surrogate too, so each run is
+crafted under its own key); training sets clean,
 P3, class-wise error-minimizing noise and Regions-4, the poisons that take most from supervised
 ST there (docs/defenses.md); test on its 1,000 test images.
 

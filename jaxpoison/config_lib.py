@@ -8,7 +8,8 @@ code through this module (``from jaxpoison import config_lib``):
   ``--config.data.source=npz --config.data.name=mnist`` and the like work on every config.
 * `FAMILY_SPECS`, `family_poisons`, `poison_family`: the poison family of
   configs/poison_family.py, whose settings the per-poison, defenses, learning-speed and
-  rotation-SSL configs reuse (so their poison artifacts and surrogates are the same).
+  rotation-SSL configs reuse (same specs; an artifact is shared only where run name, data and
+  surrogate match too, see `jaxpoison.workdir`).
 * `l2c_cifar10_poison`: the Learning-to-Confuse generator of configs/l2c_cifar10.py, also a
   poison run of configs/defenses_cifar10.py.
 * `preset` and `tiny`: the config argument.
