@@ -14,7 +14,7 @@ noise (P5), both ℓ∞ ε = 8/255.
 15 epochs rather than 30 to fit the CPU budget of a 2-core machine. `:clean30` is the evidence
 that the trainer trains: the clean run alone, 30 epochs, 1 seed (39 minutes on 2 shared cores).
 
-Expected: see README.md ("Measured") for the numbers of the last run.
+Expected: see docs/results/2026-11-quickstart-and-spine.md for the numbers of the last run.
 """
 
 import ml_collections

@@ -30,8 +30,8 @@ The THRM / TRADES λ sweep of the same paper is its own config, configs/lambda_s
 varies the training objective on the clean set, an axis orthogonal to these training sets (the
 experiment trains every objective on every set, so one config would train 5 × 9 victims).
 
-Expected: the README's table, both threat models (measured on 2 shared CPU cores; Quality model
-D 45.1%, F 94.5% in ℓ∞ and 76.8% in ℓ2).
+Expected: the table of docs/results/2026-11-substandard.md, both threat models (measured on 2
+shared CPU cores; Quality model D 45.1%, F 94.5% in ℓ∞ and 76.8% in ℓ2).
 """
 
 import ml_collections
