@@ -103,7 +103,18 @@ def build(name, tm, surrogate, **extra):
 
 
 @pytest.fixture(scope="module")
-def crafted(tm, surrogate, dataset):
+def poison_file(dataset, tmp_path_factory):
+    """A poison made elsewhere, for `from_file`: the data moved by ±8 levels (< EPS), uint8."""
+    x, y = (np.asarray(a) for a in dataset)
+    signs = np.random.default_rng(1).choice([-8, 8], x.shape)
+    x_u8 = np.clip(np.round(x * 255) + signs, 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("file") / "poisoned.npz"
+    np.savez(path, x_train=x_u8, y_train=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def crafted(tm, surrogate, dataset, poison_file):
     """crafted(name) -> (poison, state, history, images, labels), crafted once per module;
     ``repeat=1`` crafts again from scratch with the same key (for the determinism test)."""
     cache = {}
@@ -112,7 +123,8 @@ def crafted(tm, surrogate, dataset):
     def get(name, repeat=0):
         if (name, repeat) not in cache:
             # The repeat reuses the poison object, so the engine's compiled step is reused.
-            poison = cache[name, 0][0] if repeat else build(name, tm, surrogate)
+            extra = {"path": str(poison_file)} if name == "from_file" else {}
+            poison = cache[name, 0][0] if repeat else build(name, tm, surrogate, **extra)
             state, history = poisons.craft(
                 poison, x, y, key=jax.random.key(0), batch_size=16, progress=False
             )

@@ -140,6 +140,7 @@ def test_study_records_the_probe_accuracy_per_run(tmp_path, shared_data_dir):
     config.objectives = {"st": dict(name="erm")}
     config.select.poisons = ("regions4",)
     config.victim.model = dict(name="mlp", width=1 / 32)
+    config.victim.num_seeds = 1
     results = trainers.train_and_evaluate(config, tmp_path, progress=False)
     assert set(results["summary"]) == {"st/clean", "st/regions4"}
     for name, s in results["summary"].items():
@@ -151,4 +152,6 @@ def test_study_records_the_probe_accuracy_per_run(tmp_path, shared_data_dir):
         assert s["probe_train_acc"]["mean"] > 0.2
         history = results["runs"][name]["history"]["test/accuracy"]  # rotation, 4 classes
         assert len(history) == config.victim.epochs
-    assert (tmp_path / "poison" / "regions4" / "metadata.json").is_file()
+    artifact = tmp_path / results["poisons"]["regions4"]["artifact"]
+    assert artifact.parent == tmp_path / "poison" / "regions4"
+    assert (artifact / "metadata.json").is_file()

@@ -221,7 +221,7 @@ def test_learning_speed_tiny_writes_figures_and_correlation(tmp_path):
     assert ls["num_points/epoch_to_threshold_vs_peak_acc"] == len(measured)
     for name in ("learning_speed_epochs_vs_peak.png", "learning_speed_peak_vs_final.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "Spearman rho" in (tmp_path / "log.txt").read_text()
+    assert "learning speed of 4 runs: Spearman" in (tmp_path / "log.txt").read_text()
 
 
 def ls_ok(results):

@@ -183,6 +183,15 @@ def train_and_evaluate(config, workdir, *, progress=True):
         "devices": jax.device_count(),
         "wall_time_s": time.time() - t_start,
         "config": plain(config),
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "class_names": list(dataset.class_names),
+        },
+        "poisons": {
+            run: {"artifact": str(c.artifact.relative_to(workdir)), "key": c.key}
+            for run, c in crafted.items()
+        },
         "runs": runs,
         "summary": summary,
     }
