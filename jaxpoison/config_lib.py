@@ -185,8 +185,8 @@ def optimizer(
     )
 
 
-# The quickstart's victim optimizer: on 2,500 CIFAR-10 images Adam learns the BatchNorm-free CNN
-# in 6 epochs where SGD underfits.
+# The poison family's victim optimizer (the quickstart's before it moved to 10 epochs at 3e-3):
+# on 2,500 CIFAR-10 images Adam learns the BatchNorm-free CNN in 6 epochs where SGD underfits.
 ADAM = optimizer("adam", learning_rate=1.5e-3, weight_decay=0.0)
 
 
