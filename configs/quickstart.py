@@ -4,7 +4,8 @@ r"""Quickstart: class-wise Regions-4 poison vs clean data on the embedded CIFAR-
   (append :tiny to the config path for a smoke run, about 30 s)
 
 Shows that an availability poison works: trained on the poisoned images, the same network ends
-about 20 points below the one trained on the clean images, in about 75 s on 2 CPU cores.
+about 20 points below the one trained on the clean images, in 79 s on 2 idle CPU cores
+(docs/results/2026-12-quickstart.md).
 
 Crafts Regions-4 (Sandoval-Segura et al. 2022; 2x2 patches per class, each channel ±8/255, so
 ℓ∞ ε = 8/255), trains the CNN for the data's shape (``model.name='auto'``: on CIFAR-10 the

@@ -306,7 +306,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
     say(summarize.table(summary))
     if summarize.eval_table(summary):
         say(summarize.eval_table(summary))
-    if trained:
+    if len(trained) >= speed.MIN_POINTS:  # fewer runs: no correlation to speak of
         say(speed.describe(results["learning_speed"]))
     if victims:
         say(transfer.table(results["transfer"]))
