@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,20 +21,50 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (log lines only).")
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the full traceback.")
+
+
+def _fail(message, code=1):
+    """Ends the command with one ``jaxpoison: error:`` line (the log's path when there is one)."""
+    log = Path(_WORKDIR.value or "") / "log.txt"
+    where = f" (log: {log})" if _WORKDIR.value and log.is_file() else ""
+    print(f"jaxpoison: error: {message}{where}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _last_line(error):
+    """The last non-empty line of an exception's message (ml_collections nests tracebacks)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    from jaxpoison import data, trainers
-    from jaxpoison.poisons.storage import PoisonFileError
+    try:
+        config = _CONFIG.value
+        config.get("trainer")  # ml_collections defers a failure to load the file to a first use
+    except OSError as e:  # ml_collections defers a config file it could not load to here
+        _fail(f"cannot load the config ({_last_line(e)}); check the path after --config=.", 2)
+    from jaxpoison import trainers
 
     try:
-        trainers.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=not _QUIET.value)
-    except (data.DataError, PoisonFileError, ValueError, FloatingPointError) as e:
-        print(f"jaxpoison: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        trainers.train_and_evaluate(config, _WORKDIR.value, progress=not _QUIET.value)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume from the last checkpoint.", 130)
+    except Exception as e:  # one line for a person; --debug for the traceback
+        if _DEBUG.value:
+            raise
+        if isinstance(e, (ValueError, FloatingPointError)):  # DataError, PoisonFileError, ...
+            _fail(str(e))
+        if isinstance(e, OSError):
+            what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+            _fail(f"cannot read or write a file ({what}); check the workdir and the free space.")
+        _fail(
+            f"internal error ({type(e).__name__}: {_last_line(e)}); rerun with --debug for the "
+            "traceback and report it."
+        )
 
 
 _HUGE_PAGES = "glibc.malloc.hugetlb=1"
@@ -87,6 +118,10 @@ def _parse_flags(argv):
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raw = str(e.args[0]) if e.args else str(e)
+        if "Error whilst parsing config file" in raw:  # get_config raised: its own message
+            message = _last_line(raw).removeprefix("ValueError: ")
+            print(f"jaxpoison: error: {message}", file=sys.stderr)
+            sys.exit(2)
         message = " ".join(raw.replace("\\n", " ").replace("\\", "").replace("'", "").split())
         print(
             f"jaxpoison: error: bad flag ({message}). A --config.<key> override must name "

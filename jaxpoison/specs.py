@@ -122,10 +122,38 @@ def _merged(base, overrides):
     return out
 
 
+# Victim-spec sizes: field -> smallest allowed whole number.
+_VICTIM_SIZES = {"epochs": 0, "batch_size": 1, "num_seeds": 1, "eval_batch_size": 1}
+
+
+def _check_sizes(spec, what):
+    for field, least in _VICTIM_SIZES.items():
+        value = spec.get(field, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{what}.{field}={value!r}: give a whole number >= {least}.")
+    every = spec.get("checkpoint_every", 0)
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"{what}.checkpoint_every={every!r}: give a whole number of epochs >= 0 (0: the end)."
+        )
+    width = spec.get("model", {}).get("width", 1.0)
+    if not isinstance(width, (int, float)) or not 0 < width < float("inf"):
+        raise ValueError(f"{what}.model.width={width!r}: give a positive number (1.0 = full).")
+    rate = spec.get("optimizer", {}).get("learning_rate", 1.0)
+    if not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
+        raise ValueError(f"{what}.optimizer.learning_rate={rate!r}: give a positive number.")
+
+
 def victim(config, overrides=None, *, image_shape, num_classes, field="victim"):
     """``config[field]`` updated by `overrides` (e.g. an entry of ``config.victims``), its model
-    resolved (`model_spec`), as a ConfigDict for `training.Trainer.from_config`."""
+    resolved (`model_spec`), as a ConfigDict for `training.Trainer.from_config`.
+
+    Raises:
+      ValueError: a size that is not a whole number in range (epochs, batch sizes, seeds), a
+        width or learning rate that is not positive, or a model the data cannot feed.
+    """
     spec = _merged(plain(config[field]), plain(overrides or {}))
+    _check_sizes(spec, f"config.{field}")
     spec["model"] = model_spec(
         spec.get("model", {"name": "auto"}),
         image_shape,

@@ -14,7 +14,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +24,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpoison import checkpointing, data, losses, models, objectives
-from jaxpoison.progress import progress_bar
+from jaxpoison.progress import progress_bar, say
 from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_step
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 
 # Victim-spec fields that do not change the trained state (left out of checkpoint records).
 _NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
-
-log = logging.getLogger(__name__)
 
 
 def data_mesh():
@@ -394,7 +391,7 @@ class Trainer:
         states = self.init_seeds(key, num_seeds, steps_per_epoch)
         if manager is not None and manager.latest_step() is not None:
             states, history, start_epoch = manager.restore(states)
-            log.info("%s: resumed from epoch %d", name, start_epoch)
+            say(f"{name or 'train'}: resumed from epoch {start_epoch} ({manager.directory})")
         states = jax.device_put(states, NamedSharding(self.mesh, P()))
 
         if stop == 0 and not history:

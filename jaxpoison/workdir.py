@@ -19,10 +19,13 @@ changed).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -150,6 +153,39 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+class WorkdirInUse(ValueError):
+    """Another process is running in the workdir."""
+
+
+@contextlib.contextmanager
+def locked(workdir):
+    """Holds ``WORKDIR/.lock`` (an advisory ``flock``) while a run uses `workdir`.
+
+    A second process on the same workdir is refused at once, naming the holder's PID; the lock
+    goes with its process, so a killed run never leaves a stale one.
+
+    Raises:
+      WorkdirInUse: when another process holds the lock.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkdirInUse(
+                f"{workdir} is in use by process {holder}; wait for it to finish, stop it, or "
+                "use another --workdir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield workdir
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_run(config, workdir):
     """Returns the complete results found in `workdir`, or None after writing ``config.json``
     and opening ``log.txt`` for a new (or resumed) run.
@@ -179,6 +215,29 @@ def open_run(config, workdir):
     return None
 
 
+def results_header(config, *, t_start, dataset=None):
+    """The fields every ``results.json`` starts with: ``complete``, the version, backend and
+    device count, the wall time since `t_start`, the config, and, given a `data.Dataset`, its
+    name, fingerprint and class names (``jaxpoison report`` compares and shows them)."""
+    from jaxpoison import __version__
+
+    header = {
+        "complete": True,
+        "jaxpoison_version": __version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "wall_time_s": time.time() - t_start,
+        "config": plain(config),
+    }
+    if dataset is not None:
+        header["dataset"] = {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "class_names": list(dataset.class_names),
+        }
+    return header
+
+
 def close_run(results, workdir, *, plots=()):
     """Writes ``results.json`` atomically, names it and the `plots` in the log, closes the log."""
     path = Path(workdir) / "results.json"
@@ -191,6 +250,7 @@ def close_run(results, workdir, *, plots=()):
 __all__ = [
     "ARTIFACT_VERSION",
     "StaleArtifactError",
+    "WorkdirInUse",
     "array_digest",
     "canonical",
     "claim",
@@ -198,8 +258,10 @@ __all__ = [
     "content_key",
     "differences",
     "keyed_dir",
+    "locked",
     "open_run",
     "plain",
+    "results_header",
     "run_key",
     "write_json_atomic",
 ]

@@ -69,6 +69,18 @@ class Dataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             validate_arrays(x, y, f"{self.name}/{split}")
+            if y.size and y.max() >= self.num_classes:
+                raise DataError(
+                    f"{self.name}/{split}: label {int(y.max())} is outside "
+                    f"0..{self.num_classes - 1} ({self.num_classes} classes); fix the labels."
+                )
+        if len(self.y_train) == 0:
+            raise DataError(f"{self.name}: the training split is empty; check the file.")
+        if self.x_test.shape[1:] != self.x_train.shape[1:]:
+            raise DataError(
+                f"{self.name}: test images are {self.x_test.shape[1:]} but training images "
+                f"{self.x_train.shape[1:]}; both splits must have one image shape."
+            )
 
     @property
     def image_shape(self):
@@ -122,15 +134,32 @@ def validate_arrays(x, y, what):
             f"{what}: images must be uint8 in 0..255, got {x.dtype}; convert floats in [0, 1] "
             "with np.round(x * 255).astype(np.uint8)."
         )
+    if not (np.issubdtype(y.dtype, np.integer) or (y.size == 0) or np.all(np.mod(y, 1) == 0)):
+        raise DataError(
+            f"{what}: labels must be whole numbers, got e.g. {y[np.mod(y, 1) != 0][0]}."
+        )
     if y.size and (y.min() < 0):
         raise DataError(f"{what}: labels must be >= 0, got min {y.min()}.")
 
 
 def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
-    y_train = np.asarray(y_train).astype(np.int32)
-    y_test = np.asarray(y_test).astype(np.int32)
-    if num_classes is None:
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        validate_arrays(np.asarray(x), y, f"{name}/{split}")  # before labels become int32
+    y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+    if not y_train.size:
+        raise DataError(f"{name}: the training split is empty; check the file.")
+    if num_classes is None and name in CLASS_NAMES:
+        num_classes = len(CLASS_NAMES[name])
+    if num_classes is None:  # counted from the labels: a stray large label would add classes
         num_classes = int(max(y_train.max(), y_test.max())) + 1
+        missing = np.setdiff1d(np.arange(num_classes), y_train)
+        if missing.size:
+            raise DataError(
+                f"{name}: classes {missing[:10].tolist()}{'...' if missing.size > 10 else ''} "
+                f"of 0..{num_classes - 1} (counted from the largest label) have no training "
+                "example; a label out of range? Fix the labels of the file."
+            )
     return Dataset(
         name=name,
         x_train=np.asarray(x_train),

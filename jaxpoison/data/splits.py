@@ -61,6 +61,17 @@ def load(config=None, /, **fields):
     kwargs = {k: config.get(k) for k in ("path", "data_dir", "download") if config.get(k)}
     ds = SOURCES[source](config["name"], **kwargs)
     num_train, num_test = config.get("num_train", 0), config.get("num_test", 0)
+    for field, value, available in (
+        ("num_train", num_train, len(ds.y_train)),
+        ("num_test", num_test, len(ds.y_test)),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"data.{field}={value!r}: give a whole number >= 0 (0 = all).")
+        if value > available:
+            raise DataError(
+                f"data.{field}={value} but {ds.name} has {available}; use at most {available} "
+                "(0 = all)."
+            )
     updates = {}
     if num_train and num_train < len(ds.y_train):
         idx = balanced_indices(ds.y_train, num_train, ds.num_classes)
@@ -80,6 +91,11 @@ def split_validation(labels, val_size, num_classes, *, seed=0):
     n = len(labels)
     if not val_size:
         return np.arange(n), np.arange(0)
+    if not isinstance(val_size, int) or val_size < 0 or val_size >= n:
+        raise DataError(
+            f"data.val_size={val_size!r} must be a whole number in [0, {n}) (the training "
+            f"examples); lower it or raise data.num_train."
+        )
     perm = np.random.default_rng(seed).permutation(n)
     val = perm[balanced_indices(labels[perm], val_size, num_classes)]
     train = np.setdiff1d(np.arange(n), val)

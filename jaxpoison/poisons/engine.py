@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpoison import checkpointing, data
-from jaxpoison.progress import progress_bar
+from jaxpoison.progress import progress_bar, say
 
 
 @functools.lru_cache(maxsize=32)
@@ -78,6 +78,7 @@ def craft(
     manager = checkpointing.Manager(ckpt_dir) if ckpt_dir else None
     if manager is not None and manager.latest_step() is not None:
         state, history, start = manager.restore(state)
+        say(f"{name}: resumed from epoch {start} ({manager.directory})")
     n = labels.shape[0]
     batch_size = min(batch_size, n)
     steps = n // batch_size + (n % batch_size > 0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from jaxpoison.workdir import locked
+
 # name -> module with a ``train_and_evaluate(config, workdir, *, progress)``, imported on use.
 TRAINERS = {
     "grid": "jaxpoison.trainers.grid",
@@ -43,8 +45,11 @@ def get(name):
 
 
 def train_and_evaluate(config, workdir, *, progress=True):
-    """Runs ``TRAINERS[config.trainer]`` (default ``grid``) on `config` in `workdir`."""
-    return get(config.get("trainer", "grid"))(config, workdir, progress=progress)
+    """Runs ``TRAINERS[config.trainer]`` (default ``grid``) on `config` in `workdir`, holding the
+    workdir's lock (`workdir.locked`: a second process on it is refused)."""
+    trainer = get(config.get("trainer", "grid"))
+    with locked(workdir):
+        return trainer(config, workdir, progress=progress)
 
 
 __all__ = ["TRAINERS", "get", "register", "train_and_evaluate"]

@@ -1,0 +1,146 @@
+"""Bad input, tried as a new user would: each case is one clear error naming the problem and the
+fix, raised before any work, and nothing is left half-written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxpoison import data, specs, trainers, workdir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_npz(path, *, y_train=None, x_test=None, x_train=None):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8) if x_train is None else x_train
+    y = np.arange(20) % 10 if y_train is None else y_train
+    np.savez(path, x_train=x, y_train=y, x_test=x[:10] if x_test is None else x_test, y_test=y[:10])
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        ("cifar10", dict(y_train=np.r_[np.arange(19) % 10, 99]), r"label 99 is outside 0..9"),
+        ("toy", dict(y_train=np.r_[np.arange(19) % 10, 99]), r"have no training example"),
+        ("toy", dict(y_train=np.r_[np.arange(19) % 10, 3.5]), r"whole numbers, got e.g. 3.5"),
+        ("toy", dict(x_test=np.zeros((10, 8, 8, 1), np.uint8)), r"one image shape"),
+        ("toy", dict(x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0)), "empty"),
+    ],
+)
+def test_a_malformed_dataset_file_is_refused(tmp_path, name, kwargs, match):
+    path = write_npz(tmp_path / f"{name}.npz", **kwargs)
+    with pytest.raises(data.DataError, match=match):
+        data.load(source="npz", name=name, data_dir=str(tmp_path))
+    assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(num_train=-5), r"num_train=-5: give a whole number >= 0"),
+        (dict(num_train=5000), r"num_train=5000 but cifar10 has 2500"),
+        (dict(num_test=1.5), r"num_test=1.5"),
+    ],
+)
+def test_subset_sizes_out_of_range_are_refused(fields, match):
+    with pytest.raises(data.DataError, match=match):
+        data.load(source="embedded", name="cifar10", **fields)
+
+
+def test_a_validation_split_as_large_as_the_training_set_is_refused():
+    with pytest.raises(data.DataError, match=r"val_size=100 must be a whole number in \[0, 100\)"):
+        data.split_validation(np.arange(100) % 10, 100, 10)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("num_seeds", 0, r"config.victim.num_seeds=0: give a whole number >= 1"),
+        ("eval_batch_size", 0, r"eval_batch_size=0"),
+        ("epochs", -1, r"epochs=-1: give a whole number >= 0"),
+        ("batch_size", 0, r"batch_size=0: give a whole number >= 1"),
+        ("checkpoint_every", -1, r"checkpoint_every=-1"),
+    ],
+)
+def test_victim_sizes_out_of_range_are_refused(field, value, match):
+    config = ml_collections.ConfigDict(
+        dict(
+            victim=dict(
+                model=dict(name="mlp", width=0.5),
+                epochs=1,
+                batch_size=8,
+                num_seeds=1,
+                optimizer=dict(learning_rate=0.1),
+            )
+        )
+    )
+    config.victim[field] = value
+    with pytest.raises(ValueError, match=match):
+        specs.victim(config, image_shape=(8, 8, 3), num_classes=10)
+    config.victim[field] = 1
+    config.victim.model.width = 0.0
+    with pytest.raises(ValueError, match=r"model.width=0.0: give a positive number"):
+        specs.victim(config, image_shape=(8, 8, 3), num_classes=10)
+
+
+def test_a_bad_victim_spec_stops_a_run_before_any_work(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.victim.num_seeds = 0
+    with pytest.raises(ValueError, match="num_seeds=0"):
+        trainers.train_and_evaluate(config, tmp_path, progress=False)
+    assert not (tmp_path / "poison").exists() and not (tmp_path / "results.json").exists()
+
+
+def test_a_second_process_on_a_workdir_is_refused_naming_the_first(tmp_path):
+    with workdir.locked(tmp_path):
+        proc = cli("--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}")
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"in use by process {os.getpid()}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    with workdir.locked(tmp_path):  # released when its holder lets go (or dies)
+        pass
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxpoison.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,code,match",
+    [
+        (["--config=configs/nope.py"], 2, "cannot load the config"),
+        (["--config=configs/quickstart.py:tinyy"], 2, "Unknown config argument 'tinyy'"),
+        (["--config=configs/quickstart.py:tiny", "--config.victim.num_seeds=0"], 1, "num_seeds"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, code, match):
+    proc = cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxpoison: error:")]
+    assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_workdir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = cli("--config=configs/quickstart.py:tiny", f"--workdir={tmp_path / 'file' / 'w'}")
+    assert proc.returncode == 1
+    assert "jaxpoison: error: cannot read or write a file (Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
