@@ -19,10 +19,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpoison import __version__, plots
+from jaxpoison import plots
 from jaxpoison.progress import say
 from jaxpoison.theory import gaussian, linear
-from jaxpoison.workdir import close_run, open_run, plain
+from jaxpoison.workdir import close_run, open_run, results_header
 
 
 def check_theorems(dims, *, eta, sigma, epsilon=None):
@@ -209,16 +209,12 @@ def train_and_evaluate(config, workdir, *, progress=True):
         learning_rate=float(th.learning_rate),
     )
     results = {
-        "complete": True,
-        "jaxpoison_version": __version__,
-        "backend": jax.default_backend(),
-        "config": plain(config),
+        **results_header(config, t_start=t_start),
         "closed_form": {"dims": dims, "accuracy": {k: v.tolist() for k, v in curves.items()}},
         "theorems": theorems,
         "monte_carlo": mc,
         "monte_carlo_max_standard_errors": worst,
         "trained": tr,
-        "wall_time_s": time.time() - t_start,
     }
     title = config.get("name", "") or f"σ={sigma}, η={eta}, ε={epsilon:g}"
     plot(results, workdir / "figure2.png", title=title)

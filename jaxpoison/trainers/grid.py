@@ -54,11 +54,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxpoison import __version__, data, plots, specs, training
+from jaxpoison import data, plots, specs, training
 from jaxpoison.evaluation import risk, speed, summarize, tradeoff, transfer
 from jaxpoison.progress import say
 from jaxpoison.trainers import poisoning
-from jaxpoison.workdir import close_run, open_run, plain, run_key
+from jaxpoison.workdir import close_run, open_run, plain, results_header, run_key
 
 
 def make_evaluators(evals, trainer, *, num_classes):
@@ -232,21 +232,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
             summary[name]["evals"] = summarize.eval_summary(r["evals"])
     trained = {n: s for n, s in summary.items() if not runs[n].get("untrained")}
     results = {
-        "complete": True,
-        "jaxpoison_version": __version__,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "wall_time_s": time.time() - t_start,
-        "config": plain(config),
-        "dataset": {
-            "name": dataset.name,
-            "fingerprint": dataset.fingerprint(),
-            "class_names": list(dataset.class_names),
-        },
-        "poisons": {
-            run: {"artifact": str(c.artifact.relative_to(workdir)), "key": c.key}
-            for run, c in crafted.items()
-        },
+        **results_header(config, t_start=t_start, dataset=dataset),
+        "poisons": poisoning.artifacts(crafted, workdir),
         "runs": runs,
         "summary": summary,
         "learning_speed": speed.diagnostics(trained),

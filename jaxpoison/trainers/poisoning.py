@@ -149,6 +149,14 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
     return out
 
 
+def artifacts(crafted, workdir):
+    """``results.json``'s ``poisons``: {run: {artifact (relative to `workdir`), key}}."""
+    return {
+        run: {"artifact": str(c.artifact.relative_to(workdir)), "key": c.key}
+        for run, c in crafted.items()
+    }
+
+
 def check_bounds(ps, x_clean, y_clean, images, labels, *, tolerance=1e-5, chunk=4096):
     """Refuses a poisoned training set that leaves its threat ball or changes a label.
 
@@ -259,6 +267,7 @@ def clean_additions(config, dataset):
 __all__ = [
     "Crafted",
     "artifact_dir",
+    "artifacts",
     "check_bounds",
     "clean_additions",
     "craft_poisons",

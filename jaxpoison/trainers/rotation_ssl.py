@@ -36,12 +36,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison import __version__, data, models, plots, specs, train_state, training
+from jaxpoison import data, models, plots, specs, train_state, training
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
 from jaxpoison.ssl import probe, rotation
 from jaxpoison.trainers import poisoning
-from jaxpoison.workdir import close_run, open_run, plain, run_key
+from jaxpoison.workdir import close_run, open_run, results_header, run_key
 
 
 def make_probe_fn(trainer, *, num_classes, config):
@@ -177,21 +177,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 "peak_epoch": [pretext["epochs"]] * pretext["seeds"],
             }
     results = {
-        "complete": True,
-        "jaxpoison_version": __version__,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "wall_time_s": time.time() - t_start,
-        "config": plain(config),
-        "dataset": {
-            "name": dataset.name,
-            "fingerprint": dataset.fingerprint(),
-            "class_names": list(dataset.class_names),
-        },
-        "poisons": {
-            run: {"artifact": str(c.artifact.relative_to(workdir)), "key": c.key}
-            for run, c in crafted.items()
-        },
+        **results_header(config, t_start=t_start, dataset=dataset),
+        "poisons": poisoning.artifacts(crafted, workdir),
         "runs": runs,
         "summary": summary,
     }

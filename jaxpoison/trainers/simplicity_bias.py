@@ -26,11 +26,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison import __version__, data, plots, specs, training
+from jaxpoison import data, plots, specs, training
 from jaxpoison.data import mnist_cifar
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
-from jaxpoison.workdir import close_run, open_run, plain, run_key
+from jaxpoison.workdir import close_run, open_run, results_header, run_key
 
 RANDOMIZED = "test_mnist_randomized/accuracy"
 
@@ -100,12 +100,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             "peak_mnist_randomized_acc": summarize.mean_std(randomized.max(0)),
         }
     results = {
-        "complete": True,
-        "jaxpoison_version": __version__,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "wall_time_s": time.time() - t_start,
-        "config": plain(config),
+        **results_header(config, t_start=t_start, dataset=dataset),
         "runs": runs,
         "summary": summary,
     }
