@@ -1,13 +1,35 @@
-"""Orbax checkpoints of a trainer's (or a crafting loop's) state plus its JSON history."""
+"""Orbax checkpoints of a trainer's (or a crafting loop's) state plus its JSON history.
+
+Each checkpoint also holds the sha256 of the state's arrays and of the history, written with
+them and checked on restore: a damaged latest checkpoint (a flipped bit, a truncated file) is
+noticed, said, and the previous kept one is used instead.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxpoison import workdir
+from jaxpoison.progress import say
+
+
+class CorruptCheckpointError(ValueError):
+    """No checkpoint in a directory can be restored intact."""
+
+
+def state_digest(state):
+    """sha256 of a state pytree's arrays (PRNG keys by their key data), in leaf order."""
+    leaves = [
+        jax.random.key_data(a)
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+        else a
+        for a in jax.tree.leaves(state)
+    ]
+    return workdir.array_digest(*(np.asarray(a) for a in jax.device_get(leaves)))
 
 
 class Manager:
@@ -34,25 +56,65 @@ class Manager:
         return self._manager.latest_step()
 
     def save(self, step, state, history):
+        integrity = {
+            "state_sha256": state_digest(state),
+            "history_sha256": workdir.content_key(history),
+        }
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+                state=ocp.args.StandardSave(state),
+                history=ocp.args.JsonSave(history),
+                integrity=ocp.args.JsonSave(integrity),
             ),
         )
         self._manager.wait_until_finished()
 
-    def restore(self, template):
-        """Returns ``(state, history, step)`` of the latest checkpoint, shaped like `template`."""
-        step = self._manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    def _restore_step(self, step, abstract):
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(abstract),
+                history=ocp.args.JsonRestore(),
+                integrity=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], dict(restored["history"]), step
+        state, history = restored["state"], dict(restored["history"])
+        expected = dict(restored["integrity"])
+        if state_digest(state) != expected.get("state_sha256"):
+            raise CorruptCheckpointError("its arrays do not match the sha256 saved with them")
+        if workdir.content_key(history) != expected.get("history_sha256"):
+            raise CorruptCheckpointError("its history does not match the sha256 saved with it")
+        return state, history
+
+    def restore(self, template):
+        """Returns ``(state, history, step)`` of the latest intact checkpoint, shaped like
+        `template`; a damaged newer one is said and skipped.
+
+        Raises:
+          CorruptCheckpointError: when no kept checkpoint is intact.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, history = self._restore_step(step, abstract)
+            except Exception as e:  # orbax / TensorStore raise many types for a damaged file
+                reason = (
+                    str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                )
+                damaged.append(f"step {step}: {reason}")
+                continue
+            if damaged:
+                say(
+                    f"warning: damaged checkpoint in {self.directory} ({'; '.join(damaged)}); "
+                    f"resuming from step {step} instead."
+                )
+            return state, history, step
+        raise CorruptCheckpointError(
+            f"no intact checkpoint in {self.directory} ({'; '.join(damaged) or 'none kept'}); "
+            "delete that directory to start this part afresh."
+        )
 
     def close(self):
         self._manager.close()

@@ -144,3 +144,54 @@ def test_cli_workdir_under_a_file_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert "jaxpoison: error: cannot read or write a file (Not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _largest_data_file(step_dir):
+    return max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from jaxpoison import checkpointing
+
+    manager = checkpointing.Manager(tmp_path)
+    for step in (1, 2):
+        manager.save(step, {"w": jnp.arange(1000.0) * step}, {"loss": [1.0] * step})
+    manager.close()
+    template = {"w": jnp.zeros(1000)}
+    latest = _largest_data_file(tmp_path / "2")
+    flipped = bytearray(latest.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10  # one bit: the file still decodes, to other numbers
+    latest.write_bytes(bytes(flipped))
+    state, history, step = checkpointing.Manager(tmp_path).restore(template)
+    assert step == 1 and float(state["w"][3]) == 3.0 and history == {"loss": [1.0]}
+    assert "damaged checkpoint" in capsys.readouterr().err
+    oldest = _largest_data_file(tmp_path / "1")
+    oldest.write_bytes(oldest.read_bytes()[:50])  # truncated
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="no intact checkpoint"):
+        checkpointing.Manager(tmp_path).restore(template)
+
+
+def test_a_damaged_poison_artifact_is_refused_naming_the_file(tmp_path):
+    from jaxpoison import threat
+    from jaxpoison.poisons import storage
+
+    state = {"delta": np.full((4, 2, 2, 1), 0.01, np.float32)}
+    kw = dict(name="x", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
+    storage.save(tmp_path / "a", state, fingerprint="f", **kw)
+    with np.load(tmp_path / "a" / "state.npz") as f:
+        stored = dict(f)
+    np.savez(tmp_path / "a" / "state.npz", **{k: -v for k, v in stored.items()})  # edited
+    with pytest.raises(storage.PoisonFileError, match="does not match the sha256"):
+        storage.load(tmp_path / "a", state)
+    (tmp_path / "a" / "state.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(storage.PoisonFileError, match="state.npz is damaged"):
+        storage.load(tmp_path / "a", state)
+    meta = tmp_path / "a" / "metadata.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(storage.PoisonFileError, match="metadata.json is damaged"):
+        storage.load(tmp_path / "a", state)

@@ -15,12 +15,20 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxpoison.workdir import canonical, content_key, differences, write_json_atomic
+from jaxpoison.workdir import (
+    array_digest,
+    canonical,
+    content_key,
+    differences,
+    write_json_atomic,
+)
 
 FORMAT = "jaxpoison.poison/1"
 BOUND_TOLERANCE = 1e-5
@@ -41,6 +49,11 @@ def _check_finite(where, key, value):
             f"{where}: leaf {key} holds NaN or infinite values; the crafting run diverged or "
             "the file is damaged: craft the poison again (lower the step size if it diverged)."
         )
+
+
+def _digest(leaves):
+    """sha256 of named arrays, in name order."""
+    return array_digest(*(leaves[k] for k in sorted(leaves)), np.asarray(sorted(leaves)))
 
 
 def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, record=None):
@@ -73,6 +86,7 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
             "dataset": dataset_name,
             "train_sha256": fingerprint,
             "leaves": {k: list(v.shape) for k, v in leaves.items()},
+            "state_sha256": _digest(leaves),
             "record": canonical(record),
             "key": None if record is None else content_key(record),
         },
@@ -99,7 +113,13 @@ def load(directory, template, *, fingerprint=None, record=None):
     meta_path = directory / "metadata.json"
     if not meta_path.is_file():
         raise PoisonFileError(f"No poison artifact at {directory} (metadata.json is missing).")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PoisonFileError(
+            f"{meta_path} is damaged ({type(e).__name__}: {e}); craft the poison again (delete "
+            f"{directory})."
+        ) from None
     if meta.get("format") != FORMAT:
         raise PoisonFileError(f"{directory}: format {meta.get('format')!r} is not {FORMAT!r}.")
     if fingerprint is not None and meta["train_sha256"] != fingerprint:
@@ -113,8 +133,14 @@ def load(directory, template, *, fingerprint=None, record=None):
             f"{directory} was crafted by another spec (it differs in {', '.join(changed)}); "
             "craft it again (delete the directory) or restore the spec that made it."
         )
-    with np.load(directory / "state.npz", allow_pickle=False) as f:
-        stored = {k: f[k] for k in f.files}
+    try:
+        with np.load(directory / "state.npz", allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise PoisonFileError(
+            f"{directory / 'state.npz'} is damaged ({type(e).__name__}: {e}); craft the poison "
+            f"again (delete {directory})."
+        ) from None
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for path, leaf in flat:
@@ -134,6 +160,11 @@ def load(directory, template, *, fingerprint=None, record=None):
                 f"{directory}: {key} has {norm} norm {size.max():.6f} > epsilon {eps:.6f}; the "
                 "file was modified or crafted with another budget."
             )
+    if "state_sha256" in meta and _digest(stored) != meta["state_sha256"]:
+        raise PoisonFileError(
+            f"{directory / 'state.npz'} does not match the sha256 saved with it (damaged or "
+            f"edited); craft the poison again (delete {directory})."
+        )
     return jax.tree_util.tree_unflatten(treedef, leaves), meta
 
 
