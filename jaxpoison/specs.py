@@ -275,6 +275,20 @@ def make_poison(ps, *, image_shape, num_classes, apply_fn=None, variables=None):
         raise ValueError(f"poisons.{ps.run}: {e}") from e
 
 
+def _check_mask(ball, image_shape, what):
+    if ball.mask is None:
+        return
+    try:
+        fits = jnp.broadcast_shapes(ball.mask.shape, tuple(image_shape)) == tuple(image_shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{what}.mask of shape {tuple(ball.mask.shape)} does not fit {tuple(image_shape)} "
+            "images; give one (H, W, C) or (H, W, 1) mask of the data's size."
+        )
+
+
 def check(config, *, image_shape, num_classes, victims=True):
     """Builds every selected spec of `config` that names a model or a poison, before any work.
 
@@ -283,11 +297,14 @@ def check(config, *, image_shape, num_classes, victims=True):
     crafting. With ``victims=False`` the victim specs are left to the trainer.
     """
     shape = dict(image_shape=image_shape, num_classes=num_classes)
+    if config.get("threat"):
+        _check_mask(threat(config), image_shape, "config.threat")
     if victims:
         for overrides in (selected(config, "victims") or {"": {}}).values():
             victim(config, overrides, **shape)
     for run in selected(config, "poisons"):
         ps = poison_spec(config, run, **shape)
+        _check_mask(ps.threat, image_shape, f"poisons.{run}.threat")
         if ps.requires_model:
             surrogate(config, ps.surrogate, **shape)
         model = dict(apply_fn=None, variables=None) if ps.requires_model else {}

@@ -40,6 +40,12 @@ def test_a_malformed_dataset_file_is_refused(tmp_path, name, kwargs, match):
     assert path.is_file()
 
 
+def test_a_file_that_is_not_an_npz_archive_is_refused(tmp_path):
+    (tmp_path / "cifar10.npz").write_text("hello")
+    with pytest.raises(data.DataError, match="not a readable .npz archive"):
+        data.load(source="npz", name="cifar10", data_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "fields,match",
     [
@@ -195,3 +201,13 @@ def test_a_damaged_poison_artifact_is_refused_naming_the_file(tmp_path):
     meta.write_text(meta.read_text()[:40])
     with pytest.raises(storage.PoisonFileError, match="metadata.json is damaged"):
         storage.load(tmp_path / "a", state)
+
+
+def test_a_mask_that_does_not_fit_the_images_is_refused_before_crafting():
+    config = ml_collections.ConfigDict(
+        dict(threat=dict(epsilon=8 / 255, mask=np.ones((4, 4, 1)).tolist()), poisons={})
+    )
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 4, 1\) does not fit \(8, 8, 3\)"):
+        specs.check(config, image_shape=(8, 8, 3), num_classes=10, victims=False)
+    config.threat.mask = np.ones((8, 8, 1)).tolist()
+    specs.check(config, image_shape=(8, 8, 3), num_classes=10, victims=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -198,14 +200,25 @@ def load_npz(name, *, path=None, data_dir=None):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Dataset file {path} does not exist; check data.path.")
-    with np.load(path, allow_pickle=False) as d:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
-        if missing:
-            raise DataError(
-                f"{path} lacks the keys {sorted(missing)}; it needs x_train, "
-                "y_train, x_test, y_test."
-            )
-        arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if not hasattr(d, "files"):  # a bare .npy array
+                raise DataError(f"{path} holds one array, not an .npz archive of four.")
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+            if missing:
+                raise DataError(
+                    f"{path} lacks the keys {sorted(missing)}; it needs x_train, "
+                    "y_train, x_test, y_test."
+                )
+            arrays = [d[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(
+            f"{path} is not a readable .npz archive ({type(e).__name__}); write it with "
+            "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) (uint8 NHWC images, "
+            "integer labels; no pickled objects)."
+        ) from None
     if arrays[0].ndim == 3:
         arrays[0], arrays[2] = arrays[0][..., None], arrays[2][..., None]
     return _from_arrays(name, *arrays)
