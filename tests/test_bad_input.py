@@ -211,3 +211,27 @@ def test_a_mask_that_does_not_fit_the_images_is_refused_before_crafting():
         specs.check(config, image_shape=(8, 8, 3), num_classes=10, victims=False)
     config.threat.mask = np.ones((8, 8, 1)).tolist()
     specs.check(config, image_shape=(8, 8, 3), num_classes=10, victims=False)
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxpoison.main", "--config=configs/quickstart.py:tiny"]
+        + [f"--workdir={tmp_path}", "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    log = tmp_path / "log.txt"
+    deadline = time.time() + 300
+    while not (log.is_file() and "crafted" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "results.json").exists()
