@@ -235,3 +235,23 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from jaxpoison import threat
+    from jaxpoison.poisons import storage
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.np, "savez_compressed", disk_full)
+    kw = dict(name="x", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
+    with pytest.raises(OSError, match="No space left"):
+        storage.save(tmp_path / "a", {"delta": np.zeros((2, 2, 2, 1))}, fingerprint="f", **kw)
+    with pytest.raises(OSError, match="No space left"):
+        storage.export_npz(tmp_path / "out.npz", *(np.zeros((2, 2, 2, 1), np.uint8), [0, 1]) * 2)
+    with pytest.raises(TypeError):
+        workdir.write_json_atomic(tmp_path / "r.json", {"f": object()})
+    assert list(tmp_path.iterdir()) == []

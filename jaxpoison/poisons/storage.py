@@ -70,30 +70,32 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     for key, value in leaves.items():
         _check_finite(directory, key, value)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    np.savez_compressed(tmp / "state.npz", **leaves)
-    write_json_atomic(
-        tmp / "metadata.json",
-        {
-            "format": FORMAT,
-            "poison": name,
-            "spec": spec,
-            "threat": {
-                "norm": threat.norm,
-                "epsilon": float(threat.epsilon),
-                "masked": threat.mask is not None,
-            },
-            "dataset": dataset_name,
-            "train_sha256": fingerprint,
-            "leaves": {k: list(v.shape) for k, v in leaves.items()},
-            "state_sha256": _digest(leaves),
-            "record": canonical(record),
-            "key": None if record is None else content_key(record),
+    metadata = {
+        "format": FORMAT,
+        "poison": name,
+        "spec": spec,
+        "threat": {
+            "norm": threat.norm,
+            "epsilon": float(threat.epsilon),
+            "masked": threat.mask is not None,
         },
-    )
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+        "dataset": dataset_name,
+        "train_sha256": fingerprint,
+        "leaves": {k: list(v.shape) for k, v in leaves.items()},
+        "state_sha256": _digest(leaves),
+        "record": canonical(record),
+        "key": None if record is None else content_key(record),
+    }
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        np.savez_compressed(tmp / "state.npz", **leaves)
+        write_json_atomic(tmp / "metadata.json", metadata)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:  # disk full, an interrupt: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load(directory, template, *, fingerprint=None, record=None):
@@ -183,11 +185,15 @@ def export_npz(path, x_train, y_train, x_test, y_test):
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(fd)
-    np.savez_compressed(
-        tmp,
-        x_train=u8(x_train),
-        y_train=np.asarray(y_train, np.int64),
-        x_test=u8(x_test),
-        y_test=np.asarray(y_test, np.int64),
-    )
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(
+            tmp,
+            x_train=u8(x_train),
+            y_train=np.asarray(y_train, np.int64),
+            x_test=u8(x_test),
+            y_test=np.asarray(y_test, np.int64),
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
