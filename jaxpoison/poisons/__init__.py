@@ -17,6 +17,7 @@ from jaxpoison.poisons import (
     l2c,
     partial,
     substandard,
+    synthetic,
     universal,
 )
 from jaxpoison.poisons.base import ClassWiseState, Poison, SampleWiseState
@@ -26,6 +27,8 @@ POISONS = {
     "random": classwise.random,
     "regions": classwise.regions,
     "low_frequency": classwise.low_frequency,
+    "lsp": synthetic.lsp,
+    "autoregressive": synthetic.autoregressive,
     "adversarial": adversarial.adversarial,
     "error_maximizing": adversarial.error_maximizing,
     "mifgsm": adversarial.mifgsm,
