@@ -284,6 +284,10 @@ FAMILY_SPECS = {
     ),
     "noise": dict(name="noise"),
     "mislabeling": dict(name="mislabeling"),
+    # The ℓ2 poisons at their papers' CIFAR budgets (APBench's): LSP sqrt(32*32*3) * 6/255 =
+    # 1.30, AR 1.0. On other image sizes override ``poisons.<run>.threat.epsilon``.
+    "lsp": dict(name="lsp", patch_size=8, threat=dict(norm="l2", epsilon=1.3043)),
+    "autoregressive": dict(name="autoregressive", threat=dict(norm="l2", epsilon=1.0)),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
