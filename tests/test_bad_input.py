@@ -217,14 +217,19 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path):
     import signal
     import time
 
+    # A shell's background jobs (and so maybe this test) ignore SIGINT, which exec keeps: the
+    # wrapper restores the default first, as an interactive terminal has it.
+    wrapper = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'jaxpoison.main', *sys.argv[1:]])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxpoison.main", "--config=configs/quickstart.py:tiny"]
+        [sys.executable, "-c", wrapper, "--config=configs/quickstart.py:tiny"]
         + [f"--workdir={tmp_path}", "--quiet"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     log = tmp_path / "log.txt"
     deadline = time.time() + 300
