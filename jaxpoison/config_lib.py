@@ -291,7 +291,17 @@ FAMILY_SPECS = {
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
-STATIC = ("random", "regions_1", "regions", "regions_16", "low_frequency", "noise", "mislabeling")
+STATIC = (
+    "random",
+    "regions_1",
+    "regions",
+    "regions_16",
+    "low_frequency",
+    "noise",
+    "mislabeling",
+    "lsp",
+    "autoregressive",
+)
 
 
 def family_poisons(runs=None):
