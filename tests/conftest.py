@@ -42,3 +42,22 @@ def tiny_images():
 
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args)``: runs the ``jaxpoison`` command line in a subprocess from the repository
+    root and returns the completed process (exit code, stdout, stderr)."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "jaxpoison.main", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    return run

@@ -108,7 +108,7 @@ def test_a_bad_victim_spec_stops_a_run_before_any_work(tmp_path):
     assert not (tmp_path / "poison").exists() and not (tmp_path / "results.json").exists()
 
 
-def test_a_second_process_on_a_workdir_is_refused_naming_the_first(tmp_path):
+def test_a_second_process_on_a_workdir_is_refused_naming_the_first(tmp_path, cli):
     with workdir.locked(tmp_path):
         proc = cli("--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}")
         assert proc.returncode == 1, proc.stderr[-2000:]
@@ -116,16 +116,6 @@ def test_a_second_process_on_a_workdir_is_refused_naming_the_first(tmp_path):
         assert "Traceback" not in proc.stderr
     with workdir.locked(tmp_path):  # released when its holder lets go (or dies)
         pass
-
-
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "jaxpoison.main", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.mark.parametrize(
@@ -136,7 +126,7 @@ def cli(*args):
         (["--config=configs/quickstart.py:tiny", "--config.victim.num_seeds=0"], 1, "num_seeds"),
     ],
 )
-def test_cli_errors_are_one_line(tmp_path, args, code, match):
+def test_cli_errors_are_one_line(tmp_path, args, code, match, cli):
     proc = cli(*args, f"--workdir={tmp_path / 'w'}")
     assert proc.returncode == code, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxpoison: error:")]
@@ -144,7 +134,7 @@ def test_cli_errors_are_one_line(tmp_path, args, code, match):
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_workdir_under_a_file_is_one_line(tmp_path):
+def test_cli_workdir_under_a_file_is_one_line(tmp_path, cli):
     (tmp_path / "file").write_text("")
     proc = cli("--config=configs/quickstart.py:tiny", f"--workdir={tmp_path / 'file' / 'w'}")
     assert proc.returncode == 1

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,7 +113,7 @@ def test_a_changed_victim_spec_in_a_used_workdir_is_trained_afresh(tiny_run, tmp
         assert losses[0] != losses[1]
 
 
-def test_export_and_from_file_round_trip(tiny_run, tmp_path):
+def test_export_and_from_file_round_trip(tiny_run, tmp_path, cli):
     """A crafted poison exported as a dataset file runs again as the registry's from_file
     poison, inside the ball; a file of another order is refused, not clipped."""
     import jax
@@ -147,17 +145,7 @@ def test_export_and_from_file_round_trip(tiny_run, tmp_path):
     assert cli("export", str(workdir), "nope", str(out)).returncode == 1
 
 
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "jaxpoison.main", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path):
+def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path, cli):
     proc = cli(
         "--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--config.victim.epochz=3"
     )
@@ -196,7 +184,7 @@ def test_cli_restarts_once_with_huge_pages(monkeypatch):
         ("--config.poisons.poisoned.name=random", "does not take argument(s) ['num_patches']"),
     ],
 )
-def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message):
+def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message, cli):
     args = ["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--quiet"]
     if "cifar11" in override:
         args += ["--config.data.source=npz", f"--config.data.data_dir={tmp_path}"]
@@ -207,7 +195,7 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, mess
     assert not (tmp_path / "results.json").exists()
 
 
-def test_validation_split_gives_early_stopping_summary(tmp_path):
+def test_validation_split_gives_early_stopping_summary(tmp_path, cli):
     proc = cli(
         "--config=configs/quickstart.py:tiny",
         f"--workdir={tmp_path}",

@@ -122,6 +122,14 @@ def check_image_shape(shape, what):
         )
 
 
+def _check_whole(y, what):
+    """Refuses labels that are not whole numbers (3.5 would be truncated to 3)."""
+    if not (np.issubdtype(y.dtype, np.integer) or y.size == 0 or np.all(np.mod(y, 1) == 0)):
+        raise DataError(
+            f"{what}: labels must be whole numbers, got e.g. {y[np.mod(y, 1) != 0][0]}."
+        )
+
+
 def validate_arrays(x, y, what):
     """Refuses a dataset split that is not uint8 NHWC images with matching labels >= 0.
 
@@ -136,18 +144,15 @@ def validate_arrays(x, y, what):
             f"{what}: images must be uint8 in 0..255, got {x.dtype}; convert floats in [0, 1] "
             "with np.round(x * 255).astype(np.uint8)."
         )
-    if not (np.issubdtype(y.dtype, np.integer) or (y.size == 0) or np.all(np.mod(y, 1) == 0)):
-        raise DataError(
-            f"{what}: labels must be whole numbers, got e.g. {y[np.mod(y, 1) != 0][0]}."
-        )
+    _check_whole(y, what)
     if y.size and (y.min() < 0):
         raise DataError(f"{what}: labels must be >= 0, got min {y.min()}.")
 
 
 def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        validate_arrays(np.asarray(x), y, f"{name}/{split}")  # before labels become int32
+    for split, y in (("train", y_train), ("test", y_test)):  # before labels become int32
+        _check_whole(y, f"{name}/{split}")
     y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
     if not y_train.size:
         raise DataError(f"{name}: the training split is empty; check the file.")
