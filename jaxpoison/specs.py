@@ -42,8 +42,16 @@ DESIGNED_FOR = {"cnn_mnist": (28, 28, 1), "cnn_cifar": (32, 32, 3)}
 
 
 def threat(config, spec=None):
-    """The `LpBall` of ``spec['threat']`` when a poison spec has its own, else ``config.threat``."""
+    """The `LpBall` of ``spec['threat']`` when a poison spec has its own, else ``config.threat``
+    (an `L0Ball` when its ``norm`` is ``'l0'``: then ``pixels`` is its radius, not ``epsilon``)."""
     fields = plain((spec or {}).get("threat") or config.threat)
+    if fields.get("norm") == threat_lib.L0:
+        if "pixels" not in fields:
+            raise ValueError(
+                f"threat {fields} has no pixels; norm='l0' needs pixels (e.g. 1), the number of "
+                "pixels each image may change."
+            )
+        return threat_lib.make(**fields)
     if "epsilon" not in fields:
         raise ValueError(
             f"threat {fields} has no epsilon; set config.threat.epsilon (e.g. 8/255): jaxpoison "

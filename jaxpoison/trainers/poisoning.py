@@ -177,13 +177,21 @@ def check_bounds(ps, x_clean, y_clean, images, labels, *, tolerance=1e-5, chunk=
         delta = (images[start : start + chunk] - x_clean[start : start + chunk]).reshape(
             min(chunk, len(images) - start), -1
         )
-        size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+        if norm == "l0":  # changed pixels (positions with any channel moved by > tolerance)
+            n, c = len(delta), images.shape[-1]
+            size = (np.abs(delta.reshape(n, -1, c)) > tolerance).any(-1).sum(1).astype(float)
+        elif norm == "linf":
+            size = np.abs(delta).max(1)
+        else:
+            size = np.linalg.norm(delta, axis=1)
         worst = int(np.argmax(size)) if size.size else 0
         if size.size and size[worst] > eps + tolerance:
+            budget = f"pixels={eps:.0f}" if norm == "l0" else f"epsilon={eps:.5f}"
+            field = "threat.pixels" if norm == "l0" else "threat.epsilon"
             raise ValueError(
                 f"poisons.{ps.run}: example {start + worst} lies {size[worst]:.5f} ({norm}) from "
-                f"its clean image, outside epsilon={eps:.5f}; check that the poison was made for "
-                "this data (subset and order) and budget (threat.epsilon)."
+                f"its clean image, outside {budget}; check that the poison was made for "
+                f"this data (subset and order) and budget ({field})."
             )
 
 
