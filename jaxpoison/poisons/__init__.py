@@ -9,12 +9,15 @@ wraps it with `partial.restrict`. Add your own poison with `register`.
 """
 
 from jaxpoison import _registry
+from jaxpoison import threat as threat_lib
 from jaxpoison.poisons import (
     adversarial,
     classwise,
+    convolution,
     error_minimizing,
     from_file,
     l2c,
+    one_pixel,
     partial,
     substandard,
     synthetic,
@@ -29,6 +32,8 @@ POISONS = {
     "low_frequency": classwise.low_frequency,
     "lsp": synthetic.lsp,
     "autoregressive": synthetic.autoregressive,
+    "one_pixel": one_pixel.one_pixel,
+    "cuda": convolution.cuda,
     "adversarial": adversarial.adversarial,
     "error_maximizing": adversarial.error_maximizing,
     "mifgsm": adversarial.mifgsm,
@@ -56,10 +61,15 @@ REQUIRES_MODEL = set(
 
 # Names of POISONS that change labels or leave the threat model's ball by design; `register` adds
 # to it.
-UNBOUNDED = {"noise", "mislabeling"}
+UNBOUNDED = {"noise", "mislabeling", "cuda"}
+
+# Names of POISONS that take the l0 ball (`threat.L0Ball`, ``norm='l0'``): those that search or
+# ignore the ball; the others take gradient steps or scale to an lp radius and refuse it.
+# `register` adds to it.
+L0_POISONS = {"one_pixel", "cuda", "noise", "mislabeling", "from_file"}
 
 
-def register(name, factory, *, requires_model=False, unbounded=False, overwrite=False):
+def register(name, factory, *, requires_model=False, unbounded=False, l0=False, overwrite=False):
     """Adds a poison to `POISONS`, so `make`, the configs and the report know it.
 
     The factory follows `base.Poison`'s contract: it takes keyword arguments ``threat`` (an
@@ -73,6 +83,7 @@ def register(name, factory, *, requires_model=False, unbounded=False, overwrite=
         the experiment trains on clean data first (added to `REQUIRES_MODEL`).
       unbounded: the poison changes labels or leaves the threat model's ball by design, so the
         bound checks skip it (added to `UNBOUNDED`).
+      l0: the factory also takes an `threat.L0Ball` as ``threat`` (added to `L0_POISONS`).
       overwrite: replace a poison already registered under `name` (a built-in one included).
 
     Example::
@@ -84,7 +95,11 @@ def register(name, factory, *, requires_model=False, unbounded=False, overwrite=
       poison = poisons.make("mine", threat=tm, num_classes=10, image_shape=(32, 32, 3))
     """
     _registry.add(POISONS, name, factory, kind="poison", overwrite=overwrite)
-    for names, member in ((REQUIRES_MODEL, requires_model), (UNBOUNDED, unbounded)):
+    for names, member in (
+        (REQUIRES_MODEL, requires_model),
+        (UNBOUNDED, unbounded),
+        (L0_POISONS, l0),
+    ):
         if member:
             names.add(name)
         else:
@@ -96,11 +111,17 @@ def make(name, /, *, fraction=None, classes=None, **kwargs):
     (of the given `classes`) when either is given (see `partial.restrict`).
 
     Raises:
-      ValueError: `name` is not registered, or `kwargs` hold a keyword its factory does not take
-        (the message lists those it does) or lack one it needs.
+      ValueError: `name` is not registered, `kwargs` hold a keyword its factory does not take
+        (the message lists those it does) or lack one it needs, or the threat is the l0 ball and
+        the poison does not take it (not in `L0_POISONS`).
     """
     if name not in POISONS:
         raise ValueError(f"Unknown poison {name!r}; use one of {sorted(POISONS)}.")
+    if isinstance(kwargs.get("threat"), threat_lib.L0Ball) and name not in L0_POISONS:
+        raise ValueError(
+            f"poison {name!r} needs an l-infinity or l2 ball (threat norm 'linf' or 'l2'); the l0 "
+            f"ball (norm='l0') is taken by {sorted(L0_POISONS)}."
+        )
     _registry.check_arguments("poison", name, POISONS[name], kwargs)
     poison = POISONS[name](**kwargs)
     if fraction is None and classes is None:
@@ -115,6 +136,7 @@ __all__ = [
     "Poison",
     "SampleWiseState",
     "UNBOUNDED",
+    "L0_POISONS",
     "apply_all",
     "craft",
     "make",
