@@ -8,9 +8,10 @@ r"""Learning speed vs poison effectiveness (Sandoval-Segura et al. 2022, Figures
 Trains the victim (the quickstart's CNN, width 0.5, Adam, 3 seeds) with standard training for
 15 epochs on the clean class-balanced 2,500-image subset of shared/data/cifar10.npz and on each
 poison of the family that needs no crafting model (``config_lib.STATIC``): P5 class-wise
-random noise, Regions-1, -4, -16, low-frequency noise, LSP, autoregressive noise, and the
-substandard Noise and Mislabeling sets (10 runs, the default ``select.poisons``; an empty
-selection adds the crafted poisons of ``config_lib.FAMILY_SPECS``). Per run, ``summary`` holds peak and final clean test accuracy, the epoch of the peak
+random noise, Regions-1, -4, -16, low-frequency noise, LSP, autoregressive noise, the
+one-pixel shortcut, CUDA, and the substandard Noise and Mislabeling sets (12 runs, the default
+``select.poisons``; an empty selection adds the crafted poisons of ``config_lib.FAMILY_SPECS``).
+Per run, ``summary`` holds peak and final clean test accuracy, the epoch of the peak
 and the first epoch whose training loss is below ``loss_threshold``; ``results['learning_speed']``
 holds Spearman's ρ of epoch-to-threshold vs peak accuracy (Figure 1: poisons learned faster are
 more effective, ρ > 0) and of peak vs final accuracy (Figure 2), drawn in

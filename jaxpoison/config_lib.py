@@ -288,6 +288,10 @@ FAMILY_SPECS = {
     # 1.30, AR 1.0. On other image sizes override ``poisons.<run>.threat.epsilon``.
     "lsp": dict(name="lsp", patch_size=8, threat=dict(norm="l2", epsilon=1.3043)),
     "autoregressive": dict(name="autoregressive", threat=dict(norm="l2", epsilon=1.0)),
+    # Outside the lp balls: OPS changes one pixel per image (the l0 ball, its paper's threat);
+    # CUDA blurs every image (unbounded), with the paper's CIFAR-10 filters (3x3, blur 0.3).
+    "one_pixel": dict(name="one_pixel", threat=dict(norm="l0", pixels=1)),
+    "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
@@ -301,6 +305,8 @@ STATIC = (
     "mislabeling",
     "lsp",
     "autoregressive",
+    "one_pixel",
+    "cuda",
 )
 
 

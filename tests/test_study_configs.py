@@ -201,7 +201,7 @@ def test_defenses_budget_sweep(tmp_path):
 
 def test_learning_speed_tiny_writes_figures_and_correlation(tmp_path):
     full = load_config("learning_speed", None)
-    assert len(full.select.poisons) + full.include_clean == 10
+    assert len(full.select.poisons) + full.include_clean == 12
     config = on_digits(load_config("learning_speed"))
     with config.unlocked():  # four runs are enough for the statistics and the figures
         config.select.poisons = ("random", "regions_16", "mislabeling")
