@@ -385,3 +385,21 @@ def test_artifact_round_trip(name, tm, tmp_path):
     np.testing.assert_array_equal(poisons.apply_all(poison, loaded, x, y)[0], images)
     with pytest.raises(storage.PoisonFileError, match="other training data"):
         storage.load(tmp_path / "p", template, fingerprint="0" * 64)
+
+
+def test_stored_delta_is_checked_in_pixels_under_l0(tmp_path):
+    """A user's sample-wise poison stored under the l0 ball: its deltas are counted in pixels."""
+    from jaxpoison.poisons.base import SampleWiseState
+
+    delta = np.zeros((2, 4, 4, 3), np.float32)
+    delta[:, 1, 1] = [0.9, -0.4, 0.0]  # one pixel per example, far in any lp sense
+    tm = threat.make(norm="l0", pixels=1)
+    meta = dict(name="mine", spec={}, threat=tm, dataset_name="synthetic", fingerprint="f" * 64)
+    storage.save(tmp_path / "ok", SampleWiseState(delta=jnp.asarray(delta)), **meta)
+    template = SampleWiseState(delta=jnp.zeros_like(delta))
+    loaded, _ = storage.load(tmp_path / "ok", template)
+    np.testing.assert_array_equal(loaded.delta, delta)
+    delta[1, 2, 3, 2] = 0.1  # a second pixel
+    storage.save(tmp_path / "two", SampleWiseState(delta=jnp.asarray(delta)), **meta)
+    with pytest.raises(storage.PoisonFileError, match="l0 norm 2.0+ > epsilon 1.0+"):
+        storage.load(tmp_path / "two", template)

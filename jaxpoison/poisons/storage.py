@@ -156,7 +156,12 @@ def load(directory, template, *, fingerprint=None, record=None):
         if "delta" not in key:
             continue
         flat_v = value.reshape(value.shape[0], -1).astype(np.float64)
-        size = np.abs(flat_v).max(1) if norm == "linf" else np.linalg.norm(flat_v, axis=1)
+        if norm == "l0":  # changed pixels: positions (all channels together) with any nonzero
+            size = (value != 0).any(-1).reshape(value.shape[0], -1).sum(1)
+        elif norm == "linf":
+            size = np.abs(flat_v).max(1)
+        else:
+            size = np.linalg.norm(flat_v, axis=1)
         if size.size and size.max() > eps + BOUND_TOLERANCE:
             raise PoisonFileError(
                 f"{directory}: {key} has {norm} norm {size.max():.6f} > epsilon {eps:.6f}; the "
