@@ -40,7 +40,13 @@ def _last_line(error):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        _fail(
+            f"unexpected arguments {argv[1:]}; give flags only: --config=FILE[:tiny] "
+            "--workdir=DIR [--config.<key>=<value> ...] (a value with spaces in quotes).",
+            2,
+        )
+    if not (_WORKDIR.value or "").strip():
+        _fail("--workdir is empty; name a directory, e.g. --workdir=/tmp/run.", 2)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         config = _CONFIG.value
@@ -116,6 +122,13 @@ def _parse_flags(argv):
     """absl's parsing, with one clear line for a bad flag or a config key that does not exist."""
     try:
         return FLAGS(argv)
+    except SyntaxError as e:  # --config names a file that is not Python (e.g. README.md)
+        print(
+            f"jaxpoison: error: cannot load the config: {e.filename} is not a Python config file "
+            f"(SyntaxError at line {e.lineno}); --config takes a configs/*.py file.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raw = str(e.args[0]) if e.args else str(e)
         if "Error whilst parsing config file" in raw:  # get_config raised: its own message

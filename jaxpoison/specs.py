@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpoison import _registry, models, objectives, poisons
+from jaxpoison import _registry, models, objectives, poisons, train_state
 from jaxpoison import threat as threat_lib
 from jaxpoison.progress import say
 from jaxpoison.workdir import ARTIFACT_VERSION, plain
@@ -147,9 +147,31 @@ def _check_sizes(spec, what):
     width = spec.get("model", {}).get("width", 1.0)
     if not isinstance(width, (int, float)) or not 0 < width < float("inf"):
         raise ValueError(f"{what}.model.width={width!r}: give a positive number (1.0 = full).")
-    rate = spec.get("optimizer", {}).get("learning_rate", 1.0)
+    optimizer = dict(spec.get("optimizer", {}))
+    rate = optimizer.get("learning_rate", 1.0)
     if not isinstance(rate, (int, float)) or not 0 < rate < float("inf"):
         raise ValueError(f"{what}.optimizer.learning_rate={rate!r}: give a positive number.")
+    decay = optimizer.get("weight_decay", 0.0)
+    if not isinstance(decay, (int, float)) or not 0 <= decay < float("inf"):
+        raise ValueError(f"{what}.optimizer.weight_decay={decay!r}: give a number >= 0.")
+    momentum = optimizer.get("momentum") or 0.0
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"{what}.optimizer.momentum={momentum!r}: give a number in [0, 1).")
+    strategy = spec.get("seed_strategy", "auto")
+    if strategy not in ("auto", "vmap", "map"):
+        raise ValueError(f"{what}.seed_strategy={strategy!r}: use 'auto', 'vmap' or 'map'.")
+    try:  # the optimizer's name, schedule and warmup, as training will build it
+        train_state.make_optimizer(
+            epochs=spec.get("epochs", 1),
+            steps_per_epoch=1000,
+            **{"learning_rate": 1.0, **optimizer},
+        )
+    except TypeError as e:
+        raise ValueError(
+            f"{what}.optimizer: {e}; its fields are those of train_state.make_optimizer."
+        ) from None
+    except ValueError as e:
+        raise ValueError(f"{what}.optimizer: {e}") from None
 
 
 def victim(config, overrides=None, *, image_shape, num_classes, field="victim"):
@@ -300,7 +322,8 @@ def _check_mask(ball, image_shape, what):
 def check(config, *, image_shape, num_classes, victims=True):
     """Builds every selected spec of `config` that names a model or a poison, before any work.
 
-    A bad model name, a model that cannot take the data's shape, a poison argument its factory
+    A bad model name, a model that cannot take the data's shape, an objective or evaluator that
+    does not exist, an optimizer field training would refuse, a poison argument its factory
     does not take or a poison its factory refuses for this data (e.g. Regions-1 on one channel:
     2 sign patterns for 10 classes) is then one clear ValueError at the start of a run, not
     after hours of crafting. With ``victims=False`` the victim specs are left to the trainer.
@@ -308,6 +331,19 @@ def check(config, *, image_shape, num_classes, victims=True):
     shape = dict(image_shape=image_shape, num_classes=num_classes)
     if config.get("threat"):
         _check_mask(threat(config), image_shape, "config.threat")
+    threshold = config.get("loss_threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
+        raise ValueError(
+            f"config.loss_threshold={threshold!r}: give a positive training loss (e.g. 0.5)."
+        )
+    for label, spec in selected(config, "objectives").items():
+        fields = objective(config, spec)
+        try:
+            objectives.make(fields.pop("name"), **fields)
+        except ValueError as e:
+            raise ValueError(f"objectives.{label}: {e}") from e
+    for spec in plain(config.get("evals") or {}).values():
+        evaluator(config, spec)
     if victims:
         for overrides in (selected(config, "victims") or {"": {}}).values():
             victim(config, overrides, **shape)

@@ -45,6 +45,24 @@ class StaleArtifactError(ValueError):
     """A directory holds state made by another record than the one asked for."""
 
 
+class DamagedFileError(ValueError):
+    """A JSON file of a workdir cannot be read (truncated, bit-flipped, not UTF-8)."""
+
+
+def read_json(path, fix):
+    """The JSON data in `path`.
+
+    Raises:
+      DamagedFileError: when the file is not valid JSON; the message names the file and `fix`.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DamagedFileError(f"{path} is damaged ({type(e).__name__}: {reason}); {fix}") from None
+
+
 def plain(value):
     """`value` with ConfigDicts (and anything mapping-like) as dicts and tuples as lists."""
     if hasattr(value, "items"):
@@ -121,7 +139,7 @@ def claim(directory, record):
     spec_path = directory / "spec.json"
     wanted = canonical(record)
     if spec_path.is_file():
-        stored = json.loads(spec_path.read_text())
+        stored = read_json(spec_path, f"delete {directory} to make that part afresh.")
         changed = differences(stored, wanted)
         if changed:
             raise StaleArtifactError(
@@ -157,7 +175,11 @@ def write_json_atomic(path, obj):
         raise
 
 
-class WorkdirInUse(ValueError):
+class WorkdirError(ValueError):
+    """The workdir cannot be used: a file, under a file, or not writable."""
+
+
+class WorkdirInUse(WorkdirError):
     """Another process is running in the workdir."""
 
 
@@ -170,10 +192,25 @@ def locked(workdir):
 
     Raises:
       WorkdirInUse: when another process holds the lock.
+      WorkdirError: when `workdir` is a file, under a file, or not writable.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file, not a directory; name a directory.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (NotADirectoryError, FileExistsError) as e:
+        files = [p for p in workdir.absolute().parents if p.exists() and not p.is_dir()]
+        raise WorkdirError(
+            f"cannot make --workdir {workdir}: {files[-1] if files else e.filename} is a file, "
+            "not a directory; name a directory whose parents are directories."
+        ) from None
+    except PermissionError as e:
+        raise WorkdirError(
+            f"cannot write in --workdir {workdir} (permission denied: {e.filename}); name a "
+            "directory you can write to."
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,14 +231,21 @@ def open_run(config, workdir):
     """Returns the complete results found in `workdir`, or None after writing ``config.json``
     and opening ``log.txt`` for a new (or resumed) run.
 
+    A damaged ``results.json`` (not valid JSON) is said and made again: the checkpoints and
+    poisons it came from are reused.
+
     Raises:
       ValueError: when `workdir` holds complete results of another config.
     """
     workdir = Path(workdir)
     results_path = workdir / "results.json"
+    results = {}
     if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        if results.get("complete"):
+        try:
+            results = read_json(results_path, "")
+        except DamagedFileError as e:  # made from the kept checkpoints and poisons again
+            say(f"warning: {str(e).rstrip('; ')}; running again to rewrite it.")
+        if isinstance(results, dict) and results.get("complete"):
             wanted = json.loads(json.dumps(plain(config)))  # as stored: lists, not tuples
             changed = differences(results.get("config", {}), wanted)
             if changed:
@@ -253,7 +297,9 @@ def close_run(results, workdir, *, plots=()):
 
 __all__ = [
     "ARTIFACT_VERSION",
+    "DamagedFileError",
     "StaleArtifactError",
+    "WorkdirError",
     "WorkdirInUse",
     "array_digest",
     "canonical",
@@ -265,6 +311,7 @@ __all__ = [
     "locked",
     "open_run",
     "plain",
+    "read_json",
     "results_header",
     "run_key",
     "write_json_atomic",

@@ -44,11 +44,13 @@ def load(config=None, /, **fields):
     ``load(source="npz", name="mnist", num_train=1000)`` all work.
 
     Fields: source (one of SOURCES, default "npz"), name, and optionally path, data_dir,
-    download, num_train / num_test (0 = all; class-balanced otherwise). Other fields (those of
-    the training pipeline) are ignored here.
+    download, num_train / num_test (0 = all; class-balanced otherwise). The training pipeline's
+    fields are checked here, before any work, and otherwise ignored: ``val_size`` (fewer than
+    the training examples), ``crop_padding`` (>= 0) and ``flip`` (a bool).
 
     Raises:
-      DataError: an unknown source, no name, or a dataset that cannot be found or is malformed.
+      DataError: an unknown source, no name, a dataset that cannot be found or is malformed, or
+        a size out of range.
     """
     config = {**dict(config or {}), **fields}
     source = config.get("source", "npz")
@@ -72,6 +74,13 @@ def load(config=None, /, **fields):
                 f"data.{field}={value} but {ds.name} has {available}; use at most {available} "
                 "(0 = all)."
             )
+    padding = config.get("crop_padding", 0) or 0
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise DataError(
+            f"data.crop_padding={padding!r}: give a whole number of pixels >= 0 (0 = no crops)."
+        )
+    if not isinstance(config.get("flip", False), bool):
+        raise DataError(f"data.flip={config['flip']!r}: give True or False.")
     updates = {}
     if num_train and num_train < len(ds.y_train):
         idx = balanced_indices(ds.y_train, num_train, ds.num_classes)
@@ -79,7 +88,16 @@ def load(config=None, /, **fields):
     if num_test and num_test < len(ds.y_test):
         idx = balanced_indices(ds.y_test, num_test, ds.num_classes)
         updates.update(x_test=ds.x_test[idx], y_test=ds.y_test[idx])
-    return dataclasses.replace(ds, **updates) if updates else ds
+    ds = dataclasses.replace(ds, **updates) if updates else ds
+    val_size = config.get("val_size", 0) or 0
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or val_size < 0:
+        raise DataError(f"data.val_size={val_size!r}: give a whole number >= 0 (0 = none).")
+    if val_size >= len(ds.y_train):
+        raise DataError(
+            f"data.val_size={val_size} leaves no training example of the {len(ds.y_train)}; "
+            "lower it or raise data.num_train."
+        )
+    return ds
 
 
 def split_validation(labels, val_size, num_classes, *, seed=0):
