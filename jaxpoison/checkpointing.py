@@ -7,6 +7,8 @@ noticed, said, and the previous kept one is used instead.
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -32,11 +34,22 @@ def state_digest(state):
     return workdir.array_digest(*(np.asarray(a) for a in jax.device_get(leaves)))
 
 
+def _join_orbax_threads(timeout=60.0):
+    """Waits for orbax's background writer threads (a failed save leaves some running; at exit
+    they would print tracebacks about a folder already removed)."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith(
+            "orbax."
+        ):
+            thread.join(timeout)
+
+
 class Manager:
     """Keeps the latest checkpoints of ``(state pytree, history dict)`` under `directory`.
 
     Saving is synchronous so a SIGKILL right after `save` returns loses nothing; orbax writes
-    to a temporary folder and renames it, so a killed save leaves no half-written checkpoint.
+    to a temporary folder and renames it, so a killed save leaves no half-written checkpoint,
+    and a failed one (disk full, an interrupt) removes that folder.
 
     With a `record` (what determined the state: see `jaxpoison.workdir`), the directory is
     claimed for it: a directory holding checkpoints of another record is refused with the fields
@@ -60,15 +73,25 @@ class Manager:
             "state_sha256": state_digest(state),
             "history_sha256": workdir.content_key(history),
         }
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                history=ocp.args.JsonSave(history),
-                integrity=ocp.args.JsonSave(integrity),
-            ),
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    history=ocp.args.JsonSave(history),
+                    integrity=ocp.args.JsonSave(integrity),
+                ),
+            )
+            self._manager.wait_until_finished()
+        except BaseException:  # disk full, an interrupt: no half-written step is left
+            try:  # let orbax's writer threads end before their folder goes
+                self._manager.wait_until_finished()
+            except BaseException:
+                pass
+            _join_orbax_threads()
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _restore_step(self, step, abstract):
         restored = self._manager.restore(

@@ -11,7 +11,6 @@ crafts on the grid, so nothing moves).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from jaxpoison import data, poisons
 from jaxpoison.poisons import storage
 from jaxpoison.trainers import poisoning
+from jaxpoison.workdir import read_json
 
 
 def export(workdir, run, out):
@@ -29,7 +29,9 @@ def export(workdir, run, out):
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{workdir} has no config.json; is it a jaxpoison workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = ml_collections.ConfigDict(
+        read_json(config_path, "rerun the workdir's command (it writes config.json first).")
+    )
     if run not in config.get("poisons", {}):
         raise ValueError(
             f"{workdir} has no poison run {run!r}; its runs: {sorted(config.get('poisons', {}))}."

@@ -53,7 +53,16 @@ class ReportError(ValueError):
 
 
 def _load_json(path):
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+    """The JSON in `path`, None if there is no such file; a damaged file is a ReportError."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_bytes().decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ReportError(
+            f"{path} is damaged ({type(e).__name__}); rerun that workdir's command to write it "
+            "again."
+        ) from None
 
 
 def _fmt(value):

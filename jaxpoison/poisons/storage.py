@@ -4,9 +4,10 @@
     WORKDIR/poison/<run>/<key>/metadata.json   # format, poison name and spec, threat, dataset,
                                                # the record that made it and its content key
 
-`load` checks the format version, that the clean data is the one the poison was made on (sha256
-of the training set), that the artifact was made by the record asked for (its content key, see
-`jaxpoison.workdir`), and that every perturbation leaf lies in the recorded ball.
+`load` checks the metadata against the sha256 saved in it, the format version, that the clean
+data is the one the poison was made on (sha256 of the training set), that the artifact was made
+by the record asked for (its content key, see `jaxpoison.workdir`), that the arrays match the
+sha256 saved with them, and that every perturbation leaf lies in the recorded ball.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
         "record": canonical(record),
         "key": None if record is None else content_key(record),
     }
+    metadata["metadata_sha256"] = content_key(metadata)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         np.savez_compressed(tmp / "state.npz", **leaves)
@@ -122,6 +124,17 @@ def load(directory, template, *, fingerprint=None, record=None):
             f"{meta_path} is damaged ({type(e).__name__}: {e}); craft the poison again (delete "
             f"{directory})."
         ) from None
+    if not isinstance(meta, dict):
+        raise PoisonFileError(
+            f"{meta_path} is damaged (not a JSON object); craft the poison again (delete "
+            f"{directory})."
+        )
+    stored_sha = meta.pop("metadata_sha256", None)
+    if stored_sha is not None and content_key(meta) != stored_sha:
+        raise PoisonFileError(
+            f"{meta_path} does not match the sha256 saved in it (damaged or edited); craft the "
+            f"poison again (delete {directory})."
+        )
     if meta.get("format") != FORMAT:
         raise PoisonFileError(f"{directory}: format {meta.get('format')!r} is not {FORMAT!r}.")
     if fingerprint is not None and meta["train_sha256"] != fingerprint:
