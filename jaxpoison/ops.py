@@ -22,9 +22,11 @@ floating-point reassociation (tests compare them with `lax`), and both support g
 On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (forward, input
 gradient and kernel gradient from `jaxpoison._cpu_kernels`, each differentiated by the other two
 here, so every order of derivative stays on oneDNN) when the library is available;
-`set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above. oneDNN is
-chosen for the platform a program is lowered for (`lax.platform_dependent`), so a program a CPU
-process lowers for cuda or tpu holds no CPU-only custom call.
+`set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
+All of this is for CPUs only: `conv_general_dilated` and `max_pool` choose by the platform a
+program is lowered for (`lax.platform_dependent`), and on gpu or tpu they are XLA's own
+convolution and pooling, so a program lowered for an accelerator (even by a CPU process) holds
+no CPU-only custom call and none of the formulations' loops.
 Measurements: docs/performance.md and benchmarks/conv_layers.py.
 """
 
@@ -109,7 +111,8 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ):
-    """`lax.conv_general_dilated` with a GEMM kernel gradient for plain NHWC/HWIO convolutions."""
+    """`lax.conv_general_dilated`; plain NHWC/HWIO convolutions lowered for CPU take the
+    formulations above (oneDNN, or XLA with a GEMM kernel gradient), elsewhere XLA's own."""
     plain = (
         lhs.ndim == 4
         and feature_group_count == 1
@@ -135,9 +138,18 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    if _use_dense(lhs.shape, rhs.shape):
-        return dense_conv(lhs, rhs, strides, pads)
-    return _conv(lhs, rhs, strides, pads)
+
+    def cpu(x, w):
+        if _use_dense(x.shape, w.shape):
+            return dense_conv(x, w, strides, pads)
+        return _conv(x, w, strides, pads)
+
+    def accelerator(x, w):
+        return lax.conv_general_dilated(
+            x, w, strides, pads, dimension_numbers=_NHWC, precision=precision
+        )
+
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=accelerator)
 
 
 # Largest dense matrix (elements) the tiny-image path builds: 2x2 maps of 512 -> 512 channels
@@ -371,7 +383,9 @@ _input_gradient.defvjp(_input_gradient_fwd, _input_gradient_bwd)
 
 
 def max_pool(x, window_shape, strides=None, padding="VALID"):
-    """`flax.linen.max_pool`; non-overlapping unpadded windows take a reshape + max path."""
+    """`flax.linen.max_pool`; on CPU, non-overlapping unpadded windows take a reshape + max."""
+    import flax.linen as nn
+
     strides = tuple(strides or window_shape)
     wh, ww = window_shape
     if (
@@ -381,8 +395,12 @@ def max_pool(x, window_shape, strides=None, padding="VALID"):
         and x.shape[1] % wh == 0
         and x.shape[2] % ww == 0
     ):
-        b, h, w, c = x.shape
-        return jnp.max(x.reshape(b, h // wh, wh, w // ww, ww, c), axis=(2, 4))
-    import flax.linen as nn
 
+        def cpu(x):
+            b, h, w, c = x.shape
+            return jnp.max(x.reshape(b, h // wh, wh, w // ww, ww, c), axis=(2, 4))
+
+        return lax.platform_dependent(
+            x, cpu=cpu, default=lambda x: nn.max_pool(x, window_shape, strides, padding)
+        )
     return nn.max_pool(x, window_shape, strides, padding)

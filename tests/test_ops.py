@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpoison import _cpu_kernels, models, ops
+from jaxpoison import _cpu_kernels, attacks, models, objectives, ops, threat, train_state
 from jaxpoison._cpu_kernels import onednn
+from jaxpoison.poisons import l2c
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL, ATOL = 2e-4, 2e-5
@@ -285,3 +286,72 @@ def test_missing_onednn_names_the_fix(monkeypatch, tmp_path):
     fix = r"pip install onednn-cpu-gomp.*JAXPOISON_CONV=xla"
     with pytest.raises(_cpu_kernels.OneDNNUnavailable, match=fix):
         onednn._onednn_root()
+
+
+def _lowered_programs():
+    """The train step, PGD and the exact L2C meta-step of small conv models, traced."""
+    module = models.make("cnn_cifar", num_classes=10, width=0.125)
+    apply_fn = models.make_apply_fn(module)
+    tx = train_state.make_optimizer(
+        epochs=1, steps_per_epoch=1, learning_rate=0.1, momentum=0.9, schedule="constant"
+    )
+    # Shapes only (`eval_shape`): nothing here is compiled or run.
+    key = jax.random.key(1)
+    state = jax.eval_shape(lambda k: train_state.init_state(module, k, (32, 32, 3), tx), key)
+    batch = {
+        "image": jnp.zeros((16, 32, 32, 3)),
+        "label": jnp.zeros(16, jnp.int32),
+        "index": jnp.arange(16),
+    }
+    erm = objectives.make("erm")
+    ball = threat.make(epsilon=8 / 255)
+
+    def step(s, b, k):
+        return train_state.train_step(s, b, k, apply_fn=apply_fn, objective=erm, tx=tx)
+
+    def pgd(s, x, y, k):
+        loss_fn = attacks.model_loss(apply_fn, {"params": s.params, **s.model_state})
+        return attacks.pgd(loss_fn, x, y, key=k, threat=ball, num_steps=2, step_size=2 / 255)
+
+    poison = l2c.l2c(
+        threat=ball,
+        num_classes=10,
+        image_shape=(16, 16, 3),
+        generator=dict(name="autoencoder", width=0.125),
+        victim=dict(name="cnn_cifar", width=0.125),
+        unroll_steps=2,
+    )
+    small = {k: v[:, :16, :16] if k == "image" else v for k, v in batch.items()}
+    l2c_state = jax.eval_shape(poison.init, key, small)
+    return {
+        "train_step": jax.jit(step).trace(state, batch, key),
+        "pgd": jax.jit(pgd).trace(state, batch["image"], batch["label"], key),
+        "l2c_meta_step": jax.jit(poison.update).trace(l2c_state, small, key),
+    }
+
+
+def test_accelerator_lowerings_hold_plain_convolutions_only(monkeypatch):
+    """Lowered for cuda or tpu from this CPU process, the train step, PGD and the L2C meta-step
+    hold XLA's own convolutions and pooling: no jaxpoison custom call and none of the CPU
+    formulation's loops (forced here by a tiny kernel-gradient chunk, which adds loops on CPU)."""
+    monkeypatch.setattr(ops, "_conv_backend", "xla")
+    monkeypatch.setattr(ops, "_DW_CHUNK_ELEMENTS", 64)
+    # The loops each program has by itself: PGD's steps; L2C's unrolled inner loop, its remat
+    # segments and their transposes.
+    for name, traced in _lowered_programs().items():
+        text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda")}
+        loops = {p: text[p].count("stablehlo.while") for p in text}
+        assert loops["cpu"] > loops["cuda"], (name, loops)
+        assert "stablehlo.convolution" in text["cuda"] and "select_and_scatter" in text["cuda"]
+        assert "custom_call @jaxpoison" not in text["cuda"], name
+        if name == "train_step":
+            assert loops["cuda"] == 0
+        if name == "pgd":
+            assert loops["cuda"] == 1
+    monkeypatch.setattr(ops, "_conv_backend", "onednn")
+    for name, traced in _lowered_programs().items():
+        for platform in ("cuda", "tpu"):
+            assert (
+                "custom_call @jaxpoison"
+                not in traced.lower(lowering_platforms=(platform,)).as_text()
+            ), (name, platform)
