@@ -249,7 +249,7 @@ EM_OPTIMIZER = dict(name="adam", learning_rate=1e-3, weight_decay=0.0)
 # full runs.
 FAMILY_SPECS = {
     "random": dict(name="random"),
-    "regions_1": dict(name="regions", num_patches=1),
+    "regions_1": dict(name="regions", num_patches=1, distinct=False),
     "regions": dict(name="regions", num_patches=4),
     "regions_16": dict(name="regions", num_patches=16),
     "low_frequency": dict(name="low_frequency", frequency=4),

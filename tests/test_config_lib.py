@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jaxpoison import config_lib
+from jaxpoison import config_lib, specs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py"))
@@ -77,6 +77,19 @@ def test_every_config_takes_the_same_data_overrides(path, tiny):
     assert {k: v for k, v in flat(config).items() if not k.startswith("data.")} == {
         k: v for k, v in flat(plain).items() if not k.startswith("data.")
     }
+
+
+# (image shape, classes) of the datasets the configs name.
+SHAPES = {"cifar10": ((32, 32, 3), 10), "mnist": ((28, 28, 1), 10)}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if parse(p).trainer == "grid"])
+def test_every_config_passes_the_spec_check_of_its_data(path):
+    """What a run checks before any work: every selected model and poison builds for the data
+    the config names (Regions-1 on CIFAR-10 once failed this in the shipped poison family)."""
+    config = parse(path)
+    image_shape, num_classes = SHAPES[config.data.name]
+    specs.check(config, image_shape=image_shape, num_classes=num_classes)
 
 
 @pytest.mark.parametrize("path", CONFIGS)

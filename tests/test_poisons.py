@@ -336,6 +336,21 @@ def test_regions_on_one_channel_gives_distinct_patterns(tm, num_classes):
         poisons.make("regions", threat=tm, num_classes=17, image_shape=(8, 8, 1))
 
 
+def test_regions_1_on_rgb_shares_patterns_only_when_asked(tm):
+    """Regions-1 on CIFAR-10 (Sandoval-Segura et al.): 8 colours for 10 classes. Refused unless
+    ``distinct=False``; then all 8 colours are used and no colour by more than 2 classes."""
+    with pytest.raises(ValueError, match=r"num_patches >= 2, or distinct=False"):
+        poisons.make("regions", threat=tm, num_classes=10, image_shape=(8, 8, 3), num_patches=1)
+    poison = poisons.make(
+        "regions", threat=tm, num_classes=10, image_shape=(8, 8, 3), num_patches=1, distinct=False
+    )
+    for seed in range(5):
+        delta = np.asarray(jax.jit(poison.init)(jax.random.key(seed), None).class_delta)
+        colours = [row.tobytes() for row in delta[:, 0, 0]]
+        assert len(set(colours)) == 8 and max(colours.count(c) for c in colours) == 2
+        assert (delta == delta[:, :1, :1]).all()
+
+
 def test_regions_keeps_a_first_draw_without_collisions(tm):
     """Where the independent draw has no repeated pattern (almost always with 3 channels), the
     patterns are that draw: poisons crafted before distinctness was enforced stay the same."""

@@ -83,6 +83,17 @@ def _distinct_signs(key, num_classes, shape):
     return jnp.where(bits, 1.0, -1.0)
 
 
+def _shared_signs(key, num_classes, shape):
+    """``num_classes`` ±1 patterns of `shape` when there are fewer patterns than classes: every
+    pattern once, in random order, then again, until each class has one."""
+    num_bits = math.prod(shape)
+    repeats = -(-num_classes // 2**num_bits)
+    keys = jax.random.split(key, repeats)
+    codes = jnp.concatenate([jax.random.permutation(k, 2**num_bits) for k in keys])[:num_classes]
+    bits = (codes[:, None] >> jnp.arange(num_bits)) & 1
+    return jnp.where(bits == 1, 1.0, -1.0).reshape(num_classes, *shape)
+
+
 def random(*, threat, num_classes, image_shape, distribution="uniform"):
     """P5: for each class one fixed random perturbation, uniform in [-ε, ε] per pixel (``uniform``,
     as Tao et al.'s code draws it) or ±ε with equal probability (``sign``, distinct per class)."""
@@ -113,24 +124,30 @@ def patch_grid(num_patches):
     return rows, num_patches // rows
 
 
-def regions(*, threat, num_classes, image_shape, num_patches=4):
+def regions(*, threat, num_classes, image_shape, num_patches=4, distinct=True):
     """Regions-n: the image is cut into an n-patch grid; in each class every patch is one fixed
     colour whose channels are ±ε with equal probability, no two classes with the same pattern.
 
+    With fewer sign patterns than classes (Regions-1 on CIFAR-10: 2 ** 3 = 8 colours for 10
+    classes, as in Sandoval-Segura et al.) ``distinct=False`` accepts shared patterns: every
+    pattern is used, each by at most ceil(K / 2 ** (n * C)) classes.
+
     Raises:
-      ValueError: the patches do not fit the image, or the 2 ** (num_patches * channels) sign
-        patterns are fewer than the classes (e.g. Regions-2 on one channel for 10 classes).
+      ValueError: the patches do not fit the image, or (with `distinct`) the
+        2 ** (num_patches * channels) sign patterns are fewer than the classes (e.g. Regions-2
+        on one channel for 10 classes).
     """
     h, w, c = image_shape
     rows, cols = patch_grid(num_patches)
     if rows > h or cols > w:
         raise ValueError(f"{num_patches} patches do not fit a {h}x{w} image.")
-    if not _num_distinct(num_patches * c, num_classes)[0]:
+    enough_patterns = _num_distinct(num_patches * c, num_classes)[0]
+    if distinct and not enough_patterns:
         enough = next(2**k for k in range(64) if 2 ** (2**k * c) >= num_classes)
         raise ValueError(
             f"regions: num_patches={num_patches} on {c} channel(s) gives only "
             f"2**{num_patches * c} distinct patterns, fewer than the {num_classes} classes; "
-            f"use num_patches >= {enough}."
+            f"use num_patches >= {enough}, or distinct=False to let classes share patterns."
         )
     # Pixel -> patch index maps (patch borders as even as integer division allows).
     row_of = np.minimum(np.arange(h) * rows // h, rows - 1)
@@ -138,7 +155,10 @@ def regions(*, threat, num_classes, image_shape, num_patches=4):
     scale = _scaler(threat)
 
     def make_delta(key):
-        colours = _distinct_signs(key, num_classes, (rows, cols, c))
+        if enough_patterns:
+            colours = _distinct_signs(key, num_classes, (rows, cols, c))
+        else:
+            colours = _shared_signs(key, num_classes, (rows, cols, c))
         return scale(colours[:, row_of][:, :, col_of])
 
     return _static(threat, make_delta)
