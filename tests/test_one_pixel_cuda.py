@@ -222,7 +222,7 @@ def test_ops_finds_a_planted_shortcut_pixel(shape):
     for k in range(NUM_CLASSES):
         x[y == k, k, 2 * k] = 0.0
     position, colour = one_pixel.search(
-        jnp.asarray(x, jnp.float32), jnp.asarray(y), num_classes=NUM_CLASSES
+        jnp.asarray(x, jnp.float32), jnp.asarray(y), key=jax.random.key(0), num_classes=NUM_CLASSES
     )
     np.testing.assert_array_equal(position[:, 0], [k * w + 2 * k for k in range(NUM_CLASSES)])
     np.testing.assert_array_equal(colour, np.ones((NUM_CLASSES, 1, c)))
@@ -238,7 +238,7 @@ def test_ops_invariants_and_the_pixel_separates_classes(shape):
     np.testing.assert_allclose(images * 255, np.round(images * 255), atol=1e-3)
     np.testing.assert_array_equal(labels, y)
     assert (changed_pixels(images, x) <= 1).all() and changed_pixels(images, x).mean() > 0.99
-    # Distinct (pixel, colour) per class; the key plays no part (the search is deterministic).
+    # Distinct (pixel, colour) per class; the key plays no part (no ties in this data).
     pairs = {
         (int(p), tuple(c))
         for p, c in zip(state.position[:, 0], np.asarray(state.colour[:, 0]), strict=True)
@@ -262,6 +262,26 @@ def test_ops_invariants_and_the_pixel_separates_classes(shape):
     own = np.arange(N), y
     assert hits(images)[own].all() and hits(x)[own].mean() < 0.1
     assert hits(images).sum(1).mean() < 1.2
+
+
+def test_ops_breaks_ties_with_the_key():
+    """MNIST-like data: the border is black in every image, so white on any border pixel is a
+    perfect (+inf) pair; the key spreads the classes over the border instead of the first pixels
+    of the top row."""
+    shape = (12, 12, 1)
+    x, y = grid_images(shape, n=100)
+    x = x.at[:, :2].set(0.0).at[:, -2:].set(0.0).at[:, :, :2].set(0.0).at[:, :, -2:].set(0.0)
+    border = np.ones(shape[:2], bool)
+    border[2:-2, 2:-2] = False
+    found = []
+    for key in (0, 0, 1):
+        position, colour = one_pixel.search(x, y, key=jax.random.key(key), num_classes=NUM_CLASSES)
+        found.append(np.asarray(position[:, 0]))
+        assert border.ravel()[found[-1]].all() and (np.asarray(colour) == 1).all()
+        assert len(set(found[-1])) == NUM_CLASSES
+    np.testing.assert_array_equal(found[0], found[1])
+    assert not np.array_equal(found[0], found[2])
+    assert not np.array_equal(np.sort(found[0]), np.arange(NUM_CLASSES))  # not the top row
 
 
 def test_ops_with_more_pixels_and_with_an_lp_ball():
@@ -354,6 +374,15 @@ def test_cuda_fields_and_refusals():
     )
     kern = np.asarray(state.kernel)
     assert kern.shape == (NUM_CLASSES, 5, 5) and kern[kern != 1.0].max() <= 0.1
+    _, shared, _, _ = craft(
+        "cuda",
+        (8, 8, 1),
+        tm,
+        x=jnp.full((20, 8, 8, 1), 0.5),
+        y=jnp.arange(20) % NUM_CLASSES,
+        class_wise=False,
+    )
+    assert (np.asarray(shared.kernel) == np.asarray(shared.kernel)[:1]).all()
     with pytest.raises(ValueError, match="kernel_size=4 must be odd"):
         poisons.make("cuda", threat=tm, num_classes=2, image_shape=(8, 8, 3), kernel_size=4)
     with pytest.raises(ValueError, match="kernel_size=9 must be odd and in 1..8"):

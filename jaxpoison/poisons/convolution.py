@@ -67,7 +67,7 @@ def convolve(images, kernels):
     )
 
 
-def cuda(*, threat, num_classes, image_shape, kernel_size=3, blur_parameter=0.3):
+def cuda(*, threat, num_classes, image_shape, kernel_size=3, blur_parameter=0.3, class_wise=True):
     """CUDA: every training image convolved with its class's random filter, rescaled to max 1.
 
     ``x̃ = (x ⋆ H_y) / max(x ⋆ H_y)`` with ``H_y`` from `class_filters` drawn at `init` from the
@@ -84,6 +84,9 @@ def cuda(*, threat, num_classes, image_shape, kernel_size=3, blur_parameter=0.3)
       image_shape: (H, W, C), any number of channels.
       kernel_size: k, odd, at most min(H, W).
       blur_parameter: the upper end of the filters' uniform entries, > 0.
+      class_wise: False draws one filter and gives it to every class: the control that blurs
+        every image alike, so that what remains of the effect is the blur itself, not the
+        filter-label relation the poison relies on.
 
     Returns:
       A `Poison` with a `ConvolutionState` (the K filters) drawn at `init` (``num_epochs=0``).
@@ -105,9 +108,12 @@ def cuda(*, threat, num_classes, image_shape, kernel_size=3, blur_parameter=0.3)
     def init(key, dataset):
         del dataset
         kernel = class_filters(
-            key, num_classes=num_classes, kernel_size=kernel_size, blur_parameter=blur_parameter
+            key,
+            num_classes=num_classes if class_wise else 1,
+            kernel_size=kernel_size,
+            blur_parameter=blur_parameter,
         )
-        return ConvolutionState(kernel=kernel)
+        return ConvolutionState(kernel=jnp.broadcast_to(kernel, (num_classes, *kernel.shape[1:])))
 
     def apply(state, batch):
         x = batch["image"]

@@ -112,15 +112,20 @@ def scores(mean, variance):
     return objective, mu
 
 
-def search(x, y, *, num_classes, num_pixels=1):
+def search(x, y, *, key, num_classes, num_pixels=1):
     """The pixels and colours of the one-pixel shortcut, class by class.
 
-    Class k takes the (pixel, colour) pair of highest objective (`scores`; ties: the larger mean
-    deviation μ, then the lower index), among the pairs no earlier class took (as the reference
-    excludes them), and with ``num_pixels > 1`` the next best pairs at other pixels.
+    Class k takes the (pixel, colour) pair of highest objective (`scores`), among the pairs no
+    earlier class took (as the reference excludes them), and with ``num_pixels > 1`` the next
+    best pairs at other pixels. Ties go to the larger mean deviation μ, then to a pair drawn
+    uniformly with `key`: on MNIST every border pixel is black in every image (objective +inf
+    for white), and taking the first of them would put the classes' pixels side by side in the
+    top row, where a convolution followed by pooling hardly tells them apart. Without ties (as
+    on CIFAR-10) the key plays no part.
 
     Args:
       x: [N, H, W, C] clean training images in [0, 1]; y: [N] labels.
+      key: PRNG key for the ties.
       num_classes: K.
       num_pixels: m, the pixels per class.
 
@@ -134,23 +139,26 @@ def search(x, y, *, num_classes, num_pixels=1):
     flat_mu = mu.reshape(num_classes, -1)
     pixel_of = jnp.arange(pixels * colours) // colours
 
-    def best(obj, deviation, excluded):
+    def best(obj, deviation, excluded, tie_key):
         obj = jnp.where(excluded, -jnp.inf, obj)
-        top = obj == jnp.max(obj)
-        return jnp.argmax(jnp.where(top & ~excluded, deviation, -jnp.inf))
+        top = (obj == jnp.max(obj)) & ~excluded
+        deviation = jnp.where(top, deviation, -jnp.inf)
+        top = top & (deviation == jnp.max(deviation))
+        return jnp.argmax(jnp.where(top, jax.random.uniform(tie_key, obj.shape), -1.0))
 
     def one_class(taken, inputs):
-        obj, deviation = inputs
+        obj, deviation, class_key = inputs
         excluded, chosen = taken, []
-        for _ in range(num_pixels):
-            i = best(obj, deviation, excluded)
+        for j in range(num_pixels):
+            i = best(obj, deviation, excluded, jax.random.fold_in(class_key, j))
             chosen.append(i)
             excluded = excluded | (pixel_of == pixel_of[i])  # one colour per pixel of a class
             taken = taken.at[i].set(True)
         return taken, jnp.stack(chosen)
 
     taken = jnp.zeros(pixels * colours, bool)
-    _, chosen = jax.lax.scan(one_class, taken, (flat_obj, flat_mu))  # [K, m]
+    keys = jax.random.split(key, num_classes)
+    _, chosen = jax.lax.scan(one_class, taken, (flat_obj, flat_mu, keys))  # [K, m]
     position = (chosen // colours).astype(jnp.int32)
     colour = corner_colours(x.shape[-1])[chosen % colours]
     return position, colour
@@ -159,7 +167,7 @@ def search(x, y, *, num_classes, num_pixels=1):
 def one_pixel(*, threat, num_classes, image_shape, num_pixels=1):
     """One-pixel shortcut (OPS): per class `num_pixels` pixels set to the searched colours.
 
-    `init` runs `search` on the clean training set (deterministic: the key is not used);
+    `init` runs `search` on the clean training set (the key only breaks exact ties);
     `apply` sets each image's class pixels to their colours, ``δ = colour - x`` there and 0
     elsewhere, projected into `threat`.
 
@@ -203,9 +211,12 @@ def one_pixel(*, threat, num_classes, image_shape, num_pixels=1):
         )
 
     def init(key, dataset):
-        del key  # the search is deterministic
         position, colour = search(
-            dataset["image"], dataset["label"], num_classes=num_classes, num_pixels=num_pixels
+            dataset["image"],
+            dataset["label"],
+            key=key,
+            num_classes=num_classes,
+            num_pixels=num_pixels,
         )
         return OnePixelState(position=position, colour=colour)
 
