@@ -291,7 +291,7 @@ FAMILY_SPECS = {
     # Outside the lp balls: OPS changes one pixel per image (the l0 ball, its paper's threat);
     # CUDA blurs every image (unbounded), with the paper's CIFAR-10 filters (3x3, blur 0.3).
     "one_pixel": dict(name="one_pixel", threat=dict(norm="l0", pixels=1)),
-    "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3),
+    "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3, class_wise=True),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
