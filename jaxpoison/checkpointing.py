@@ -7,6 +7,7 @@ noticed, said, and the previous kept one is used instead.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 from pathlib import Path
@@ -32,6 +33,14 @@ def state_digest(state):
         for a in jax.tree.leaves(state)
     ]
     return workdir.array_digest(*(np.asarray(a) for a in jax.device_get(leaves)))
+
+
+def _disk_full(error):
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, Exception) and (
+        "No space left on device" in str(error) or "RESOURCE_EXHAUSTED" in str(error)
+    )
 
 
 def _join_orbax_threads(timeout=60.0):
@@ -83,15 +92,27 @@ class Manager:
                 ),
             )
             self._manager.wait_until_finished()
-        except BaseException:  # disk full, an interrupt: no half-written step is left
-            try:  # let orbax's writer threads end before their folder goes
-                self._manager.wait_until_finished()
-            except BaseException:
-                pass
-            _join_orbax_threads()
-            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        except BaseException as e:  # disk full, an interrupt: no half-written step is left
+            self._clean_up_after(e, f"checkpoint step {step}")
+
+    def _clean_up_after(self, error, what):
+        """Removes the temp folders of a failed write and raises `error` (a full disk as one
+        OSError that says how to go on)."""
+        try:  # let orbax's writer threads end before their folders go
+            self._manager.wait_until_finished()
+        except BaseException:
+            pass
+        _join_orbax_threads()
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(error):  # TensorStore says so in a ValueError of many lines
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for {what}; free some space (or use a workdir on a "
+                "larger disk) and rerun the same command to resume",
+                str(self.directory),
+            ) from error
+        raise error
 
     def _restore_step(self, step, abstract):
         restored = self._manager.restore(
@@ -140,4 +161,7 @@ class Manager:
         )
 
     def close(self):
-        self._manager.close()
+        try:  # orbax raises here an error of a background write that `save` did not see
+            self._manager.close()
+        except BaseException as e:
+            self._clean_up_after(e, "the last checkpoint")

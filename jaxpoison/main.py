@@ -38,6 +38,18 @@ def _last_line(error):
     return lines[-1] if lines else type(error).__name__
 
 
+def _quiet_closed_loops(hook):
+    """`hook` without the "Event loop is closed" tracebacks that TensorStore's writer threads
+    print (through ``sys.excepthook``) when a checkpoint write failed (disk full) and orbax has
+    closed the loop that waited for them: the error line says what went wrong."""
+
+    def quiet(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            hook(kind, value, tb)
+
+    return quiet
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(
@@ -47,7 +59,11 @@ def main(argv):
         )
     if not (_WORKDIR.value or "").strip():
         _fail("--workdir is empty; name a directory, e.g. --workdir=/tmp/run.", 2)
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    # orbax logs every checkpoint step at INFO, and a failed write (disk full) as dozens of
+    # tracebacks at ERROR: the one error line says it, --debug shows them.
+    logging.set_verbosity(logging.WARNING if _DEBUG.value else logging.FATAL)
+    if not _DEBUG.value:
+        sys.excepthook = _quiet_closed_loops(sys.excepthook)
     try:
         config = _CONFIG.value
         config.get("trainer")  # ml_collections defers a failure to load the file to a first use
