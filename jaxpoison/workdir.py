@@ -231,8 +231,8 @@ def open_run(config, workdir):
     """Returns the complete results found in `workdir`, or None after writing ``config.json``
     and opening ``log.txt`` for a new (or resumed) run.
 
-    A damaged ``results.json`` (not valid JSON) is said and made again: the checkpoints and
-    poisons it came from are reused.
+    A damaged ``results.json`` (not valid JSON, or not matching the sha256 `close_run` saved in
+    it) is said and made again: the checkpoints and poisons it came from are reused.
 
     Raises:
       ValueError: when `workdir` holds complete results of another config.
@@ -243,8 +243,14 @@ def open_run(config, workdir):
     if results_path.is_file():
         try:
             results = read_json(results_path, "")
+            stored = results.pop("results_sha256", None) if isinstance(results, dict) else None
+            if stored is not None and content_key(results) != stored:
+                raise DamagedFileError(
+                    f"{results_path} does not match the sha256 saved in it (damaged or edited)"
+                )
         except DamagedFileError as e:  # made from the kept checkpoints and poisons again
             say(f"warning: {str(e).rstrip('; ')}; running again to rewrite it.")
+            results = {}
         if isinstance(results, dict) and results.get("complete"):
             wanted = json.loads(json.dumps(plain(config)))  # as stored: lists, not tuples
             changed = differences(results.get("config", {}), wanted)
@@ -287,9 +293,10 @@ def results_header(config, *, t_start, dataset=None):
 
 
 def close_run(results, workdir, *, plots=()):
-    """Writes ``results.json`` atomically, names it and the `plots` in the log, closes the log."""
+    """Writes ``results.json`` atomically, with the sha256 of its content (``results_sha256``,
+    checked by `open_run`), names it and the `plots` in the log, closes the log."""
     path = Path(workdir) / "results.json"
-    write_json_atomic(path, results)
+    write_json_atomic(path, {**results, "results_sha256": content_key(results)})
     listed = f"  plots: {', '.join(Path(f).name for f in plots)}" if plots else ""
     say(f"results: {path}{listed}")
     set_log_file(None)

@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 
 import jax
@@ -151,7 +149,7 @@ def load(directory, template, *, fingerprint=None, record=None):
     try:
         with np.load(directory / "state.npz", allow_pickle=False) as f:
             stored = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # a damaged zip: BadZipFile, zlib.error, EOFError, ...
         raise PoisonFileError(
             f"{directory / 'state.npz'} is damaged ({type(e).__name__}: {e}); craft the poison "
             f"again (delete {directory})."
