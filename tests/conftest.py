@@ -40,8 +40,31 @@ def tiny_images():
     return rng.random((16, 8, 8, 3), dtype=np.float32), rng.integers(0, 4, 16).astype(np.int32)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        default=False,
+        help="also run the tests marked slow (minutes each; the nightly-style run)",
+    )
+
+
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+    config.addinivalue_line(
+        "markers",
+        "slow: minutes of work (e.g. repeated SIGKILLs of a real run); skipped unless "
+        "--runslow is given (pytest -q --runslow -m slow runs only those).",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +84,41 @@ def cli():
         )
 
     return run
+
+
+@pytest.fixture
+def cli_inprocess(capsys):
+    """``cli_inprocess(*args)``: runs the ``jaxpoison`` command line in this process (no new
+    interpreter, JAX already imported: a failing case takes milliseconds) and returns
+    ``(exit code, stderr)``.
+
+    absl keeps parsed flags between calls, and ml_collections registers one flag per config
+    override: both are reset first, so each call sees only its own arguments.
+    """
+    import sys
+
+    from absl import flags
+
+    from jaxpoison import main
+    from jaxpoison.progress import set_log_file
+
+    def run(*args):
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+        argv, sys.argv = sys.argv, ["jaxpoison", *map(str, args)]
+        capsys.readouterr()
+        try:
+            main.run()
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        finally:
+            sys.argv = argv
+            set_log_file(None)  # a failed run leaves its log open
+        return code, capsys.readouterr().err
+
+    yield run
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
