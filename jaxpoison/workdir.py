@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -228,8 +229,9 @@ def locked(workdir):
 
 
 def open_run(config, workdir):
-    """Returns the complete results found in `workdir`, or None after writing ``config.json``
-    and opening ``log.txt`` for a new (or resumed) run.
+    """Returns the complete results found in `workdir`, or None after removing the temporary
+    files a killed run left (`remove_stale_temporaries`), writing ``config.json`` and opening
+    ``log.txt`` for a new (or resumed) run.
 
     A damaged ``results.json`` (not valid JSON, or not matching the sha256 `close_run` saved in
     it) is said and made again: the checkpoints and poisons it came from are reused.
@@ -264,9 +266,32 @@ def open_run(config, workdir):
             say(f"{results_path} is complete; nothing to do (delete it to run again).")
             return results
     workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(workdir)
     set_log_file(workdir / "log.txt")
     write_json_atomic(workdir / "config.json", plain(config))
     return None
+
+
+def stale_temporaries(workdir):
+    """The temporary files and folders of writes that never finished under `workdir` (a run
+    killed by SIGKILL or a power cut cannot remove them itself): ``.<name>.<random>[.ext]`` of
+    `write_json_atomic`, plots and poison artifacts, and orbax's ``*.orbax-checkpoint-tmp*``."""
+    out = []
+    for path in sorted(Path(workdir).rglob("*")):
+        name = path.name
+        temp = (name.startswith(".") and name.count(".") >= 2) or "orbax-checkpoint-tmp" in name
+        if temp and not any(parent in out for parent in path.parents):
+            out.append(path)
+    return out
+
+
+def remove_stale_temporaries(workdir):
+    """Removes `stale_temporaries` (call it holding the workdir's lock: no writer is running)."""
+    for path in stale_temporaries(workdir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def results_header(config, *, t_start, dataset=None):
@@ -319,7 +344,9 @@ __all__ = [
     "open_run",
     "plain",
     "read_json",
+    "remove_stale_temporaries",
     "results_header",
     "run_key",
+    "stale_temporaries",
     "write_json_atomic",
 ]
