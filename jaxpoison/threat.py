@@ -259,8 +259,9 @@ def resolve(threat=None, *, norm=None, epsilon=None, mask=None, what):
       An `LpBall`.
 
     Raises:
-      ValueError: neither `threat` nor `epsilon` is given, `threat` is not an `LpBall`, or
-        `threat` is given together with any of the fields.
+      ValueError: neither `threat` nor `epsilon` is given, `threat` is not an `LpBall` (an
+        `L0Ball` or ``norm='l0'`` included: these factories take gradient steps), or `threat` is
+        given together with any of the fields.
     """
     if isinstance(threat, L0Ball) or norm == L0:
         raise ValueError(
