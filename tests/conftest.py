@@ -97,7 +97,7 @@ def cli_inprocess(capsys):
     """
     import sys
 
-    from absl import flags
+    from absl import flags, logging
 
     from jaxpoison import main
     from jaxpoison.progress import set_log_file
@@ -107,14 +107,16 @@ def cli_inprocess(capsys):
             delattr(flags.FLAGS, name)
         flags.FLAGS.unparse_flags()
         argv, sys.argv = sys.argv, ["jaxpoison", *map(str, args)]
+        hook, verbosity = sys.excepthook, logging.get_verbosity()
         capsys.readouterr()
         try:
             main.run()
             code = 0
         except SystemExit as e:
             code = 0 if e.code is None else e.code
-        finally:
-            sys.argv = argv
+        finally:  # what the command sets for its process
+            sys.argv, sys.excepthook = argv, hook
+            logging.set_verbosity(verbosity)
             set_log_file(None)  # a failed run leaves its log open
         return code, capsys.readouterr().err
 
