@@ -1,9 +1,10 @@
-"""The victim trainer: one jitted step, seeds on a leading axis, batches sharded on a Mesh.
+"""The victim trainer: one jitted step, seeds on a leading axis, batches split on a Mesh.
 
 The training set lives on the devices (replicated); each step gathers its batch by index inside
 the compiled program, so no images cross the host boundary during training. Seeds are a leading
-axis of every state array: one compiled program trains them all. The batch axis is sharded over
-the mesh's ``data`` axis, so the same code runs on one CPU or many accelerators.
+axis of every state array: one compiled program trains them all. The batch axis is split over
+the mesh's ``data`` axis (`jaxpoison.sharding`), so the same code runs on one CPU or many
+accelerators.
 
 Usage::
 
@@ -14,16 +15,16 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from jaxpoison import checkpointing, data, losses, models, objectives
+from jaxpoison import checkpointing, data, losses, models, objectives, sharding
 from jaxpoison.progress import progress_bar, say
 from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_step
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
@@ -32,9 +33,15 @@ from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 _NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
 
 
-def data_mesh():
-    """A 1-d mesh over every device, axis name ``data``."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def _on_mesh(method):
+    """Runs a `Trainer` method under its mesh (`jax.set_mesh`), where `sharding` finds it."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +78,7 @@ class TrainData:
     ):
         """Moves arrays to the devices (replicated), images converted by `data.as_float_images`
         (uint8 or floats in [0, 1]; NaN, inf, channel-first and other ranges refused)."""
-        mesh = mesh or data_mesh()
-        rep = NamedSharding(mesh, P())
+        rep = sharding.replicated(mesh or sharding.data_mesh())
 
         def images(a, split):
             if a is None or len(a) == 0:
@@ -150,13 +156,7 @@ class Trainer:
         )
 
     def __post_init__(self):
-        self.mesh = self.mesh or data_mesh()
-        n_dev = self.mesh.devices.size
-        if self.batch_size % n_dev:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by the {n_dev} "
-                "devices of the mesh; choose a multiple."
-            )
+        self.mesh = self.mesh or sharding.data_mesh()
         self.apply_fn = models.make_apply_fn(self.module)
         self._compiled = {}
 
@@ -177,9 +177,6 @@ class Trainer:
 
     # ----- compiled, vmapped over seeds ----------------------------------------------------------
 
-    def _batch_sharding(self, ndim):
-        return NamedSharding(self.mesh, P(None, "data", *([None] * (ndim - 2))))
-
     def compiled_step(self, steps_per_epoch, crop_padding, flip):
         """The jitted multi-seed step ``(states, x, y, idx[S,B], keys[S]) -> (states, metrics)``."""
         cache_key = ("step", steps_per_epoch, crop_padding, flip)
@@ -187,9 +184,8 @@ class Trainer:
             tx = self.optimizer(steps_per_epoch)
 
             def step(states, x, y, idx, keys):
-                images = jax.lax.with_sharding_constraint(x[idx], self._batch_sharding(x.ndim + 1))
-                labels = jax.lax.with_sharding_constraint(y[idx], self._batch_sharding(2))
-                batch = {"image": images, "label": labels, "index": idx}
+                # idx is [S, B]: the batch axis is 1.
+                batch = sharding.batch({"image": x[idx], "label": y[idx], "index": idx}, axis=1)
                 one = lambda s, b, k: train_step(
                     s,
                     b,
@@ -222,7 +218,8 @@ class Trainer:
         """`evaluate` of images already float32 in [0, 1] (the `TrainData` arrays)."""
         if "eval" not in self._compiled:
             self._compiled["eval"] = jax.jit(self._evaluate, static_argnums=3)
-        return self._compiled["eval"](states, x, y, min(self.eval_batch_size, len(y)))
+        with jax.set_mesh(self.mesh):
+            return self._compiled["eval"](states, x, y, min(self.eval_batch_size, len(y)))
 
     def _evaluate(self, states, x, y, batch_size):
         n = y.shape[0]
@@ -238,7 +235,7 @@ class Trainer:
 
         def per_batch(inputs):
             xs, ys, ms = inputs
-            xs = jax.lax.with_sharding_constraint(xs, NamedSharding(self.mesh, P("data")))
+            xs = sharding.batch(xs)
             predict = over_seeds(lambda s: self.predict(s, xs), self.seed_strategy)
             logits = predict(states)  # [S, B, K]
             correct = jnp.sum(jax.vmap(losses.accuracy, (0, None))(logits, ys) * ms, axis=1)
@@ -314,8 +311,9 @@ class Trainer:
         )
         states = init(keys)
         # Replicated, as the compiled step returns them: otherwise the step compiles twice.
-        return jax.device_put(states, NamedSharding(self.mesh, P()))
+        return jax.device_put(states, sharding.replicated(self.mesh))
 
+    @_on_mesh
     def fit(
         self,
         train_data: TrainData,
@@ -359,6 +357,7 @@ class Trainer:
         steps_per_epoch = n // self.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
+        sharding.note_indivisible(f"{name or 'train'}: batch_size", self.batch_size, self.mesh)
         step_fn = self.compiled_step(steps_per_epoch, train_data.crop_padding, train_data.flip)
         seed_keys = jax.random.split(key, num_seeds)
         perm_fn = self._cached(
@@ -392,7 +391,7 @@ class Trainer:
         if manager is not None and manager.latest_step() is not None:
             states, history, start_epoch = manager.restore(states)
             say(f"{name or 'train'}: resumed from epoch {start_epoch} ({manager.directory})")
-        states = jax.device_put(states, NamedSharding(self.mesh, P()))
+        states = jax.device_put(states, sharding.replicated(self.mesh))
 
         if stop == 0 and not history:
             history = self._untrained_history(states, train_data)
@@ -478,4 +477,4 @@ def train_data_from(
     )
 
 
-__all__ = ["TrainData", "Trainer", "data_mesh", "train_data_from"]
+__all__ = ["TrainData", "Trainer", "train_data_from"]

@@ -1,7 +1,7 @@
 """The import graph: one way down, no cycle, private kernels reached only through `ops`.
 
 main / report / export -> trainers -> {specs, workdir, training, evaluation} -> core (threat,
-data, models, attacks, poisons, objectives, train_state, ops). Every import counts, a lazy one
+data, models, attacks, poisons, objectives, train_state, ops, sharding). Every import counts, a lazy one
 inside a function too: a cycle hidden in a function is still a cycle.
 """
 
@@ -21,6 +21,7 @@ CORE = (
     "jaxpoison.ops",
     "jaxpoison.train_state",
     "jaxpoison.workdir",
+    "jaxpoison.sharding",
 )
 ABOVE_CORE = ("jaxpoison.specs", "jaxpoison.training", "jaxpoison.evaluation", *TOP)
 

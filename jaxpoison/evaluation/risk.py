@@ -56,8 +56,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from jaxpoison import _registry
+from jaxpoison import _registry, sharding
 from jaxpoison import threat as threat_lib
 from jaxpoison.attacks.pgd import model_loss, pgd
 from jaxpoison.train_state import over_seeds
@@ -290,7 +291,9 @@ class Evaluator:
     """A named, jitted ``(states, x, y, *, key) -> metrics`` over a whole dataset and all seeds.
 
     `fn` is the pure function (states with a leading seed axis, images, labels, key) -> dict of
-    [S, ...] arrays; it is jitted once here, so one dataset shape compiles one program.
+    [S, ...] arrays; it is jitted once here, so one dataset shape compiles one program. Called
+    with a `mesh` (by default the one `x` is placed on, as `TrainData` places it), each batch is
+    split along the mesh's ``data`` axis where its devices divide it (`jaxpoison.sharding`).
     """
 
     def __init__(self, fn: Callable, *, name: str):
@@ -298,8 +301,12 @@ class Evaluator:
         self.name = name
         self._jitted = jax.jit(fn)
 
-    def __call__(self, states, x, y, *, key):
-        return self._jitted(states, x, y, key)
+    def __call__(self, states, x, y, *, key, mesh=None):
+        mesh = mesh or getattr(getattr(x, "sharding", None), "mesh", None)
+        if not isinstance(mesh, Mesh):
+            return self._jitted(states, x, y, key)
+        with jax.set_mesh(mesh):
+            return self._jitted(states, x, y, key)
 
 
 def _dataset_evaluator(per_batch, finish, *, batch_size, seed_strategy, name):
@@ -310,7 +317,7 @@ def _dataset_evaluator(per_batch, finish, *, batch_size, seed_strategy, name):
         variables = variables_of(state)
 
         def body(inputs):
-            i, xs, ys, ms = inputs
+            i, xs, ys, ms = sharding.batch(inputs)
             return per_batch(variables, xs, ys, ms, jax.random.fold_in(key, i))
 
         parts = jax.lax.map(body, (jnp.arange(xb.shape[0]), xb, yb, mb))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpoison import checkpointing, data
+from jaxpoison import checkpointing, data, sharding
 from jaxpoison.progress import progress_bar, say
 
 
@@ -22,38 +22,61 @@ def _compiled_update(poison):
 
     The training set is an argument (not a closed-over constant, which XLA would copy into the
     program) and the state is donated, so the [N, ...] perturbation buffer is updated in place.
-    Cached per poison so crafting twice (a resumed run, a test) compiles once.
+    Under a mesh (`sharding`) the batch is split along ``data`` and per-example state along its
+    example axis. Cached per poison so crafting twice (a resumed run, a test) compiles once; the
+    mesh traced under is part of jit's cache key.
     """
 
     def step(state, images, labels, idx, key):
-        batch = {"image": images[idx], "label": labels[idx], "index": idx}
-        return poison.update(state, batch, key)
+        batch = sharding.batch({"image": images[idx], "label": labels[idx], "index": idx})
+        state, metrics = poison.update(state, batch, key)
+        return sharding.examples(state, labels.shape[0]), metrics
 
     return jax.jit(step, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
+def _compiled_init(poison):
+    def init(key, images, labels):
+        state = poison.init(key, {"image": images, "label": labels})
+        return sharding.examples(state, labels.shape[0])
+
+    return jax.jit(init)
+
+
+@functools.lru_cache(maxsize=32)
 def _compiled_apply(poison):
     def fn(state, images, labels, idx):
-        out = poison.apply(state, {"image": images[idx], "label": labels[idx], "index": idx})
+        batch = sharding.batch({"image": images[idx], "label": labels[idx], "index": idx})
+        out = poison.apply(state, batch)
         return out["image"], out["label"]
 
     return jax.jit(fn)
 
 
-def _inputs(images, labels, where):
-    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels, on device."""
-    images = jnp.asarray(data.as_float_images(images, what=f"{where}: images"))
-    labels = jnp.asarray(labels, jnp.int32)
+def _inputs(images, labels, where, mesh):
+    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels, replicated on the
+    mesh's devices."""
+    images = data.as_float_images(images, what=f"{where}: images")
+    labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise data.DataError(
             f"{where}: labels of shape {labels.shape} do not match {images.shape[0]} images."
         )
-    return images, labels
+    return jax.device_put((images, labels.astype(np.int32)), sharding.replicated(mesh))
 
 
 def craft(
-    poison, images, labels, *, key, batch_size=256, ckpt_dir=None, name="craft", progress=True
+    poison,
+    images,
+    labels,
+    *,
+    key,
+    batch_size=256,
+    ckpt_dir=None,
+    name="craft",
+    progress=True,
+    mesh=None,
 ):
     """Initialises the poison's state and runs `poison.num_epochs` passes of `poison.update`.
 
@@ -65,13 +88,20 @@ def craft(
       key: PRNG key; `init` gets ``fold_in(key, 0)``, step s of epoch e ``fold_in`` of both.
       batch_size: examples per `update` call.
       ckpt_dir: optional directory for per-epoch orbax checkpoints (resumed when present).
+      mesh: the devices to craft on (`sharding.data_mesh()`, every device, by default): each
+        batch is split along its ``data`` axis, per-example state along the examples.
 
     Returns:
       (state, history): the crafted state and per-epoch means of the update's metrics.
     """
-    images, labels = _inputs(images, labels, "poisons.craft")
-    dataset = {"image": images, "label": labels}
-    state = jax.jit(poison.init)(jax.random.fold_in(key, 0), dataset)
+    mesh = mesh or sharding.data_mesh()
+    with jax.set_mesh(mesh):
+        return _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, mesh)
+
+
+def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, mesh):
+    images, labels = _inputs(images, labels, "poisons.craft", mesh)
+    state = _compiled_init(poison)(jax.random.fold_in(key, 0), images, labels)
     history, start = {}, 0
     if not poison.num_epochs:
         return state, history
@@ -82,6 +112,7 @@ def craft(
     n = labels.shape[0]
     batch_size = min(batch_size, n)
     steps = n // batch_size + (n % batch_size > 0)
+    sharding.note_indivisible(f"{name}: batch_size", batch_size, mesh)
 
     step = _compiled_update(poison)
     bar = progress_bar(
@@ -113,20 +144,22 @@ def craft(
     return state, history
 
 
-def apply_all(poison, state, images, labels, *, batch_size=1000):
+def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):
     """The poisoned training set as numpy: (float32 images [N, H, W, C], int32 labels [N]).
 
     `images` are the clean training images, uint8 0..255 or float in [0, 1], as for `craft`.
     Labels come back from `poison.apply` too: only the substandard *mislabeling* set changes them.
+    `mesh` as for `craft`.
     """
-    images, labels = _inputs(images, labels, "poisons.apply_all")
-    n = labels.shape[0]
-
-    fn = _compiled_apply(poison)
-    parts = [
-        jax.device_get(fn(state, images, labels, jnp.arange(i, min(i + batch_size, n))))
-        for i in range(0, n, batch_size)
-    ]
+    mesh = mesh or sharding.data_mesh()
+    with jax.set_mesh(mesh):
+        images, labels = _inputs(images, labels, "poisons.apply_all", mesh)
+        n = labels.shape[0]
+        fn = _compiled_apply(poison)
+        parts = [
+            jax.device_get(fn(state, images, labels, jnp.arange(i, min(i + batch_size, n))))
+            for i in range(0, n, batch_size)
+        ]
     poisoned = np.concatenate([p[0] for p in parts])
     new_labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
     if not np.isfinite(poisoned).all():

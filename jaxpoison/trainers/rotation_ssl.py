@@ -33,10 +33,8 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxpoison import data, models, plots, specs, train_state, training
+from jaxpoison import data, models, plots, sharding, specs, train_state, training
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
 from jaxpoison.ssl import probe, rotation
@@ -103,8 +101,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
         train_sets["clean"] = (dataset.x_train, dataset.y_train)
     crafted = poisoning.craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress)
     train_sets.update({run: (c.images, c.labels) for run, c in crafted.items()})
-    mesh = training.data_mesh()
-    rep = NamedSharding(mesh, P())
+    mesh = sharding.data_mesh()
+    rep = sharding.replicated(mesh)
     x_test = jax.device_put(data.to_float(dataset.x_test), rep)
     y_test = jax.device_put(dataset.y_test.astype(np.int32), rep)
     num_pretext_test = min(int(ssl_cfg.get("pretext_test_size", 1000)), len(dataset.y_test))

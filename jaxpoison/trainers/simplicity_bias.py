@@ -23,10 +23,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxpoison import data, plots, specs, training
+from jaxpoison import data, plots, sharding, specs, training
 from jaxpoison.data import mnist_cifar
 from jaxpoison.evaluation import summarize
 from jaxpoison.progress import say
@@ -70,7 +68,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             mesh=trainer.mesh,
         )
         x_rand = jax.device_put(
-            x_randomized.astype(np.float32) / 255.0, NamedSharding(trainer.mesh, P())
+            x_randomized.astype(np.float32) / 255.0, sharding.replicated(trainer.mesh)
         )
 
         def record(epoch, states, history, trainer=trainer, x_rand=x_rand, y=td.y_test):

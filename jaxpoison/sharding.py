@@ -1,0 +1,96 @@
+"""Data parallelism: one `Mesh` axis, ``data``, for everything that touches data.
+
+Crafting, training and evaluation all run the same way: the arrays they keep (training images,
+model and optimizer state, class-wise patterns) are replicated, per-example state (sample-wise
+perturbations) is split along its example axis, and inside the compiled step the batch is split
+along ``data``, so each device computes B / D examples and gradients meet in one all-reduce.
+
+The entry points (`poisons.craft`, `poisons.apply_all`, `Trainer`, the evaluators) take a mesh
+(default `data_mesh`, every device) and trace under it (`jax.set_mesh`); the pure functions they
+run call `batch` / `examples` to place their arrays, which do nothing where no mesh is set, so
+the same code runs on one CPU, under a user's own `jit`, or on a pod. A batch that the devices do
+not divide (50 examples on 8 devices) is computed whole on every device: the numbers are the
+same, only the speed-up is lost (`note_indivisible` says so once).
+
+    mesh = sharding.data_mesh()
+    with jax.set_mesh(mesh):
+        images = sharding.batch(images)  # inside a jitted step
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpoison.progress import say
+
+DATA = "data"
+
+
+def data_mesh(devices=None):
+    """A 1-d mesh, axis name ``data``, over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicated(mesh):
+    """The sharding of an array every device holds whole."""
+    return NamedSharding(mesh, P())
+
+
+def _data_size():
+    """Devices along ``data`` of the mesh being traced under (1 when there is none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA not in mesh.axis_names:
+        return 1
+    return mesh.shape[DATA]
+
+
+def _split(x, axis):
+    size = _data_size()
+    if size == 1 or x.ndim <= axis or x.shape[axis] % size:
+        return x
+    spec = P(*([None] * axis), DATA)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch(tree, axis=0):
+    """Every array of `tree` split along ``data`` on `axis` (its batch axis), where the mesh
+    traced under has a ``data`` axis that divides it; otherwise unchanged (computed whole)."""
+    return jax.tree.map(lambda x: _split(x, axis), tree)
+
+
+def examples(tree, num_examples):
+    """Arrays of `tree` whose leading axis is the `num_examples` of the dataset (per-example
+    state such as sample-wise perturbations) split along ``data``; the rest replicated."""
+    size = _data_size()
+    if size == 1:
+        return tree
+
+    def place(x):
+        if x.ndim and x.shape[0] == num_examples and num_examples % size == 0:
+            return jax.lax.with_sharding_constraint(x, P(DATA))
+        return jax.lax.with_sharding_constraint(x, P())
+
+    return jax.tree.map(place, tree)
+
+
+_noted = set()
+
+
+def note_indivisible(what, size, mesh):
+    """Says once per (size, devices) that batches of `size` examples (`what`, the first to have
+    them) are computed whole on each of the mesh's devices, and how to split them."""
+    devices = mesh.shape[DATA]
+    if devices > 1 and size % devices and (size, devices) not in _noted:
+        _noted.add((size, devices))
+        say(
+            f"note: {what}={size} is not a multiple of the {devices} devices, so every device "
+            f"computes whole batches (same numbers, no speed-up); use a multiple of {devices} "
+            "to split them."
+        )
+
+
+__all__ = ["DATA", "batch", "data_mesh", "examples", "note_indivisible", "replicated"]

@@ -1,0 +1,168 @@
+"""Data parallelism on 1, 2 and 8 (fake CPU) devices: the same numbers, the work split.
+
+Each test runs a fresh Python with ``--xla_force_host_platform_device_count=8`` (the device
+count is fixed when jax starts) and compares meshes over the first 1, 2 or 8 devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_on_8_devices(code, **env):
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", **env},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def crafted():
+    """Poisons crafted and applied, a risk evaluator and a trainer run on 1, 2 and 8 devices."""
+    return run_on_8_devices(
+        """
+        import json, jax, numpy as np, ml_collections
+        from jaxpoison import models, poisons, sharding, threat, training, train_state
+        from jaxpoison.evaluation import risk
+
+        rng = np.random.default_rng(0)
+        x = rng.random((32, 8, 8, 3), dtype=np.float32)
+        y = rng.integers(0, 4, 32).astype(np.int32)
+        ball = threat.make(epsilon=8 / 255)
+        shape = dict(threat=ball, num_classes=4, image_shape=(8, 8, 3))
+        # MLPs: a CNN compiles for a minute per mesh; convolutions are split as tested below.
+        mlp = dict(name="mlp", width=0.25)
+        module = models.make("mlp", num_classes=4, width=0.25)
+        apply_fn = models.make_apply_fn(module)
+        variables = models.init(module, jax.random.key(5), (8, 8, 3))
+        em = dict(model=mlp, num_epochs=2, num_steps=2, train_steps=1)
+        made = {
+            "random": poisons.make("random", **shape),
+            "error_minimizing": poisons.make("error_minimizing", **shape, **em),
+            "error_minimizing_class_wise": poisons.make(
+                "error_minimizing", **shape, **em, class_wise=True
+            ),
+            "adversarial": poisons.make(
+                "adversarial", **shape, apply_fn=apply_fn, variables=variables, num_steps=2
+            ),
+        }
+        out = {"poisons": {}, "specs": {}}
+        meshes = {n: sharding.data_mesh(jax.devices()[:n]) for n in (1, 2, 8)}
+        for name, poison in made.items():
+            for n in (1, 2, 8) if name == "error_minimizing" else (1, 8):
+                state, history = poisons.craft(
+                    poison, x, y, key=jax.random.key(0), batch_size=16, progress=False,
+                    mesh=meshes[n],
+                )
+                images, _ = poisons.apply_all(poison, state, x, y, mesh=meshes[n])
+                out["poisons"].setdefault(name, {})[n] = [images.tolist(), history]
+                if name == "error_minimizing":
+                    out["specs"][n] = str(state.delta.sharding.spec)
+
+        # A PGD evaluator (random starts) and a trainer whose batch (20) 8 devices do not divide.
+        cfg = ml_collections.ConfigDict(dict(model=mlp, epochs=1, batch_size=20,
+            optimizer=dict(learning_rate=0.05, schedule="constant"), objective=dict(name="erm")))
+        evaluator = risk.make("risk", apply_fn=apply_fn, num_classes=4, epsilon=8 / 255,
+                              num_steps=2, batch_size=16)
+        for n in (1, 8):
+            trainer = training.Trainer.from_config(
+                cfg, num_classes=4, image_shape=(8, 8, 3), mesh=meshes[n]
+            )
+            td = training.TrainData.create(x, y, x, y, mesh=meshes[n])
+            states, history = trainer.fit(td, key=jax.random.key(1), num_seeds=2, progress=False)
+            scores = evaluator(states, td.x_test, td.y_test, key=jax.random.key(2))
+            out.setdefault("train", {})[n] = history
+            out.setdefault("risk", {})[n] = {k: np.asarray(v).tolist() for k, v in scores.items()}
+        print(json.dumps(out))
+        """
+    )
+
+
+POISONED = ["random", "error_minimizing", "error_minimizing_class_wise", "adversarial"]
+
+
+@pytest.mark.parametrize("name", POISONED)
+def test_crafting_gives_the_same_poison_on_any_number_of_devices(crafted, name):
+    runs = crafted["poisons"][name]
+    images, history = runs["1"]
+    for n in set(runs) - {"1"}:
+        other_images, other_history = runs[n]
+        # Up to float reassociation: batch sums are split across devices.
+        np.testing.assert_allclose(other_images, images, atol=2e-6, err_msg=n)
+        for key, values in history.items():
+            np.testing.assert_allclose(other_history[key], values, rtol=1e-4, err_msg=key)
+
+
+def test_sample_wise_perturbations_are_split_along_the_examples(crafted):
+    assert crafted["specs"] == {"1": "P()", "2": "P('data',)", "8": "P('data',)"}
+
+
+def test_training_and_evaluation_give_the_same_numbers_on_8_devices(crafted):
+    """Batches of 20 are not split over 8 devices but computed whole: same numbers; the PGD
+    evaluator's batches of 16 are split."""
+    for key, values in crafted["train"]["1"].items():
+        np.testing.assert_allclose(crafted["train"]["8"][key], values, rtol=1e-5, err_msg=key)
+    for key, values in crafted["risk"]["1"].items():
+        np.testing.assert_allclose(crafted["risk"]["8"][key], values, atol=1e-6, err_msg=key)
+
+
+def test_compiled_steps_split_the_batch_and_reduce_gradients_once():
+    """With XLA's convolutions on 8 devices, the victim's train step and the error-minimizing
+    craft step convolve B/8 examples per device; the train step holds one (combined) gradient
+    all-reduce and gathers nothing."""
+    out = run_on_8_devices(
+        """
+        import json, re, jax, jax.numpy as jnp, numpy as np, ml_collections
+        from jaxpoison import poisons, sharding, threat, training
+        from jaxpoison.poisons import engine
+
+        def census(text):
+            ops = ("all-reduce", "all-gather", "all-to-all", "collective-permute")
+            counts = {op: len(re.findall(rf"\\b{op}(-start)?\\(", text)) for op in ops}
+            conv = r"= f32\\[(\\d+),[\\d,]+\\][^\\n]*convolution\\("
+            batches = sorted({int(b) for b in re.findall(conv, text)})
+            return dict(counts, conv_batches=batches)
+
+        cfg = ml_collections.ConfigDict(dict(model=dict(name="cnn_cifar", width=0.125),
+            epochs=1, batch_size=64, optimizer=dict(learning_rate=0.05, momentum=0.9,
+            schedule="constant"), objective=dict(name="erm")))
+        trainer = training.Trainer.from_config(cfg, num_classes=4, image_shape=(8, 8, 3))
+        x = jnp.zeros((128, 8, 8, 3))
+        y = jnp.zeros(128, jnp.int32)
+        with jax.set_mesh(trainer.mesh):
+            x, y = jax.device_put((x, y), sharding.replicated(trainer.mesh))
+            states = trainer.init_seeds(jax.random.key(0), 2, 2)
+            step = trainer.compiled_step(2, 0, False)
+            idx = jnp.zeros((2, 64), jnp.int32)
+            keys = jax.random.split(jax.random.key(1), 2)
+            train = step.lower(states, x, y, idx, keys).compile().as_text()
+
+            poison = poisons.make("error_minimizing", threat=threat.make(epsilon=8 / 255),
+                num_classes=4, image_shape=(8, 8, 3), model=dict(name="cnn_cifar", width=0.125),
+                num_steps=2, train_steps=1)
+            state = engine._compiled_init(poison)(jax.random.key(0), x, y)
+            update = engine._compiled_update(poison)
+            craft = update.lower(state, x, y, jnp.arange(64), jax.random.key(1)).compile()
+        print(json.dumps({"train": census(train), "craft": census(craft.as_text())}))
+        """,
+        JAXPOISON_CONV="xla",
+    )
+    train, craft = out["train"], out["craft"]
+    assert train["conv_batches"] == [64 // 8], train
+    assert train["all-reduce"] == 1 and train["all-gather"] == 0, train
+    assert train["all-to-all"] == 0 and train["collective-permute"] == 0, train
+    assert craft["conv_batches"] == [64 // 8], craft
