@@ -274,7 +274,7 @@ def one_error_line(err):
     return lines[0]
 
 
-# (arguments after the config; exit code; words of the one error line). Each names the problem
+# (the arguments but --workdir; the exit code; words of the one error line). Each names the problem
 # (the field and its value) and the fix.
 CLI_CASES = [
     # flags and the config argument
