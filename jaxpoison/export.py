@@ -68,6 +68,14 @@ def main(argv):
     except ValueError as e:  # DataError and PoisonFileError are ValueErrors too
         print(f"jaxpoison: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # OUT under a file, not writable, a full disk
+        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        print(
+            f"jaxpoison: error: cannot write {args.out} ({what}); check the path and the free "
+            "space.",
+            file=sys.stderr,
+        )
+        return 1
     print(f"wrote {path}")
     return 0
 

@@ -350,7 +350,7 @@ def test_a_run_whose_poison_cannot_be_saved_is_one_error_line(tmp_path, cli_inpr
 
 
 def test_a_damaged_poison_in_a_workdir_stops_the_rerun_naming_it(
-    tmp_path, cli_inprocess, monkeypatch
+    tmp_path, cli_inprocess, monkeypatch, capsys
 ):
     from jaxpoison import poisons
 
@@ -361,6 +361,13 @@ def test_a_damaged_poison_in_a_workdir_stops_the_rerun_naming_it(
     code, err = cli_inprocess(*TINY, f"--workdir={tmp_path}")
     assert code == 130 and "interrupted; rerun the same command" in err, err[-3000:]
     monkeypatch.undo()
+    from jaxpoison import export
+
+    (tmp_path / "file").write_text("")  # exporting the poison under a file: one line
+    capsys.readouterr()
+    assert export.main([str(tmp_path), "poisoned", str(tmp_path / "file" / "out.npz")]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("jaxpoison: error: cannot write") and "\n" not in line, line
     (artifact,) = (tmp_path / "poison" / "poisoned").glob("*/state.npz")
     damage(artifact, "flip")
     code, err = cli_inprocess(*TINY, f"--workdir={tmp_path}")
