@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxpoison import workdir
+from jaxpoison import distributed, workdir
 from jaxpoison.progress import say
 
 
@@ -32,7 +32,7 @@ def state_digest(state):
         else a
         for a in jax.tree.leaves(state)
     ]
-    return workdir.array_digest(*(np.asarray(a) for a in jax.device_get(leaves)))
+    return workdir.array_digest(*(np.asarray(a) for a in distributed.to_host(leaves)))
 
 
 def _disk_full(error):

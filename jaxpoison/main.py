@@ -22,6 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars (log lines only).")
 _DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the full traceback.")
+# jax.distributed.initialize's arguments, for a run over several processes (hosts).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a run of several processes."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's number, 0..N-1.")
 
 
 def _fail(message, code=1):
@@ -69,8 +75,12 @@ def main(argv):
         config.get("trainer")  # ml_collections defers a failure to load the file to a first use
     except OSError as e:  # ml_collections defers a config file it could not load to here
         _fail(f"cannot load the config ({_last_line(e)}); check the path after --config=.", 2)
-    from jaxpoison import trainers
+    from jaxpoison import distributed, trainers
 
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        _fail(str(e), 2)
     try:
         trainers.train_and_evaluate(config, _WORKDIR.value, progress=not _QUIET.value)
     except KeyboardInterrupt:

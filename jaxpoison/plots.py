@@ -13,8 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxpoison import distributed  # noqa: E402
+
 
 def save_figure(fig, path):
+    """Writes `fig` to `path` atomically (in the writing process only) and closes it."""
+    if not distributed.is_writer():
+        plt.close(fig)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)

@@ -10,18 +10,24 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from jaxpoison import distributed
+
 _LOG_FILE: Path | None = None
 log = logging.getLogger("jaxpoison")
 
 
 def set_log_file(path):
-    """Lines given to `ProgressBar.log` (and `say`) are appended to `path` (None: stop)."""
+    """Lines given to `ProgressBar.log` (and `say`) are appended to `path` (None: stop); in the
+    writing process only (`distributed.is_writer`)."""
     global _LOG_FILE
-    _LOG_FILE = Path(path) if path else None
+    _LOG_FILE = Path(path) if path and distributed.is_writer() else None
 
 
 def say(message):
-    """Prints a line above any progress bar and appends it to the log file."""
+    """Prints a line above any progress bar and appends it to the log file (in the writing
+    process only: a run of several processes says everything once)."""
+    if not distributed.is_writer():
+        return
     tqdm.write(message, file=sys.stderr)
     if _LOG_FILE is not None:
         with _LOG_FILE.open("a") as f:
@@ -83,5 +89,6 @@ class ProgressBar:
             self._bar.close()
 
 
-def progress_bar(**kwargs):
-    return ProgressBar(**kwargs)
+def progress_bar(*, disable=False, **kwargs):
+    """A `ProgressBar`, shown by the writing process only."""
+    return ProgressBar(disable=disable or not distributed.is_writer(), **kwargs)

@@ -77,6 +77,14 @@ def examples(tree, num_examples):
     return jax.tree.map(place, tree)
 
 
+def replicate(tree):
+    """Every array of `tree` whole on every device of the mesh traced under (outputs that a
+    host reads, e.g. poisoned images: with several processes each one can then read them)."""
+    if _data_size() == 1:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
 _noted = set()
 
 
@@ -93,4 +101,12 @@ def note_indivisible(what, size, mesh):
         )
 
 
-__all__ = ["DATA", "batch", "data_mesh", "examples", "note_indivisible", "replicated"]
+__all__ = [
+    "DATA",
+    "batch",
+    "data_mesh",
+    "examples",
+    "note_indivisible",
+    "replicate",
+    "replicated",
+]

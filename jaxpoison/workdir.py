@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxpoison import distributed
 from jaxpoison.progress import say, set_log_file
 
 # Bump when a change of code changes what an unchanged spec produces (a poison's update rule, the
@@ -163,7 +164,10 @@ def run_key(root, name):
 
 
 def write_json_atomic(path, obj):
-    """Writes JSON to `path` through a temporary file and a rename (never half-written)."""
+    """Writes JSON to `path` through a temporary file and a rename (never half-written); in the
+    writing process only (`distributed.is_writer`)."""
+    if not distributed.is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -189,13 +193,17 @@ def locked(workdir):
     """Holds ``WORKDIR/.lock`` (an advisory ``flock``) while a run uses `workdir`.
 
     A second process on the same workdir is refused at once, naming the holder's PID; the lock
-    goes with its process, so a killed run never leaves a stale one.
+    goes with its process, so a killed run never leaves a stale one. In a run of several
+    processes (`jaxpoison.distributed`) the writing one holds it for all.
 
     Raises:
       WorkdirInUse: when another process holds the lock.
       WorkdirError: when `workdir` is a file, under a file, or not writable.
     """
     workdir = Path(workdir)
+    if not distributed.is_writer():
+        yield workdir
+        return
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir} is a file, not a directory; name a directory.")
     try:
@@ -265,10 +273,12 @@ def open_run(config, workdir):
                 )
             say(f"{results_path} is complete; nothing to do (delete it to run again).")
             return results
-    workdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(workdir)
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(workdir)
     set_log_file(workdir / "log.txt")
     write_json_atomic(workdir / "config.json", plain(config))
+    distributed.barrier("open_run")  # the other processes start on a tidied workdir
     return None
 
 
@@ -305,6 +315,7 @@ def results_header(config, *, t_start, dataset=None):
         "jaxpoison_version": __version__,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
+        "processes": jax.process_count(),
         "wall_time_s": time.time() - t_start,
         "config": plain(config),
     }

@@ -1,8 +1,8 @@
 """The import graph: one way down, no cycle, private kernels reached only through `ops`.
 
 main / report / export -> trainers -> {specs, workdir, training, evaluation} -> core (threat,
-data, models, attacks, poisons, objectives, train_state, ops, sharding). Every import counts, a lazy one
-inside a function too: a cycle hidden in a function is still a cycle.
+data, models, attacks, poisons, objectives, train_state, ops, sharding, distributed). Every
+import counts, a lazy one inside a function too: a cycle hidden in a function is still a cycle.
 """
 
 import ast
@@ -22,6 +22,7 @@ CORE = (
     "jaxpoison.train_state",
     "jaxpoison.workdir",
     "jaxpoison.sharding",
+    "jaxpoison.distributed",
 )
 ABOVE_CORE = ("jaxpoison.specs", "jaxpoison.training", "jaxpoison.evaluation", *TOP)
 

@@ -166,3 +166,94 @@ def test_compiled_steps_split_the_batch_and_reduce_gradients_once():
     assert train["all-reduce"] == 1 and train["all-gather"] == 0, train
     assert train["all-to-all"] == 0 and train["collective-permute"] == 0, train
     assert craft["conv_batches"] == [64 // 8], craft
+
+
+def test_two_processes_give_the_results_of_one_and_write_once(tmp_path):
+    """A crafting-epoch poison and its victims on two processes (127.0.0.1, gloo): results.json
+    equals the one-process run's on as many devices, every file is written once (by process 0)
+    and the other process says nothing."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [
+        "--config=configs/poison_family.py:tiny",
+        "--quiet",
+        "--config.select.poisons=('error_minimizing',)",
+        "--config.data.source=digits",
+        "--config.data.name=digits",
+        "--config.data.num_train=0",
+        "--config.data.num_test=0",
+        "--config.victim.model.name=mlp",
+        "--config.poisons.error_minimizing.model.name=mlp",
+    ]
+    command = [sys.executable, "-m", "jaxpoison.main", *overrides]
+    env = {**os.environ, "JAXPOISON_HUGE_PAGES": "0"}
+    procs = [
+        subprocess.Popen(
+            [
+                *command,
+                f"--workdir={tmp_path / 'two'}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    one = subprocess.run(
+        [*command, f"--workdir={tmp_path / 'one'}"],
+        cwd=REPO,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert one.returncode == 0, one.stderr[-2000:]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+
+    def results(name):
+        out = json.loads((tmp_path / name / "results.json").read_text())
+        for run in out["runs"].values():
+            run.pop("wall_time_s")
+        return {k: v for k, v in out.items() if k not in ("wall_time_s", "results_sha256")}
+
+    assert results("two") == results("one")
+
+    def files(name):
+        """Every file, and the checkpoint steps (inside them orbax keeps a part per process)."""
+        paths = [p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*")]
+        steps = [p for p in paths if p.parts[0] == "checkpoints" and len(p.parts) == 4]
+        kept = [p for p in paths if p.parts[0] != "checkpoints" and (tmp_path / name / p).is_file()]
+        return sorted(map(str, steps + kept))
+
+    assert files("two") == files("one")
+    log = lambda name: (tmp_path / name / "log.txt").read_text().splitlines()  # noqa: E731
+    assert len(log("two")) == len(log("one"))
+    said = [line for line in outs[1][1].splitlines() if not line.startswith("[Gloo]")]
+    assert said == [], said
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_processes=2), r"--coordinator_address, --process_id missing"),
+        (
+            dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2),
+            r"--process_id=2 is not in 0..1",
+        ),
+    ],
+)
+def test_incomplete_multi_process_flags_are_refused(kwargs, match):
+    from jaxpoison import distributed
+
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(**kwargs)

@@ -49,7 +49,7 @@ def _compiled_apply(poison):
     def fn(state, images, labels, idx):
         batch = sharding.batch({"image": images[idx], "label": labels[idx], "index": idx})
         out = poison.apply(state, batch)
-        return out["image"], out["label"]
+        return sharding.replicate((out["image"], out["label"]))
 
     return jax.jit(fn)
 

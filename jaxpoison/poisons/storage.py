@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxpoison import distributed
 from jaxpoison.workdir import (
     array_digest,
     canonical,
@@ -38,7 +39,7 @@ class PoisonFileError(ValueError):
 
 
 def _leaves_with_keys(state):
-    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    flat, _ = jax.tree_util.tree_flatten_with_path(distributed.to_host(state))
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
 
 
@@ -58,16 +59,19 @@ def _digest(leaves):
 def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, record=None):
     """Saves a poison state and its metadata atomically into `directory` (replacing it).
 
-    `record` (optional) is everything that determined the state (`jaxpoison.workdir`); it is
-    stored with its content key, which `load` can require.
+    Every process of a multi-process run calls it (a state split over them is gathered); the
+    writing one writes. `record` (optional) is everything that determined the state
+    (`jaxpoison.workdir`); it is stored with its content key, which `load` can require.
 
     Raises:
       PoisonFileError: when a leaf holds NaN or infinite values (nothing is written).
     """
     directory = Path(directory)
-    leaves = _leaves_with_keys(state)
+    leaves = _leaves_with_keys(state)  # every process: a state split over them is gathered
     for key, value in leaves.items():
         _check_finite(directory, key, value)
+    if not distributed.is_writer():
+        return
     directory.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": FORMAT,
