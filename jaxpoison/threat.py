@@ -220,10 +220,21 @@ def make(*, epsilon=None, norm="linf", mask=None, quantize=False, pixels=None):
       pixels: the ℓ0 radius k (pixels per image); needed for ``'l0'``, refused otherwise.
 
     Raises:
-      ValueError: a radius is missing, or given in the other kind's field.
+      ValueError: a radius is missing, not a number, or given in the other kind's field; the
+        mask lets no pixel move.
     """
     if mask is not None:
         mask = jnp.asarray(mask, jnp.float32)
+        if not bool(jnp.any(mask != 0)):
+            raise ValueError(
+                "the threat's mask is all zeros, so no pixel may move; set 1 where pixels may "
+                "change (or give no mask)."
+            )
+    for name, value in (("epsilon", epsilon), ("pixels", pixels)):
+        if value is not None and (
+            isinstance(value, (str, bool)) or not hasattr(value, "__float__")
+        ):
+            raise ValueError(f"{name}={value!r} is not a number; give e.g. epsilon=8/255.")
     if norm == L0:
         if pixels is None or epsilon is not None:
             raise ValueError(

@@ -448,8 +448,20 @@ _Y = np.arange(20) % 10
         (_X[..., 0], _Y, r"must be NHWC \(4-d\)"),
         (_X.transpose(0, 3, 1, 2), _Y, r"look channel-first \(NCHW\)"),
         (np.where(_X > 0.5, np.nan, _X), _Y, r"images hold NaN or inf pixels; fix or drop"),
+        (_X, np.r_[_Y[:19], 12], r"label 12 is outside 0..9 \(the poison was made for num_cl"),
+        (_X, np.r_[_Y[:19], -1], r"label -1 is outside 0..9"),
+        (_X, np.r_[_Y[:19], 0.5], r"labels must be whole numbers"),
     ],
-    ids=["0..255 floats", "150 labels for 200 images", "3-d", "NCHW", "NaN"],
+    ids=[
+        "0..255 floats",
+        "150 labels for 200 images",
+        "3-d",
+        "NCHW",
+        "NaN",
+        "label 12 of 10",
+        "label -1",
+        "label 0.5",
+    ],
 )
 def test_bad_arrays_given_to_a_poison_are_refused_with_the_fix(images, labels, match):
     import jax
@@ -469,6 +481,8 @@ def test_bad_arrays_given_to_a_poison_are_refused_with_the_fix(images, labels, m
         (dict(epsilon=float("nan")), r"epsilon=nan is invalid"),
         (dict(epsilon=None), r"needs a radius: give epsilon="),
         (dict(norm="l1", epsilon=0.1), r"Unknown norm 'l1': use one of"),
+        (dict(epsilon="0.1"), r"epsilon='0.1' is not a number"),
+        (dict(epsilon=0.1, mask=np.zeros((8, 8, 3))), r"mask is all zeros, so no pixel may move"),
     ],
 )
 def test_a_bad_threat_ball_is_refused_with_the_fix(fields, match):

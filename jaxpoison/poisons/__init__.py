@@ -124,9 +124,10 @@ def make(name, /, *, fraction=None, classes=None, **kwargs):
         )
     _registry.check_arguments("poison", name, POISONS[name], kwargs)
     poison = POISONS[name](**kwargs)
-    if fraction is None and classes is None:
-        return poison
-    return partial.restrict(poison, fraction=1.0 if fraction is None else fraction, classes=classes)
+    if fraction is not None or classes is not None:
+        fraction = 1.0 if fraction is None else fraction
+        poison = partial.restrict(poison, fraction=fraction, classes=classes)
+    return poison._replace(num_classes=kwargs.get("num_classes"))
 
 
 __all__ = [

@@ -25,6 +25,7 @@ class Poison(NamedTuple):
     update: Callable | None
     apply: Callable
     num_epochs: int = 0
+    num_classes: int | None = None  # set by `poisons.make`: `craft` checks the labels against it
 
 
 @flax.struct.dataclass

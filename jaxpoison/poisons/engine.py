@@ -54,14 +54,30 @@ def _compiled_apply(poison):
     return jax.jit(fn)
 
 
-def _inputs(images, labels, where, mesh):
-    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels, replicated on the
-    mesh's devices."""
+def _inputs(images, labels, where, mesh, num_classes=None):
+    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels (whole numbers in
+    0..num_classes-1 when the poison knows its classes), replicated on the mesh's devices."""
     images = data.as_float_images(images, what=f"{where}: images")
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise data.DataError(
             f"{where}: labels of shape {labels.shape} do not match {images.shape[0]} images."
+        )
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.number) or np.any(np.mod(labels, 1) != 0):
+            raise data.DataError(
+                f"{where}: labels must be whole numbers (class indices), got {labels.dtype} "
+                "values such as 3.5; pass integer class indices."
+            )
+    top = num_classes if num_classes is not None else np.inf
+    bad = labels[(labels < 0) | (labels >= top)]
+    if bad.size:
+        raise data.DataError(
+            f"{where}: label {bad[0]:g} is outside 0..{top - 1} (the poison was made for "
+            f"num_classes={num_classes}); pass labels in that range or make the poison with "
+            "the dataset's number of classes."
+            if num_classes is not None
+            else f"{where}: label {bad[0]:g} is negative; pass class indices 0, 1, ..."
         )
     return jax.device_put((images, labels.astype(np.int32)), sharding.replicated(mesh))
 
@@ -100,7 +116,7 @@ def craft(
 
 
 def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, mesh):
-    images, labels = _inputs(images, labels, "poisons.craft", mesh)
+    images, labels = _inputs(images, labels, "poisons.craft", mesh, poison.num_classes)
     state = _compiled_init(poison)(jax.random.fold_in(key, 0), images, labels)
     history, start = {}, 0
     if not poison.num_epochs:
@@ -153,7 +169,7 @@ def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):
     """
     mesh = mesh or sharding.data_mesh()
     with jax.set_mesh(mesh):
-        images, labels = _inputs(images, labels, "poisons.apply_all", mesh)
+        images, labels = _inputs(images, labels, "poisons.apply_all", mesh, poison.num_classes)
         n = labels.shape[0]
         fn = _compiled_apply(poison)
         parts = [
