@@ -1,9 +1,15 @@
-r"""Times jaxpoison against the PyTorch reference on this CPU: train step, PGD-10, seeds study.
+r"""Times jaxpoison against the PyTorch reference on one device: train step, PGD-10, seeds study.
 
     python benchmarks/spine.py                                   # everything, default sizes
     python benchmarks/spine.py --workloads=train,pgd --models=cnn_cifar,vgg11 --reps=5
     python benchmarks/spine.py --workloads=seeds --seeds=1,4,8 --seed_model=cnn_cifar
     python benchmarks/spine.py --models=resnet18@0.25            # a model at a width
+
+On a GPU machine (jax[cuda] and a CUDA build of torch installed), the same table on the GPU,
+both frameworks on the one device, PyTorch synchronised after every call as JAX blocks:
+
+    python benchmarks/spine.py --device=cuda --workloads=train,pgd,seeds \
+        --models=cnn_cifar,vgg11,resnet18 --reps=20 --json_out=gpu.jsonl
 
 Workloads (batch 128, CIFAR shapes 32x32x3, fp32):
   train  one SGD step (momentum 0.9, weight decay 5e-4, cross-entropy), train-mode model: the
@@ -57,18 +63,25 @@ NUM_TRAIN = 1024
 # ----- sgemm --------------------------------------------------------------------------------------
 
 
-def sgemm(sink, reps, torch_ref):
+def sgemm(sink, reps, torch_ref, device="cpu"):
     n = 2048
     rng = np.random.default_rng(0)
     a = rng.random((n, n), np.float32)
     b = rng.random((n, n), np.float32)
-    fns = {"numpy": lambda: a @ b}
+    fns = {"numpy": lambda: a @ b} if device == "cpu" else {}
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     jdot = jax.jit(jnp.dot)
     fns["jax"] = lambda: jdot(ja, jb).block_until_ready()
     if torch_ref is not None:
-        ta, tb = torch_ref.torch.from_numpy(a), torch_ref.torch.from_numpy(b)
-        fns["torch"] = lambda: ta @ tb
+        torch = torch_ref.torch
+        dev = torch.device(device)
+        ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+
+        def torch_gemm():
+            ta @ tb
+            _synchronize(torch, dev)
+
+        fns["torch"] = torch_gemm
     times = interleaved(fns, reps)
     result = {}
     for name, ts in times.items():
@@ -159,31 +172,42 @@ class JaxPGD:
 # ----- PyTorch workloads --------------------------------------------------------------------------
 
 
+def _synchronize(torch, device):
+    """Waits for the device's queued work (CUDA runs asynchronously, as JAX dispatches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class TorchTrain:
-    def __init__(self, tr, name, width, channels_last):
+    def __init__(self, tr, name, width, channels_last, device="cpu"):
         torch = tr.torch
         torch.manual_seed(0)
-        self.model = tr.make(name, width=width, channels_last=channels_last)
+        self.device = torch.device(device)
+        self.model = tr.make(name, width=width, channels_last=channels_last).to(self.device)
         self.step = tr.make_train_step(self.model, learning_rate=0.01, channels_last=channels_last)
-        self.x = torch.rand(NUM_TRAIN, 3, 32, 32)
-        self.y = torch.randint(0, 10, (NUM_TRAIN,))
+        self.x = torch.rand(NUM_TRAIN, 3, 32, 32, device=self.device)
+        self.y = torch.randint(0, 10, (NUM_TRAIN,), device=self.device)
         self.torch = torch
 
     def __call__(self):
-        self.step(self.x, self.y, self.torch.randint(0, NUM_TRAIN, (BATCH,)))
+        self.step(self.x, self.y, self.torch.randint(0, NUM_TRAIN, (BATCH,), device=self.device))
+        _synchronize(self.torch, self.device)
 
 
 class TorchPGD:
-    def __init__(self, tr, name, width, channels_last, *, num_steps=10):
+    def __init__(self, tr, name, width, channels_last, *, num_steps=10, device="cpu"):
         torch = tr.torch
         torch.manual_seed(0)
-        self.model = tr.make(name, width=width, channels_last=channels_last)
+        self.device = torch.device(device)
+        self.model = tr.make(name, width=width, channels_last=channels_last).to(self.device)
         self.attack = tr.make_pgd(self.model, num_steps=num_steps, channels_last=channels_last)
-        self.x = torch.rand(BATCH, 3, 32, 32)
-        self.y = torch.randint(0, 10, (BATCH,))
+        self.x = torch.rand(BATCH, 3, 32, 32, device=self.device)
+        self.y = torch.randint(0, 10, (BATCH,), device=self.device)
+        self.torch = torch
 
     def __call__(self):
         self.attack(self.x, self.y)
+        _synchronize(self.torch, self.device)
 
 
 def model_flops(tr, name, width):
@@ -203,12 +227,14 @@ def head_to_head(workload, spec, args, tr, sink, rows):
     if workload == "train":
         fns = {"jax": JaxTrain(name, width)}
         if tr is not None:
-            fns["torch"] = TorchTrain(tr, name, width, args.channels_last)
+            fns["torch"] = TorchTrain(tr, name, width, args.channels_last, args.device)
         work = None if flops is None else BATCH * (3 * flops[0] - flops[1])
     else:
         fns = {"jax": JaxPGD(name, width, num_steps=args.pgd_steps)}
         if tr is not None:
-            fns["torch"] = TorchPGD(tr, name, width, args.channels_last, num_steps=args.pgd_steps)
+            fns["torch"] = TorchPGD(
+                tr, name, width, args.channels_last, num_steps=args.pgd_steps, device=args.device
+            )
         work = None if flops is None else BATCH * args.pgd_steps * 2 * flops[0]
     load_before = load1()
     times = interleaved(fns, args.reps, warmup=args.warmup)
@@ -333,21 +359,34 @@ def main(argv=None):
         help="PyTorch memory format: 1 = channels-last (the faster here, see docs), 0 = NCHW",
     )
     p.add_argument("--no_torch", action="store_true", help="time jaxpoison only")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where PyTorch runs; JAX runs on its default backend, which must match",
+    )
     p.add_argument("--json_out", default="", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
 
+    if jax.default_backend() != ("gpu" if args.device == "cuda" else "cpu"):
+        p.error(
+            f"--device={args.device} but JAX runs on {jax.default_backend()}: both frameworks "
+            "must time the same device (install jax[cuda12] for --device=cuda)."
+        )
     tr = None if args.no_torch else torch_reference()
+    if tr is not None and args.device == "cuda":
+        print(f"torch on {tr.torch.cuda.get_device_name()}")
     if tr is not None:
         print(
             f"torch {tr.torch.__version__}, {tr.torch.get_num_threads()} threads, "
             f"channels_last={bool(args.channels_last)}"
         )
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()}"
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()}"
     )
     sink = []
-    gemm = sgemm(sink, max(3, args.reps), tr)
+    gemm = sgemm(sink, max(3, args.reps), tr, args.device)
     workloads = args.workloads.split(",")
     rows = []
     for workload in ("train", "pgd"):

@@ -237,7 +237,7 @@ def make_pgd(
     def attack(x, y, generator=None):
         x = _to_format(x, channels_last)
         with _frozen_eval(model):
-            delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
+            delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * epsilon
             delta = _to_format((x + delta).clamp_(0, 1) - x, channels_last)
             for _ in range(num_steps):
                 delta.requires_grad_(True)

@@ -344,6 +344,7 @@ def test_registry_and_noise_accuracy():
     assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
 
 
+@pytest.mark.slow  # 2 minutes: the U-Net generator's meta-step compiles
 def test_l2c_victims_of_a_transfer_run(tmp_path):
     """The CIFAR-10 config's transfer study end to end on the embedded subset, then the
     scikit-learn victims and the noise diagnostic for every architecture's victims."""
