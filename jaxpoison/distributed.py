@@ -15,6 +15,8 @@ its shards of the global arrays.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -22,9 +24,9 @@ import numpy as np
 def initialize(coordinator_address=None, num_processes=None, process_id=None):
     """Joins this process to the run: `jax.distributed.initialize` with these arguments.
 
-    With none of them given, a single process runs unless jax detects a cluster by itself
-    (SLURM, Open MPI, a TPU pod: ``JAX_COORDINATOR_ADDRESS`` or the scheduler's variables).
-    On CPUs the processes exchange data through gloo.
+    With none of them given, a single process runs unless the environment says this process is
+    one of several (`cluster_size`): then jax finds the coordinator and its number there. On
+    CPUs the processes exchange data through gloo.
 
     Raises:
       ValueError: only some of the three arguments are given, or they disagree.
@@ -35,7 +37,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
         "process_id": process_id,
     }
     if all(v is None for v in given.values()):
-        if not _cluster_detected():
+        if cluster_size() < 2:
             return
     elif any(v is None for v in given.values()):
         missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
@@ -52,10 +54,20 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
-def _cluster_detected():
-    from jax._src import clusters
-
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)
+def cluster_size():
+    """How many processes the environment starts this run with: ``JAX_NUM_PROCESSES`` (with
+    ``JAX_COORDINATOR_ADDRESS``), SLURM's tasks, Open MPI's world size or a TPU pod's workers;
+    1 elsewhere. Environment variables only: a single-process job on a cluster (one SLURM task,
+    a Kubernetes pod) stays a single process, and nothing is asked of a metadata server."""
+    env = os.environ
+    counts = [
+        env.get("JAX_NUM_PROCESSES") if env.get("JAX_COORDINATOR_ADDRESS") else None,
+        env.get("SLURM_NTASKS") if env.get("SLURM_JOB_ID") else None,
+        env.get("OMPI_COMM_WORLD_SIZE"),
+    ]
+    sizes = [int(c) for c in counts if c and c.strip().isdigit()]
+    workers = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return max([1, len(workers), *sizes])
 
 
 def is_writer():
@@ -88,4 +100,4 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
-__all__ = ["barrier", "initialize", "is_writer", "to_host"]
+__all__ = ["barrier", "cluster_size", "initialize", "is_writer", "to_host"]

@@ -257,6 +257,36 @@ def test_two_processes_give_the_results_of_one_and_write_once(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "env,size",
+    [
+        ({}, 1),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, 1),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, 4),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, 2),
+        ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, 4),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "3"}, 3),
+        ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, 1),
+    ],
+)
+def test_a_run_joins_a_cluster_only_when_it_is_one_of_several_processes(monkeypatch, env, size):
+    from jaxpoison import distributed
+
+    for name in (
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "KUBERNETES_SERVICE_HOST",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.cluster_size() == size
+
+
+@pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(num_processes=2), r"--coordinator_address, --process_id missing"),
