@@ -25,8 +25,9 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     """Joins this process to the run: `jax.distributed.initialize` with these arguments.
 
     With none of them given, a single process runs unless the environment says this process is
-    one of several (`cluster_size`): then jax finds the coordinator and its number there. On
-    CPUs the processes exchange data through gloo.
+    one of several (`cluster_size`): then the arguments come from ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` when set, else jax reads them from the
+    scheduler (SLURM, Open MPI, a TPU pod). On CPUs the processes exchange data through gloo.
 
     Raises:
       ValueError: only some of the three arguments are given, or they disagree.
@@ -39,16 +40,24 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     if all(v is None for v in given.values()):
         if cluster_size() < 2:
             return
-    elif any(v is None for v in given.values()):
+        env = os.environ
+        if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+            given = {
+                "coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                "num_processes": int(env["JAX_NUM_PROCESSES"]),
+                "process_id": int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
+            }
+    if any(v is None for v in given.values()) and any(v is not None for v in given.values()):
         missing = ", ".join(f"--{k}" for k, v in given.items() if v is None)
         raise ValueError(
             f"multi-process run: {missing} missing; give --coordinator_address=HOST:PORT, "
             "--num_processes=N and --process_id=I (0..N-1) together, or none of them."
         )
-    elif not 0 <= process_id < num_processes:
+    pid, count = given["process_id"], given["num_processes"]
+    if pid is not None and count is not None and not 0 <= pid < count:
         raise ValueError(
-            f"--process_id={process_id} is not in 0..{num_processes - 1} "
-            f"(--num_processes={num_processes}); number the processes from 0."
+            f"--process_id={pid} is not in 0..{count - 1} (--num_processes={count}); number "
+            "the processes from 0."
         )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
@@ -56,9 +65,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
 
 def cluster_size():
     """How many processes the environment starts this run with: ``JAX_NUM_PROCESSES`` (with
-    ``JAX_COORDINATOR_ADDRESS``), SLURM's tasks, Open MPI's world size or a TPU pod's workers;
-    1 elsewhere. Environment variables only: a single-process job on a cluster (one SLURM task,
-    a Kubernetes pod) stays a single process, and nothing is asked of a metadata server."""
+    ``JAX_COORDINATOR_ADDRESS``: the flags as variables), SLURM's tasks, Open MPI's world size
+    or a TPU pod's workers; 1 elsewhere. Environment variables only: a single-process job on a
+    cluster (one SLURM task, a Kubernetes pod) stays a single process, and nothing is asked of
+    a metadata server."""
     env = os.environ
     counts = [
         env.get("JAX_NUM_PROCESSES") if env.get("JAX_COORDINATOR_ADDRESS") else None,

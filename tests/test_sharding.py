@@ -301,3 +301,16 @@ def test_incomplete_multi_process_flags_are_refused(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         distributed.initialize(**kwargs)
+
+
+def test_the_flags_as_environment_variables_are_checked_too(monkeypatch):
+    from jaxpoison import distributed
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match=r"--process_id missing"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_PROCESS_ID", "5")
+    with pytest.raises(ValueError, match=r"--process_id=5 is not in 0..1"):
+        distributed.initialize()
