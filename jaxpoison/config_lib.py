@@ -255,6 +255,18 @@ FAMILY_SPECS = {
     "low_frequency": dict(name="low_frequency", frequency=4),
     "adversarial": dict(name="adversarial", num_steps=20, batch_size=256),
     "error_maximizing": dict(name="error_maximizing", num_steps=20, batch_size=256),
+    # TAP (Fowl et al.): 250 steps and 8 restarts in the paper; 20 steps and 2 restarts here,
+    # with its differentiable augmentation (4-pixel translations, flips) inside the loss and one
+    # crafting model (num_models=k trains k surrogate seeds and averages the loss over them).
+    "tap": dict(
+        name="tap",
+        num_steps=20,
+        num_restarts=2,
+        num_models=1,
+        crop_padding=4,
+        flip=True,
+        batch_size=256,
+    ),
     "mifgsm": dict(name="mifgsm", num_steps=10, batch_size=256),
     "hypocritical": dict(name="hypocritical", num_steps=20, batch_size=256),
     "universal_adversarial": dict(

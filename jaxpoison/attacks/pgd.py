@@ -39,6 +39,7 @@ def pgd(
     maximize=True,
     random_start=True,
     init=None,
+    augment_fn=None,
 ):
     """Projected steepest ascent (maximize=True) or descent on ``sum(loss_fn(x + delta, y))``.
 
@@ -58,6 +59,9 @@ def pgd(
       random_start: start from a random point of the ball instead of zero.
       init: optional starting perturbation (projected first); overrides `random_start`. Used
         to continue an attack, e.g. error-minimizing noise refined from its current value.
+      augment_fn: optional differentiable ``augment_fn(key, images) -> images`` applied to
+        ``x + delta`` inside the loss, with a fresh key at every step (Fowl et al.'s
+        differentiable augmentation, so the perturbation survives the victim's crops and flips).
 
     Returns:
       delta with the shape of `x`, inside the ball and with `x + delta` in [0, 1].
@@ -65,10 +69,10 @@ def pgd(
     References: Madry et al. 2018; Huang et al. 2021; Tao et al. 2021.
     """
     sign = 1.0 if maximize else -1.0
-    grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(x + d, y)))
+    grad_fn, key, step_keys = _gradient(loss_fn, x, y, key, augment_fn, num_steps)
 
-    def step(delta, _):
-        delta = delta + sign * step_size * threat.step_direction(grad_fn(delta))
+    def step(delta, step_key):
+        delta = delta + sign * step_size * threat.step_direction(grad_fn(delta, step_key))
         return threat.project(delta, x), None
 
     if init is not None:
@@ -77,28 +81,51 @@ def pgd(
         start = threat.random_init(key, x)
     else:
         start = jnp.zeros_like(x)
-    return jax.lax.scan(step, start, length=num_steps)[0]
+    return jax.lax.scan(step, start, step_keys, length=num_steps)[0]
 
 
-def mifgsm(loss_fn, x, y, *, key, threat, num_steps, step_size, decay=1.0, maximize=True):
+def _gradient(loss_fn, x, y, key, augment_fn, num_steps):
+    """``(grad_fn(delta, step_key), key, step_keys)``: the gradient of
+    ``sum(loss_fn(augment_fn(step_key, x + delta), y))``, the key left for the start and one
+    augmentation key per step. Without augmentation the key is the caller's own and there are
+    no step keys, so such attacks draw exactly as they always did."""
+    if augment_fn is None:
+        return jax.grad(lambda d, _: jnp.sum(loss_fn(x + d, y))), key, None
+    key, aug_key = jax.random.split(key)
+    grad_fn = jax.grad(lambda d, k: jnp.sum(loss_fn(augment_fn(k, x + d), y)))
+    return grad_fn, key, jax.random.split(aug_key, num_steps)
+
+
+def mifgsm(
+    loss_fn,
+    x,
+    y,
+    *,
+    key,
+    threat,
+    num_steps,
+    step_size,
+    decay=1.0,
+    maximize=True,
+    augment_fn=None,
+):
     """Momentum iterative FGSM (Dong et al. 2018): the gradient, ℓ1-normalised per example, is
     accumulated with momentum `decay`, and the step follows the threat model's direction of it.
 
-    Same arguments as `pgd` (`key` is unused: MI-FGSM starts from zero; it is kept so both
-    attacks share one signature).
+    Same arguments as `pgd` (`key` only draws `augment_fn`'s randomness: MI-FGSM starts from
+    zero; it is kept so both attacks share one signature).
     """
-    del key
     sign = 1.0 if maximize else -1.0
-    grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(x + d, y)))
+    grad_fn, _, step_keys = _gradient(loss_fn, x, y, key, augment_fn, num_steps)
     axes = tuple(range(1, x.ndim))
 
-    def step(carry, _):
+    def step(carry, step_key):
         delta, momentum = carry
-        g = grad_fn(delta)
+        g = grad_fn(delta, step_key)
         g = g / jnp.maximum(jnp.sum(jnp.abs(g), axis=axes, keepdims=True), 1e-12)
         momentum = decay * momentum + g
         delta = delta + sign * step_size * threat.step_direction(momentum)
         return (threat.project(delta, x), momentum), None
 
     init = (jnp.zeros_like(x), jnp.zeros_like(x))
-    return jax.lax.scan(step, init, length=num_steps)[0][0]
+    return jax.lax.scan(step, init, step_keys, length=num_steps)[0][0]

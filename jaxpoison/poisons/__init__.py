@@ -36,6 +36,7 @@ POISONS = {
     "cuda": convolution.cuda,
     "adversarial": adversarial.adversarial,
     "error_maximizing": adversarial.error_maximizing,
+    "tap": adversarial.tap,
     "mifgsm": adversarial.mifgsm,
     "hypocritical": adversarial.hypocritical,
     "universal_adversarial": universal.universal_adversarial,
@@ -52,6 +53,7 @@ REQUIRES_MODEL = set(
     {
         "adversarial",
         "error_maximizing",
+        "tap",
         "mifgsm",
         "hypocritical",
         "universal_adversarial",

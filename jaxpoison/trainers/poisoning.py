@@ -34,11 +34,16 @@ class Crafted:
     key: str  # the artifact's content key
 
 
-def train_surrogate(config, dataset, *, key, workdir, progress, overrides=None, name="surrogate"):
-    """Trains the crafting model on clean data.
+def train_surrogate(
+    config, dataset, *, key, workdir, progress, overrides=None, name="surrogate", num_models=1
+):
+    """Trains the crafting model on clean data, or an ensemble of `num_models` of them (seeds of
+    one run, trained together on a leading axis).
 
     Returns:
-      (apply_fn, variables of seed 0, the checkpoints' content key).
+      (apply_fn, variables, the checkpoints' content key): the variables of seed 0 for one model,
+      else those of the `num_models` seeds stacked on a leading axis. The content key counts the
+      seeds, so an ensemble's checkpoints never stand in for one model's.
     """
     spec = specs.surrogate(
         config, overrides, image_shape=dataset.image_shape, num_classes=dataset.num_classes
@@ -56,15 +61,17 @@ def train_surrogate(config, dataset, *, key, workdir, progress, overrides=None, 
     states, history = trainer.fit(
         td,
         key=key,
-        num_seeds=1,
+        num_seeds=num_models,
         name=name,
         progress=progress,
         ckpt_dir=Path(workdir) / "checkpoints" / name,
     )
-    state = jax.tree.map(lambda a: a[0], states)
-    variables = {"params": state.params, **state.model_state}
-    say(f"{name}: clean test accuracy {history['test/accuracy'][-1][0]:.4f}")
-    record_key = content_key(trainer.record(td, key=key, num_seeds=1))
+    if num_models == 1:
+        states = jax.tree.map(lambda a: a[0], states)
+    variables = {"params": states.params, **states.model_state}
+    accuracy = " ".join(f"{a:.4f}" for a in history["test/accuracy"][-1])
+    say(f"{name}: clean test accuracy {accuracy}")
+    record_key = content_key(trainer.record(td, key=key, num_seeds=num_models))
     return trainer.apply_fn, variables, record_key
 
 
@@ -73,7 +80,9 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
 
     A spec's ``surrogate`` (fields of ``config.surrogate``, e.g. ``model``) gives that poison
     its own crafting model (trained once per distinct spec); without it the poisons share
-    ``config.surrogate``.
+    ``config.surrogate``. A spec's ``num_models`` (a factory argument of the ensemble-capable
+    poisons, e.g. ``tap``) asks for that many crafting models: the surrogate is trained as that
+    many seeds of one run, and the poison receives their variables stacked on a leading axis.
     """
     out, surrogates = {}, {}
     x_clean = data.to_float(dataset.x_train)
@@ -84,16 +93,19 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
         model, surrogate_key = {}, None
         if ps.requires_model:
             tag = f"surrogate_{run}" if ps.surrogate else "surrogate"
-            cache = repr(plain(ps.surrogate or {}))
+            spec_key = repr(plain(ps.surrogate or {}))
+            num_models = ps.kwargs.get("num_models", 1)
+            cache = (spec_key, num_models)
             if cache not in surrogates:
                 surrogates[cache] = train_surrogate(
                     config,
                     dataset,
-                    key=run_key(key, "surrogate" if not ps.surrogate else cache),
+                    key=run_key(key, "surrogate" if not ps.surrogate else spec_key),
                     workdir=workdir,
                     progress=progress,
                     overrides=ps.surrogate,
                     name=tag,
+                    num_models=num_models,
                 )
             apply_fn, variables, surrogate_key = surrogates[cache]
             model = dict(apply_fn=apply_fn, variables=variables)
