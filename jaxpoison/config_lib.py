@@ -304,6 +304,18 @@ FAMILY_SPECS = {
     # CUDA blurs every image (unbounded), with the paper's CIFAR-10 filters (3x3, blur 0.3).
     "one_pixel": dict(name="one_pixel", threat=dict(norm="l0", pixels=1)),
     "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3, class_wise=True),
+    # NTGA with the empirical NTK of a 5-layer ReLU MLP of 64 units at init (the reference's
+    # FNN is 5 x 512, infinite width), one logit; blocks of 250 scored on 250 targets (10 %),
+    # 10 PGD steps, t = 4096 (the best clean kernel predictor on this subset among 1 .. 32768
+    # and infinity); about 13 minutes of 2 idle cores (docs/results/2026-12-ntga.md).
+    "ntga": dict(
+        name="ntga",
+        model=dict(name="mlp", width=1.0, hidden=(64, 64, 64, 64, 64)),
+        t=4096.0,
+        target_size=0.1,
+        num_steps=10,
+        batch_size=250,
+    ),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.

@@ -17,6 +17,7 @@ from jaxpoison.poisons import (
     error_minimizing,
     from_file,
     l2c,
+    ntga,
     one_pixel,
     partial,
     substandard,
@@ -45,6 +46,7 @@ POISONS = {
     "noise": substandard.noise,
     "mislabeling": substandard.mislabeling,
     "l2c": l2c.l2c,
+    "ntga": ntga.ntga,
     "from_file": from_file.from_file,
 }
 
