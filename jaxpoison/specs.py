@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpoison import _registry, models, objectives, poisons, train_state
+from jaxpoison import _registry, models, objectives, poisons, train_state, transforms
 from jaxpoison import threat as threat_lib
 from jaxpoison.progress import say
 from jaxpoison.workdir import ARTIFACT_VERSION, plain
@@ -226,6 +226,26 @@ def objective(config, spec):
     return _with_threat("objective", objectives.OBJECTIVES, spec, config)
 
 
+def defense(spec, *, num_classes=None):
+    """Builds an objective spec (``{'name', **kwargs}``, optionally ``transforms``, see
+    `jaxpoison.transforms`, which get `num_classes` where they take it): (objective,
+    `transforms.Pipeline`).
+
+    Raises:
+      ValueError: an unknown objective or transform, a keyword either does not take, or a
+        label-mixing transform with an objective other than ``erm``.
+    """
+    fields = dict(plain(spec))
+    name = fields.pop("name", None)
+    pipeline = transforms.make(fields.pop("transforms", None), num_classes=num_classes)
+    if pipeline.mixes_labels and name != "erm":
+        raise ValueError(
+            f"transforms {list(pipeline.names)} mix labels, which only objective 'erm' trains "
+            f"on, not {name!r}; drop the mixing transform or use erm."
+        )
+    return objectives.make(name, **fields), pipeline
+
+
 def evaluator(config, spec):
     """An evaluator spec (``{'name', **kwargs}`` of `risk.EVALUATORS`) with the config's threat
     fields where it takes them and does not set them."""
@@ -337,9 +357,8 @@ def check(config, *, image_shape, num_classes, victims=True):
             f"config.loss_threshold={threshold!r}: give a positive training loss (e.g. 0.5)."
         )
     for label, spec in selected(config, "objectives").items():
-        fields = objective(config, spec)
         try:
-            objectives.make(fields.pop("name"), **fields)
+            defense(objective(config, spec), num_classes=num_classes)
         except ValueError as e:
             raise ValueError(f"objectives.{label}: {e}") from e
     for spec in plain(config.get("evals") or {}).values():
@@ -390,6 +409,7 @@ __all__ = [
     "AUTO_MODELS",
     "PoisonSpec",
     "check",
+    "defense",
     "evaluator",
     "make_poison",
     "model_spec",

@@ -125,6 +125,7 @@ def train_step(
     crop_padding=0,
     flip=False,
     schedule=None,
+    augment=None,
 ):
     """One optimisation step of one model: ``(state, batch, key) -> (state, metrics)``.
 
@@ -144,11 +145,15 @@ def train_step(
         ``progress = step / (epochs * steps_per_epoch)``, a float32 in [0, 1), and
         ``epoch = step / steps_per_epoch`` (2.5 = halfway through the third epoch). Objectives
         with schedules (FAT's τ, GAIRAT's burn-in and λ) read ``progress``.
+      augment: ``augment(key, batch) -> batch`` after the crop and flip (the batch-stage
+        transforms of `jaxpoison.transforms`: cutout, mixup, ...), or None.
     """
     aug_key, obj_key = jax.random.split(key)
     batch = dict(
         batch, image=data.augment(aug_key, batch["image"], crop_padding=crop_padding, flip=flip)
     )
+    if augment is not None:
+        batch = augment(jax.random.fold_in(aug_key, 1), batch)
     if schedule is not None:
         epochs, steps_per_epoch = schedule
         step = state.step.astype(jnp.float32)

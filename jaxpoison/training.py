@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxpoison import checkpointing, data, losses, models, objectives, sharding
+from jaxpoison import checkpointing, data, losses, models, sharding, specs, transforms
 from jaxpoison.progress import progress_bar, say
 from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_step
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
@@ -132,6 +132,7 @@ class Trainer:
     seed_strategy: str = "auto"
     mesh: Mesh | None = None
     spec: dict | None = None
+    transforms: transforms.Pipeline = dataclasses.field(default_factory=transforms.Pipeline)
 
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
@@ -139,8 +140,9 @@ class Trainer:
         module = models.make(
             config.model.name, num_classes=num_classes, width=config.model.get("width", 1.0)
         )
-        obj_cfg = dict(config.get("objective", {"name": "erm"}))
-        objective = objectives.make(obj_cfg.pop("name"), **obj_cfg)
+        objective, pipeline = specs.defense(
+            config.get("objective", {"name": "erm"}), num_classes=num_classes
+        )
         return cls(
             module=module,
             objective=objective,
@@ -153,6 +155,7 @@ class Trainer:
             seed_strategy=config.get("seed_strategy", "auto"),
             mesh=mesh,
             spec={k: v for k, v in plain(config).items() if k not in _NOT_DETERMINING},
+            transforms=pipeline,
         )
 
     def __post_init__(self):
@@ -196,11 +199,24 @@ class Trainer:
                     crop_padding=crop_padding,
                     flip=flip,
                     schedule=(self.epochs, steps_per_epoch),
+                    augment=self.transforms.augment if self.transforms.batch else None,
                 )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 
             self._compiled[cache_key] = jax.jit(step, donate_argnums=0)
         return self._compiled[cache_key]
+
+    def purified(self, train_data, key):
+        """`train_data` with its training images through the dataset-stage transforms (once,
+        compiled, on the devices); unchanged without any."""
+        if not self.transforms.dataset:
+            return train_data
+        rep = sharding.replicated(self.mesh)
+        fn = self._cached(
+            "purify", None, lambda: jax.jit(self.transforms.purify, out_shardings=rep)
+        )
+        x = fn(jax.random.fold_in(key, 3), train_data.x_train, train_data.y_train)
+        return dataclasses.replace(train_data, x_train=x)
 
     def evaluate(self, states, x, y):
         """Eval-mode accuracy and mean loss of every seed on (x, y): dict of [S] arrays.
@@ -358,6 +374,7 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         sharding.note_indivisible(f"{name or 'train'}: batch_size", self.batch_size, self.mesh)
+        train_data = self.purified(train_data, key)
         step_fn = self.compiled_step(steps_per_epoch, train_data.crop_padding, train_data.flip)
         seed_keys = jax.random.split(key, num_seeds)
         perm_fn = self._cached(
