@@ -310,7 +310,7 @@ FAMILY_SPECS = {
     # and infinity); about 13 minutes of 2 idle cores (docs/results/2026-12-ntga.md).
     "ntga": dict(
         name="ntga",
-        model=dict(name="mlp", width=1.0, hidden=(64, 64, 64, 64, 64)),
+        kernel_model=dict(name="mlp", width=1.0, hidden=(64, 64, 64, 64, 64)),
         t=4096.0,
         target_size=0.1,
         num_steps=10,

@@ -66,7 +66,7 @@ def test_kernel_regression_limits():
 
 
 def make(shape, tm, **kwargs):
-    kwargs = dict(model=MODEL, t=64.0, target_size=6, num_steps=2, chunk_size=4) | kwargs
+    kwargs = dict(kernel_model=MODEL, t=64.0, target_size=6, num_steps=2, chunk_size=4) | kwargs
     return poisons.make("ntga", threat=tm, num_classes=NUM_CLASSES, image_shape=shape, **kwargs)
 
 

@@ -57,7 +57,7 @@ def ntga(
     threat,
     num_classes,
     image_shape,
-    model=None,
+    kernel_model=None,
     num_outputs=1,
     t=64.0,
     diag_reg=1e-4,
@@ -67,14 +67,15 @@ def ntga(
     num_epochs=1,
     chunk_size=256,
 ):
-    """NTGA (Yuan & Wu 2021) with the empirical NTK of `model` at initialisation.
+    """NTGA (Yuan & Wu 2021) with the empirical NTK of `kernel_model` at initialisation.
 
     Args:
       threat: an `LpBall` (ℓ∞ or ℓ2).
       num_classes: K, the number of classes (one-hot targets of the kernel predictor).
       image_shape: (H, W, C).
-      model: ``{'name', 'width', ...}`` of the surrogate (`models.make`; default `DEFAULT_MODEL`,
-        the reference's FNN with ReLU units).
+      kernel_model: ``{'name', 'width', ...}`` of the network whose NTK at initialisation is
+        the kernel (`models.make`; default `DEFAULT_MODEL`, the reference's FNN with ReLU
+        units). Not a trained crafting model: it is drawn from the key and never trained.
       num_outputs: logits of the surrogate; the kernel is their mean per-logit NTK. The
         infinite-width NTK is the same for every logit, so one output (default) estimates it at
         1/num_outputs of the cost.
@@ -95,8 +96,8 @@ def ntga(
     References:
       Yuan & Wu 2021, "Neural Tangent Generalization Attacks", ICML.
     """
-    model = dict(model or DEFAULT_MODEL)
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+    kernel_model = dict(kernel_model or DEFAULT_MODEL)
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in kernel_model.items()}
     name, width = spec.pop("name"), spec.pop("width", 1.0)
     checks = (
         (num_outputs >= 1, f"num_outputs={num_outputs} must be >= 1 (1 is the cheapest)."),
