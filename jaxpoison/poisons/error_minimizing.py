@@ -22,6 +22,10 @@ Fitted to the crafting engine (one jitted `update` per batch, `num_epochs` passe
 The crafting model, its optimizer state and the counters live in the poison state, so the
 engine's per-epoch checkpoints make a killed craft resume exactly.
 
+`min_min` is that engine with options: an inner perturbation ρ of the learner (PGD or random
+noise, with PGD adversarial training of the crafting model), several augmentations averaged per
+step, no stop accuracy. REM and SEM (`jaxpoison.poisons.robust`) are its other settings.
+
 References:
   Huang, Ma, Erfani, Bailey, Wang. "Unlearnable Examples: Making Personal Data Unexploitable."
   ICLR 2021.
@@ -29,11 +33,13 @@ References:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxpoison import attacks, losses, models, objectives, train_state
+from jaxpoison import attacks, data, losses, models, objectives, train_state
 from jaxpoison.poisons.base import Poison, perturb, project_pattern
 
 
@@ -101,14 +107,99 @@ def error_minimizing(
     References:
       Huang et al. 2021, "Unlearnable Examples: Making Personal Data Unexploitable", ICLR.
     """
+    return min_min(
+        threat=threat,
+        num_classes=num_classes,
+        image_shape=image_shape,
+        class_wise=class_wise,
+        model=model,
+        optimizer=optimizer,
+        num_epochs=num_epochs,
+        num_steps=num_steps,
+        step_size=threat.epsilon / 10 if step_size is None else step_size,
+        train_steps=train_steps,
+        stop_accuracy=stop_accuracy,
+    )
+
+
+class Inner(NamedTuple):
+    """The perturbation ρ that noise crafting expects a learner to add on top of x + δ.
+
+    Attributes:
+      kind: ``"pgd"`` (the worst case in the ball, REM) or ``"random"`` (uniform in the ball,
+        SEM).
+      threat: the ball of ρ, an `LpBall` (the poison's norm, a smaller radius).
+      num_steps, step_size: the PGD steps that find ρ, and that the crafting model is
+        adversarially trained with (both kinds: the crafting model always trains with PGD-AT).
+    """
+
+    kind: str
+    threat: Any
+    num_steps: int
+    step_size: float
+
+
+def min_min(
+    *,
+    threat,
+    num_classes,
+    image_shape,
+    class_wise,
+    model,
+    optimizer,
+    num_epochs,
+    num_steps,
+    step_size,
+    train_steps,
+    stop_accuracy,
+    inner=None,
+    num_samples=1,
+    crop_padding=0,
+    flip=False,
+):
+    """The min-min crafting engine shared by error-minimizing, REM and SEM noise.
+
+    Per batch: one training step of the crafting model on the perturbed batch (on `train_steps`
+    batches per pass), then `num_steps` steps of projected descent on δ of
+
+        Σ_{s < num_samples}  CE(f_θ(T_s(x + δ) + ρ_s), y),
+
+    with T_s a random crop (`crop_padding`) and flip (`data.augment`, differentiable in the
+    images; fresh draws at every step) and ρ_s the `inner` perturbation of the augmented image
+    (zero without one). ρ is found on the detached image and held fixed when differentiating
+    with respect to δ (Danskin's theorem, as the REM reference). Without `inner`, augmentation
+    and with one sample this is exactly Huang et al.'s step.
+
+    Args:
+      threat, num_classes, image_shape, class_wise, model, optimizer, num_epochs, num_steps,
+        step_size, stop_accuracy: as `error_minimizing` (`step_size` resolved, `model` and
+        `optimizer` may be None for the paper's). `stop_accuracy` None never stops: all
+        `num_epochs` passes run.
+      train_steps: model steps per pass, spread evenly over it; None trains on every batch.
+        With an int, `optimizer`'s schedule spans ``num_epochs * train_steps`` steps.
+      inner: None, or an `Inner`: ρ for the noise, and PGD adversarial training (the same
+        ball and steps) for the crafting model instead of standard training.
+      num_samples: augmentations averaged per descent step.
+      crop_padding, flip: the augmentation T, also applied to the crafting model's batches.
+
+    Returns:
+      A `Poison` whose state is a `MinMinState`.
+    """
     model = dict(model or {"name": "resnet18", "width": 1.0})
     opt_kwargs = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant")
     opt_kwargs.update(optimizer or {})
-    step_size = threat.epsilon / 10 if step_size is None else step_size
     module = models.make(model["name"], num_classes=num_classes, width=model.get("width", 1.0))
     apply_fn = models.make_apply_fn(module)
-    objective = objectives.make("erm")
-    tx = train_state.make_optimizer(epochs=1, steps_per_epoch=1, **opt_kwargs)
+    if inner is None:
+        objective = objectives.make("erm")
+    else:
+        objective = objectives.make(
+            "pgd_at", threat=inner.threat, num_steps=inner.num_steps, step_size=inner.step_size
+        )
+    tx = train_state.make_optimizer(
+        epochs=num_epochs if train_steps else 1, steps_per_epoch=train_steps or 1, **opt_kwargs
+    )
+    robust = inner is not None or num_samples > 1 or crop_padding or flip
 
     def perturbed(delta, x, y, index):
         """The batch's images plus their perturbation (projected into the ball and the box)."""
@@ -139,50 +230,86 @@ def error_minimizing(
             num_examples=x.shape[0],
         )
 
+    def noise_grad_fn(loss_fn, images_of, y):
+        """``(d, key) -> gradient`` of the noise objective with respect to d."""
+        if not robust:
+            return lambda d, key: jax.grad(lambda d: jnp.sum(loss_fn(images_of(d), y)))(d)
+
+        def sample_loss(d, key):
+            aug_key, inner_key = jax.random.split(key)
+            images = data.augment(aug_key, images_of(d), crop_padding=crop_padding, flip=flip)
+            fixed = jax.lax.stop_gradient(images)
+            if inner is None:
+                rho = jnp.zeros_like(fixed)
+            elif inner.kind == "pgd":
+                rho = attacks.pgd(
+                    loss_fn,
+                    fixed,
+                    y,
+                    key=inner_key,
+                    threat=inner.threat,
+                    num_steps=inner.num_steps,
+                    step_size=inner.step_size,
+                )
+            else:
+                rho = inner.threat.random_init(inner_key, fixed)
+            return jnp.sum(loss_fn(images + jax.lax.stop_gradient(rho), y))
+
+        def grad(d, key):
+            # One sample's backward pass at a time (as the reference), not S in one graph.
+            def body(total, s):
+                return total + jax.grad(sample_loss)(d, jax.random.fold_in(key, s)), None
+
+            return jax.lax.scan(body, jnp.zeros_like(d), jnp.arange(num_samples))[0]
+
+        return grad
+
+    def descend(start, grad_fn, project, key):
+        def step(d, t):
+            g = grad_fn(d, jax.random.fold_in(key, t))
+            return project(d - step_size * threat.step_direction(g)), None
+
+        return jax.lax.scan(step, start, jnp.arange(num_steps))[0]
+
     def active(state, batch, key):
         x, y, index = batch["image"], batch["label"], batch["index"]
+        train_key, noise_key = jax.random.split(key)
         # The engine visits ceil(N / B) batches per pass (the last one wraps around).
         steps_per_epoch = -(-state.num_examples // x.shape[0])
         i = state.step % steps_per_epoch
-        train_every = max(1, steps_per_epoch // max(1, train_steps))
-        do_train = jnp.logical_and(i % train_every == 0, i // train_every < train_steps)
+        per_pass = train_steps or steps_per_epoch
+        train_every = max(1, steps_per_epoch // max(1, per_pass))
+        do_train = jnp.logical_and(i % train_every == 0, i // train_every < per_pass)
 
         # 1. A training step of the crafting model on the perturbed batch.
         poisoned = dict(batch, image=perturbed(state.delta, x, y, index))
         model_state = jax.lax.cond(
             do_train,
             lambda m: train_state.train_step(
-                m, poisoned, key, apply_fn=apply_fn, objective=objective, tx=tx
+                m,
+                poisoned,
+                train_key,
+                apply_fn=apply_fn,
+                objective=objective,
+                tx=tx,
+                crop_padding=crop_padding,
+                flip=flip,
             )[0],
             lambda m: m,
             state.model,
         )
 
-        # 2. PGD descent on δ against the updated model, from the current δ.
+        # 2. Projected descent on δ against the updated model, from the current δ.
         variables = variables_of(model_state)
-
         loss_fn = attacks.model_loss(apply_fn, variables)
         if class_wise:
             # Gradient of the batch loss with respect to the K class patterns.
-            grad_fn = jax.grad(lambda d: jnp.sum(loss_fn(jnp.clip(x + d[y], 0.0, 1.0), y)))
-
-            def step(d, _):
-                d = d - step_size * threat.step_direction(grad_fn(d))
-                return project_pattern(threat, d), None
-
-            delta = jax.lax.scan(step, state.delta, length=num_steps)[0]
+            grad_fn = noise_grad_fn(loss_fn, lambda d: jnp.clip(x + d[y], 0.0, 1.0), y)
+            delta = descend(state.delta, grad_fn, lambda d: project_pattern(threat, d), noise_key)
         else:
-            new = attacks.pgd(
-                loss_fn,
-                x,
-                y,
-                key=key,
-                threat=threat,
-                num_steps=num_steps,
-                step_size=step_size,
-                maximize=False,
-                init=state.delta[index],
-            )
+            grad_fn = noise_grad_fn(loss_fn, lambda d: x + d, y)
+            start = threat.project(state.delta[index], x)
+            new = descend(start, grad_fn, lambda d: threat.project(d, x), noise_key)
             delta = state.delta.at[index].set(new)
 
         # 3. Running accuracy of the model on the perturbed data; stop check at the pass's end.
@@ -198,6 +325,10 @@ def error_minimizing(
             "loss": jnp.mean(losses.cross_entropy(logits, y)),
         }
         zero = jnp.zeros((), jnp.float32)
+        if stop_accuracy is None:
+            done = jnp.zeros((), bool)
+        else:
+            done = jnp.logical_and(last, accuracy >= stop_accuracy)
         state = MinMinState(
             delta=delta,
             model=model_state,
@@ -207,7 +338,7 @@ def error_minimizing(
             seen=jnp.where(last, zero, seen),
             accuracy=accuracy,
             loss=mean_loss,
-            done=jnp.logical_and(last, accuracy >= stop_accuracy),
+            done=done,
             num_examples=state.num_examples,
         )
         return state, metrics
