@@ -153,3 +153,30 @@ def objective_bars(summary, path, *, key="final_test_acc", title=""):
         ax.set_title(title, fontsize=9)
     save_figure(fig, path)
     return path
+
+
+def defense_heatmap(grid, path, *, title=""):
+    """The attacks × defenses table (`summarize.defense_grid`) as a heat map of mean accuracy
+    (%), each cell annotated with mean ± std; the clean training set is the first row."""
+    attacks, defenses = grid["attacks"], grid["defenses"]
+    nan = {"mean": np.nan, "std": np.nan}
+    values = np.asarray([[grid["cells"][a].get(d, nan)["mean"] for d in defenses] for a in attacks])
+    stds = np.asarray([[grid["cells"][a].get(d, nan)["std"] for d in defenses] for a in attacks])
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.0 + 0.95 * len(defenses)), max(2.5, 0.9 + 0.45 * len(attacks)))
+    )
+    image = ax.imshow(100 * values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(attacks)):
+        for j in range(len(defenses)):
+            if np.isfinite(values[i, j]):
+                text = f"{100 * values[i, j]:.1f}\n±{100 * stds[i, j]:.1f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
+    ax.set_xticks(range(len(defenses)), defenses, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+    ax.set_xlabel("defense")
+    ax.set_ylabel("training set")
+    fig.colorbar(image, ax=ax, label=f"{grid['key'].replace('_', ' ')} (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+    return path

@@ -251,3 +251,13 @@ def test_orthogonal_projection_removes_a_class_wise_shortcut():
     )
     np.testing.assert_allclose(np.asarray(projected.reshape(400, -1) @ w), 0.0, atol=1e-3)
     assert accuracy(projected, fit(projected)) < 0.4  # chance: 0.25
+
+
+def test_order_of_a_sequence_is_kept_and_a_mapping_runs_in_registry_order():
+    sequence = transforms.make(({"name": "jpeg", "quality": 20}, "grayscale"))
+    assert sequence.names == ("jpeg", "grayscale")
+    mapping = transforms.make(ml_collections.ConfigDict({"jpeg": {"quality": 20}, "grayscale": {}}))
+    assert mapping.names == ("grayscale", "jpeg")
+    x = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
+    key = jax.random.key(0)
+    assert not np.allclose(sequence.purify(key, x, None), mapping.purify(key, x, None))

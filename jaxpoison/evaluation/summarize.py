@@ -134,3 +134,59 @@ def text_table(rows):
 def pct(ms):
     """``{'mean', 'std'}`` of a fraction as ``'mm.mm ± s.ss'`` percent."""
     return f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}"
+
+
+def defense_grid(summary, *, key="final_test_acc", baseline="erm"):
+    """The attacks × defenses table of a grid run whose runs are ``<defense>/<training set>``.
+
+    Args:
+      summary: ``{run name: run_summary}``.
+      key: the accuracy of a cell (``final_test_acc``, APBench's; or ``peak_test_acc``, or
+        ``early_stopped_test_acc`` where a validation split was held out).
+      baseline: the defense whose clean-data accuracy the defense costs are measured from
+        (standard training).
+
+    Returns:
+      ``{'key', 'attacks' (clean first), 'defenses' (the baseline first), 'cells': {attack:
+      {defense: {'mean', 'std'}}}, 'cost': {defense: points lost on clean data against the
+      baseline, in %}}``, or None when the runs do not cross at least two defenses. Early
+      stopping is a column too where the runs held out a validation split: ``early_stopping``,
+      the baseline's test accuracy at its epoch of best validation accuracy.
+    """
+    cells = {}
+    for name, s in summary.items():
+        parts = name.split("/")
+        if len(parts) == 2 and key in s:
+            cells.setdefault(parts[1], {})[parts[0]] = s[key]
+            if parts[0] == baseline and "early_stopped_test_acc" in s:
+                cells[parts[1]]["early_stopping"] = s["early_stopped_test_acc"]
+    defenses = list(dict.fromkeys(d for row in cells.values() for d in row))
+    defenses.sort(key=lambda d: d != baseline)
+    if len(defenses) < 2:
+        return None
+    attacks = sorted(cells, key=lambda a: a != "clean")
+    cost = {}
+    clean = cells.get("clean", {})
+    if baseline in clean:
+        cost = {d: 100 * (clean[baseline]["mean"] - acc["mean"]) for d, acc in clean.items()}
+    return {
+        "key": key,
+        "attacks": attacks,
+        "defenses": defenses,
+        "cells": cells,
+        "cost": cost,
+    }
+
+
+def defense_grid_markdown(grid):
+    """A markdown table of `defense_grid`: attacks as rows, defenses as columns, mean ± std (%),
+    and a last row with each defense's cost on clean data."""
+    head = "| training set | " + " | ".join(grid["defenses"]) + " |"
+    lines = [head, "|" + " --- |" * (len(grid["defenses"]) + 1)]
+    for attack in grid["attacks"]:
+        row = [percent(grid["cells"][attack].get(d)) for d in grid["defenses"]]
+        lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    if grid["cost"]:
+        row = [f"{grid['cost'][d]:+.2f}" if d in grid["cost"] else "-" for d in grid["defenses"]]
+        lines.append("| cost on clean data (points) | " + " | ".join(row) + " |")
+    return "\n".join(lines)

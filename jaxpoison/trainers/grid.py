@@ -252,6 +252,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
         title = config.get("name", "")
         bars = plots.objective_bars(trained, workdir / "objectives.png", title=title)
         figures += [bars] if bars else []
+        grid = summarize.defense_grid(trained)
+        if grid is not None:
+            results["defense_grid"] = grid
+            figures.append(plots.defense_heatmap(grid, workdir / "defense_grid.png", title=title))
     sweep_cfg = config.get("lambda_sweep")
     if sweep_cfg:
         sweep_cfg = plain(sweep_cfg)
@@ -291,6 +295,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
         }
         figures += transfer.save_plots(results["transfer"], workdir)
     say(summarize.table(summary))
+    if "defense_grid" in results:
+        say(summarize.defense_grid_markdown(results["defense_grid"]))
     if summarize.eval_table(summary):
         say(summarize.eval_table(summary))
     if len(trained) >= speed.MIN_POINTS:  # fewer runs: no correlation to speak of

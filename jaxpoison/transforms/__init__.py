@@ -3,7 +3,9 @@
 A defense in jaxpoison is an entry of ``config.objectives`` (or ``config.victim.objective``):
 the objective says how the loss is computed (`jaxpoison.objectives`: ST, PGD-AT, TRADES, ...),
 its optional ``transforms`` field what is done to the training images first, in the order
-given, by name of `TRANSFORMS` with its keyword arguments::
+given (a mapping runs in `TRANSFORMS` order, since ml_collections sorts a ConfigDict's keys; a
+tuple of names or ``{'name', **kwargs}`` dicts runs in its own order), by name of `TRANSFORMS`
+with its keyword arguments::
 
     config.objectives.jpeg = dict(name="erm", transforms=dict(jpeg=dict(quality=10)))
     config.objectives.gray_at = dict(name="pgd_at", transforms=dict(grayscale={}))
@@ -152,12 +154,31 @@ class Pipeline:
         return batch
 
 
+def _items(spec):
+    """(name, kwargs) pairs of a ``transforms`` field, in the order they run."""
+    if isinstance(spec, str):
+        spec = (spec,)
+    if isinstance(spec, Mapping):
+        # ml_collections sorts a ConfigDict's keys, so a mapping runs in registry order.
+        order = {name: i for i, name in enumerate(TRANSFORMS)}
+        return sorted(spec.items(), key=lambda item: order.get(item[0], -1))
+    items = []
+    for entry in spec:
+        if isinstance(entry, Mapping):
+            entry = dict(entry)
+            items.append((entry.pop("name", None), entry))
+        else:
+            items.append((entry, None))
+    return items
+
+
 def make(spec, *, num_classes=None):
     """Builds the `Pipeline` of a ``transforms`` field.
 
     Args:
-      spec: None, or a mapping from names of `TRANSFORMS` to their keyword arguments (a dict or
-        None), applied in order; a sequence of names takes every default.
+      spec: None; a mapping from names of `TRANSFORMS` to their keyword arguments (a dict or
+        None), run in the order of `TRANSFORMS` (ml_collections does not keep a ConfigDict's
+        order); or a sequence of names and ``{'name', **kwargs}`` dicts, run in its order.
       num_classes: passed to the factories that take ``num_classes`` (e.g.
         ``orthogonal_projection``) where the spec does not set it.
 
@@ -167,11 +188,8 @@ def make(spec, *, num_classes=None):
     """
     if not spec:
         return Pipeline()
-    if isinstance(spec, str):
-        spec = (spec,)
-    items = spec.items() if isinstance(spec, Mapping) else ((name, None) for name in spec)
     dataset, batch, names = [], [], []
-    for name, kwargs in items:
+    for name, kwargs in _items(spec):
         if name not in TRANSFORMS:
             raise ValueError(f"unknown transform {name!r}; use one of {sorted(TRANSFORMS)}.")
         kwargs = dict(kwargs or {})
