@@ -28,13 +28,14 @@ counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIR
 ``mart``        Wang et al. 2020, misclassification-aware boosted CE + weighted KL
 ``fat``         Zhang et al. 2020, friendly AT on early-stopped PGD (τ)
 ``gairat``      Zhang et al. 2021, geometry-aware instance-reweighted AT
+``ueraser``     Qin et al. 2023, max CE over K UEraser-augmented copies (no ball)
 ==============  =====================================================================
 
 Add your own with `register`.
 """
 
 from jaxpoison import _registry
-from jaxpoison.objectives import erm, fat, gairat, mart, pgd_at, rand_noise, thrm, trades
+from jaxpoison.objectives import erm, fat, gairat, mart, pgd_at, rand_noise, thrm, trades, ueraser
 
 OBJECTIVES = {
     "erm": erm.make,
@@ -45,11 +46,12 @@ OBJECTIVES = {
     "mart": mart.make,
     "fat": fat.make,
     "gairat": gairat.make,
+    "ueraser": ueraser.make,
 }
 
 # The built-in objectives that take the defender's ball (``threat=``, or ``norm`` / ``epsilon`` /
 # ``mask``) and need a radius.
-ADVERSARIAL = frozenset(OBJECTIVES) - {"erm"}
+ADVERSARIAL = frozenset(OBJECTIVES) - {"erm", "ueraser"}
 
 
 def register(name, factory, *, overwrite=False):

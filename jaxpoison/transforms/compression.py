@@ -158,33 +158,38 @@ def jpeg(*, quality=10, differentiable=False):
             f"jpeg: quality={quality!r} must be an integer in 1..100 (APBench and ISS use 10)."
         )
     luma_q, chroma_q = quantization_tables(quality)
-    st = bool(differentiable)
 
     def fn(images):
-        n, h, w, c = images.shape
-        if c not in (1, 3):
-            raise ValueError(f"jpeg: images with {c} channels; JPEG codes 1 (gray) or 3 (RGB).")
-        x = _to_8bit(images, st)
-        if c == 1:
-            y = _code_plane(_pad_to(x[..., 0], 8), luma_q, st)[:, :h, :w]
-            return jnp.clip(_round(y, st), 0.0, 255.0)[..., None] / 255.0
-        r, g, b = x[..., 0], x[..., 1], x[..., 2]
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-        cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0
-        cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128.0
-        y, cb, cr = (jnp.clip(_round(p, st), 0.0, 255.0) for p in (y, cb, cr))
-        y = _code_plane(_pad_to(y, 16), luma_q, st)
-        chroma = []
-        for p in (cb, cr):
-            small = _code_plane(_pad_to(_downsample(_pad_to(p, 16)), 8), chroma_q, st)
-            small = jnp.clip(_round(small, st), 0.0, 255.0)
-            hs, ws = -(-h // 2), -(-w // 2)
-            chroma.append(_upsample_axis(_upsample_axis(small[:, :hs, :ws], 1), 2))
-        y = jnp.clip(_round(y, st), 0.0, 255.0)[:, :h, :w]
-        cb, cr = (p[:, :h, :w] - 128.0 for p in chroma)
-        rgb = jnp.stack(
-            [y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1
-        )
-        return jnp.clip(_round(rgb, st), 0.0, 255.0) / 255.0
+        return jpeg_codec(images, luma_q, chroma_q, differentiable=differentiable)
 
     return fn
+
+
+def jpeg_codec(images, luma_q, chroma_q, *, differentiable=False):
+    """JPEG encode + decode of [N, H, W, C] images in [0, 1] with the given (luminance,
+    chrominance) quantisation tables [8, 8], which may be traced (a quality drawn per example:
+    vmap this over examples and their tables). `jpeg` is this at the tables of one quality."""
+    st = bool(differentiable)
+    n, h, w, c = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"jpeg: images with {c} channels; JPEG codes 1 (gray) or 3 (RGB).")
+    x = _to_8bit(images, st)
+    if c == 1:
+        y = _code_plane(_pad_to(x[..., 0], 8), luma_q, st)[:, :h, :w]
+        return jnp.clip(_round(y, st), 0.0, 255.0)[..., None] / 255.0
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128.0
+    y, cb, cr = (jnp.clip(_round(p, st), 0.0, 255.0) for p in (y, cb, cr))
+    y = _code_plane(_pad_to(y, 16), luma_q, st)
+    chroma = []
+    for p in (cb, cr):
+        small = _code_plane(_pad_to(_downsample(_pad_to(p, 16)), 8), chroma_q, st)
+        small = jnp.clip(_round(small, st), 0.0, 255.0)
+        hs, ws = -(-h // 2), -(-w // 2)
+        chroma.append(_upsample_axis(_upsample_axis(small[:, :hs, :ws], 1), 2))
+    y = jnp.clip(_round(y, st), 0.0, 255.0)[:, :h, :w]
+    cb, cr = (p[:, :h, :w] - 128.0 for p in chroma)
+    rgb = jnp.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return jnp.clip(_round(rgb, st), 0.0, 255.0) / 255.0
