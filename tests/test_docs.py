@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxpoison import models, objectives, poisons
+from jaxpoison import models, objectives, poisons, transforms
 from jaxpoison.evaluation import risk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +35,10 @@ def python_blocks(path):
 def registries():
     """Restores every registry the guide's blocks register into."""
     dicts = [(r, dict(r)) for r in (poisons.POISONS, objectives.OBJECTIVES, models.MODELS)]
-    dicts.append((risk.EVALUATORS, dict(risk.EVALUATORS)))
-    sets = [(s, set(s)) for s in (poisons.REQUIRES_MODEL, poisons.UNBOUNDED)]
+    dicts += [(r, dict(r)) for r in (risk.EVALUATORS, transforms.TRANSFORMS)]
+    sets = [
+        (s, set(s)) for s in (poisons.REQUIRES_MODEL, poisons.UNBOUNDED, transforms.MIXES_LABELS)
+    ]
     yield
     for registry, saved in dicts + sets:
         registry.clear()
@@ -61,10 +63,11 @@ def test_guide_blocks_run_in_order(registries):
     namespace = {"__name__": "guide_example"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"docs/guide.md, python block {i + 1}", "exec"), namespace)
-    assert {"small_bn", "pgd_noise", "smooth", "confidence"} <= (
+    assert {"small_bn", "pgd_noise", "smooth", "median3", "confidence"} <= (
         set(models.MODELS)
         | set(poisons.POISONS)
         | set(objectives.OBJECTIVES)
+        | set(transforms.TRANSFORMS)
         | set(risk.EVALUATORS)
     )
 
