@@ -8,7 +8,8 @@ clean data and on every poison, ℓ∞ ε = 8/255 for attacker and defender.
 
 Objectives (``objectives.OBJECTIVES``): ST (erm), random noise, PGD-AT, TRADES (β = 6), THRM
 (λ = 6), MART (β = 6), FAT (τ = 0), GAIRAT (λ = -1); the defender's inner search uses 10 steps of
-2/255 (Madry et al.). Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
+2/255 (Madry et al.). UEraser (``ueraser``, no ball): the max CE over 5 augmented copies.
+Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
 hypocritical, P5 class-wise random noise, error-minimizing noise and Regions-4, crafted with the
 poison family's settings (``config_lib.FAMILY_SPECS``), and Learning to Confuse (run ``L2C``,
 the generator of configs/l2c_cifar10.py at its ε = 0.032). ``summary`` is keyed
@@ -113,6 +114,8 @@ def _objectives(epsilon, num_steps, step_size):
         "fat": dict(name="fat", tau=0, **defender),
         # begin: None (no burn-in), overridable with a fraction of training.
         "gairat": dict(name="gairat", lam=-1.0, begin=config_dict.placeholder(float), **defender),
+        # No ball: the max CE over 5 augmented copies all training (APBench's strongest setting).
+        "ueraser": dict(name="ueraser", num_copies=5, repeat_fraction=1.0, jpeg=False),
     }
 
 
