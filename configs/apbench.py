@@ -15,7 +15,8 @@ beside the clean training set; ℓ∞ ε = 8/255 otherwise.
 Columns (``config.objectives``: an objective with optional data-side ``transforms``,
 see jaxpoison/transforms): erm (no defense), cutout (16 px), cutmix, mixup, gaussian (3x3 blur,
 σ = 0.1), bdr (2-bit depth), gray (grayscale), jpeg (quality 10), ortho (orthogonal projection),
-at (PGD-AT, 8/255; 10 steps of 2/255 on the GPU preset), and early stopping, which is not a
+at (PGD-AT, 8/255; 10 steps of 2/255 on the GPU preset), dp_sgd (DP-SGD, clip 1, noise 1,
+``cpu`` only: it needs a model without BatchNorm) and early stopping, which is not a
 training of its own: with a validation split (``data.val_size``, 10 % here) every cell records
 the test accuracy at the epoch of best validation accuracy, and the table's ``early_stopping``
 column is that of erm.
@@ -156,6 +157,8 @@ def get_config(arg=None):
         config.poisons = _cpu_poisons()
         config.victim.epochs = 10
         at = dict(name="pgd_at", norm="linf", epsilon=EPS, num_steps=1, step_size=1.25 * EPS)
+        # DP-SGD needs a model without BatchNorm: the CIFAR CNN here, not ResNet-18.
+        extra = {"dp_sgd": dict(name="erm", privacy=dict(l2_norm_clip=1.0, noise_multiplier=1.0))}
     else:
         config = ml_collections.ConfigDict()
         config.trainer = "grid"
@@ -181,7 +184,8 @@ def get_config(arg=None):
             RESNET18, epochs=40, batch_size=128, optimizer=SGD, eval_batch_size=1000
         )
         at = dict(name="pgd_at", norm="linf", epsilon=EPS, num_steps=10, step_size=2 / 255)
-    config.objectives = _objectives(at)
+        extra = {}
+    config.objectives = _objectives(at) | extra
     if "transfer" in chosen:
         config.select.objectives = ("erm",)
         config.victims = {

@@ -21,13 +21,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxpoison import _registry, models, objectives, poisons, train_state, transforms
+from jaxpoison import _registry, models, objectives, poisons, privacy, train_state, transforms
 from jaxpoison import threat as threat_lib
 from jaxpoison.progress import say
 from jaxpoison.workdir import ARTIFACT_VERSION, plain
@@ -226,14 +228,22 @@ def objective(config, spec):
     return _with_threat("objective", objectives.OBJECTIVES, spec, config)
 
 
+class Defense(NamedTuple):
+    """A defense, built: its objective, data-side transforms and DP-SGD settings (or None)."""
+
+    objective: Callable
+    transforms: transforms.Pipeline
+    privacy: privacy.DPSGD | None
+
+
 def defense(spec, *, num_classes=None):
-    """Builds an objective spec (``{'name', **kwargs}``, optionally ``transforms``, see
-    `jaxpoison.transforms`, which get `num_classes` where they take it): (objective,
-    `transforms.Pipeline`).
+    """Builds an objective spec: ``{'name', **kwargs}`` of `objectives.OBJECTIVES`, optionally
+    ``transforms`` (`jaxpoison.transforms`; they get `num_classes` where they take it) and
+    ``privacy`` (DP-SGD's fields, `jaxpoison.privacy`). Returns a `Defense`.
 
     Raises:
-      ValueError: an unknown objective or transform, a keyword either does not take, or a
-        label-mixing transform with an objective other than ``erm``.
+      ValueError: an unknown objective or transform, a keyword either does not take, a
+        label-mixing transform with an objective other than ``erm``, or bad DP-SGD settings.
     """
     fields = dict(plain(spec))
     name = fields.pop("name", None)
@@ -243,7 +253,8 @@ def defense(spec, *, num_classes=None):
             f"transforms {list(pipeline.names)} mix labels, which only objective 'erm' trains "
             f"on, not {name!r}; drop the mixing transform or use erm."
         )
-    return objectives.make(name, **fields), pipeline
+    dp = privacy.make(fields.pop("privacy", None))
+    return Defense(objectives.make(name, **fields), pipeline, dp)
 
 
 def evaluator(config, spec):
@@ -408,6 +419,7 @@ def poison_record(ps, *, fingerprint, image_shape, num_classes, key, surrogate_k
 __all__ = [
     "AUTO_MODELS",
     "PoisonSpec",
+    "Defense",
     "check",
     "defense",
     "evaluator",

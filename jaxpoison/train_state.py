@@ -126,6 +126,7 @@ def train_step(
     flip=False,
     schedule=None,
     augment=None,
+    private=None,
 ):
     """One optimisation step of one model: ``(state, batch, key) -> (state, metrics)``.
 
@@ -147,6 +148,9 @@ def train_step(
         with schedules (FAT's τ, GAIRAT's burn-in and λ) read ``progress``.
       augment: ``augment(key, batch) -> batch`` after the crop and flip (the batch-stage
         transforms of `jaxpoison.transforms`: cutout, mixup, ...), or None.
+      private: a `privacy.DPSGD` for DP-SGD (per-example gradients of the objective on one
+        example each, clipped, summed and noised), or None. Models with batch statistics
+        (BatchNorm) are refused by the trainer, since they couple the examples.
     """
     aug_key, obj_key = jax.random.split(key)
     batch = dict(
@@ -162,11 +166,29 @@ def train_step(
             "epoch": step / steps_per_epoch,
         }
 
-    def loss_fn(params):
+    def loss_fn(params, batch, key):
         variables = {"params": params, **state.model_state}
-        return objective(variables, batch, obj_key, apply_fn=apply_fn)
+        return objective(variables, batch, key, apply_fn=apply_fn)
 
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if private is None:
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, obj_key)
+    else:
+        scalars = ("progress", "epoch")  # the schedule position, shared by every example
+        examples = {k: v for k, v in batch.items() if k not in scalars}
+        shared = {k: v for k, v in batch.items() if k in scalars}
+
+        def one(params, example, key):
+            return loss_fn(params, jax.tree.map(lambda a: a[None], example) | shared, key)
+
+        size = batch["label"].shape[0]
+        keys = jax.random.split(jax.random.fold_in(obj_key, 0), size)
+        grad_fn = jax.vmap(jax.grad(one, has_aux=True), in_axes=(None, 0, 0))
+        per_example, aux = grad_fn(state.params, examples, keys)
+        grads, dp_metrics = private.aggregate(per_example, jax.random.fold_in(obj_key, 1))
+        aux = {
+            "model_state": state.model_state,
+            "metrics": jax.tree.map(jnp.mean, aux["metrics"]) | dp_metrics,
+        }
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, aux["model_state"], opt_state), aux["metrics"]

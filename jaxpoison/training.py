@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxpoison import checkpointing, data, losses, models, sharding, specs, transforms
+from jaxpoison.privacy import DPSGD
 from jaxpoison.progress import progress_bar, say
 from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_step
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
@@ -133,6 +134,7 @@ class Trainer:
     mesh: Mesh | None = None
     spec: dict | None = None
     transforms: transforms.Pipeline = dataclasses.field(default_factory=transforms.Pipeline)
+    privacy: DPSGD | None = None
 
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
@@ -140,12 +142,21 @@ class Trainer:
         module = models.make(
             config.model.name, num_classes=num_classes, width=config.model.get("width", 1.0)
         )
-        objective, pipeline = specs.defense(
-            config.get("objective", {"name": "erm"}), num_classes=num_classes
-        )
+        defense = specs.defense(config.get("objective", {"name": "erm"}), num_classes=num_classes)
+        if defense.privacy is not None:
+            shapes = jax.eval_shape(
+                lambda: models.init(module, jax.random.key(0), tuple(image_shape))
+            )
+            stats = sorted(k for k in shapes if k != "params")
+            if stats:
+                raise ValueError(
+                    f"DP-SGD (privacy) needs per-example gradients, but model "
+                    f"{config.model.name!r} keeps {stats} (BatchNorm couples the examples of a "
+                    "batch); use a model without it, e.g. cnn_cifar, cnn_mnist or mlp."
+                )
         return cls(
             module=module,
-            objective=objective,
+            objective=defense.objective,
             image_shape=tuple(image_shape),
             epochs=config.epochs,
             batch_size=config.batch_size,
@@ -155,7 +166,8 @@ class Trainer:
             seed_strategy=config.get("seed_strategy", "auto"),
             mesh=mesh,
             spec={k: v for k, v in plain(config).items() if k not in _NOT_DETERMINING},
-            transforms=pipeline,
+            transforms=defense.transforms,
+            privacy=defense.privacy,
         )
 
     def __post_init__(self):
@@ -200,11 +212,30 @@ class Trainer:
                     flip=flip,
                     schedule=(self.epochs, steps_per_epoch),
                     augment=self.transforms.augment if self.transforms.batch else None,
+                    private=self.privacy,
                 )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 
             self._compiled[cache_key] = jax.jit(step, donate_argnums=0)
         return self._compiled[cache_key]
+
+    def privacy_spent(self, num_examples, epochs=None):
+        """DP-SGD's guarantee after training on `num_examples` for `epochs` (default: the
+        schedule): ``{'epsilon', 'delta', 'noise_multiplier', 'l2_norm_clip', 'steps',
+        'sampling_rate'}``, or None without DP-SGD."""
+        if self.privacy is None:
+            return None
+        steps = (self.epochs if epochs is None else epochs) * (num_examples // self.batch_size)
+        return {
+            "epsilon": self.privacy.epsilon(
+                num_examples=num_examples, batch_size=self.batch_size, steps=steps
+            ),
+            "delta": self.privacy.delta,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "l2_norm_clip": self.privacy.l2_norm_clip,
+            "steps": steps,
+            "sampling_rate": self.batch_size / num_examples,
+        }
 
     def purified(self, train_data, key):
         """`train_data` with its training images through the dataset-stage transforms (once,

@@ -203,6 +203,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 }
                 if victims:
                     runs[run_name]["victim"] = victim_name
+                if trainer.privacy is not None and not untrained:
+                    runs[run_name]["privacy"] = trainer.privacy_spent(len(y_fit))
                 if untrained:
                     runs[run_name]["untrained"] = True
                 counts = confusion(states, td.x_test, td.y_test, key=root)["confusion"]
