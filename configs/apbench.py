@@ -15,6 +15,7 @@ beside the clean training set; ℓ∞ ε = 8/255 otherwise.
 Columns (``config.objectives``: an objective with optional data-side ``transforms``,
 see jaxpoison/transforms): erm (no defense), cutout (16 px), cutmix, mixup, gaussian (3x3 blur,
 σ = 0.1), bdr (2-bit depth), gray (grayscale), jpeg (quality 10), ortho (orthogonal projection),
+ueraser (max loss over 5 augmented copies),
 at (PGD-AT, 8/255; 10 steps of 2/255 on the GPU preset), dp_sgd (DP-SGD, clip 1, noise 1,
 ``cpu`` only: it needs a model without BatchNorm) and early stopping, which is not a
 training of its own: with a validation split (``data.val_size``, 10 % here) every cell records
@@ -103,6 +104,10 @@ def _objectives(at):
     objectives = {"erm": dict(name="erm")}
     for label, transforms in TRANSFORM_DEFENSES.items():
         objectives[label] = dict(name="erm", transforms=transforms)
+    # UEraser: the max loss over 5 augmented copies for the whole run (APBench: its first 300
+    # epochs, longer than its 200-epoch victims); the JPEG variant APBench uses for TAP and AR
+    # is --config.objectives.ueraser.jpeg=True.
+    objectives["ueraser"] = dict(name="ueraser", num_copies=5, repeat_fraction=1.0)
     objectives["at"] = at
     return objectives
 
