@@ -50,6 +50,9 @@ def get_config(arg=None):
             crop_padding=4,
             flip=True,
             batch_size=512,  # the reference's poison batch (--pbatch)
+            # Its own crafting model: config.surrogate keeps the data's CNN ("auto") for any
+            # other poison run added to this config.
+            surrogate=dict(model=RESNET18),
         )
     }
     config.objectives = {"erm": dict(name="erm")}
@@ -59,7 +62,7 @@ def get_config(arg=None):
         RESNET18, epochs=40, batch_size=128, num_seeds=2, optimizer=SGD, eval_batch_size=1000
     )
     config.surrogate = config_lib.surrogate(
-        RESNET18,
+        config_lib.auto_model(1.0),
         epochs=40,
         batch_size=128,
         optimizer=SGD,
