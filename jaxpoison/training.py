@@ -62,6 +62,7 @@ class TrainData:
     crop_padding: int = 0
     flip: bool = False
     digest: str = ""
+    x_clean: jax.Array | None = None
 
     @classmethod
     def create(
@@ -76,9 +77,12 @@ class TrainData:
         crop_padding=0,
         flip=False,
         mesh=None,
+        x_clean=None,
     ):
         """Moves arrays to the devices (replicated), images converted by `data.as_float_images`
-        (uint8 or floats in [0, 1]; NaN, inf, channel-first and other ranges refused)."""
+        (uint8 or floats in [0, 1]; NaN, inf, channel-first and other ranges refused).
+        `x_clean`: the clean images of a poisoned `x_train`, example by example, for a victim's
+        ``poison_ratio`` (None when not needed)."""
         rep = sharding.replicated(mesh or sharding.data_mesh())
 
         def images(a, split):
@@ -100,10 +104,17 @@ class TrainData:
         xs = [images(x_train, "train"), images(x_test, "test"), images(x_val, "val")]
         splits = ("train", "test", "val")
         ys = [labels(y, x, n) for y, x, n in zip((y_train, y_test, y_val), xs, splits, strict=True)]
+        clean = images(x_clean, "clean train")
+        if clean is not None and clean.shape != xs[0].shape:
+            raise data.DataError(
+                f"TrainData: clean images of shape {clean.shape} for training images of shape "
+                f"{xs[0].shape}; pass the clean version of every training image."
+            )
         arrays = [xs[0], ys[0], xs[1], ys[1], xs[2], ys[2]]
-        digest = array_digest(*arrays, np.asarray([crop_padding, int(flip)]))
-        placed = [None if a is None else jax.device_put(a, rep) for a in arrays]
-        return cls(*placed, crop_padding, flip, digest)
+        extra = [] if clean is None else [clean]
+        digest = array_digest(*arrays, *extra, np.asarray([crop_padding, int(flip)]))
+        placed = [None if a is None else jax.device_put(a, rep) for a in [*arrays, clean]]
+        return cls(*placed[:6], crop_padding, flip, digest, placed[6])
 
 
 @dataclasses.dataclass
@@ -120,6 +131,12 @@ class Trainer:
       checkpoint_every: save every this many epochs (0 = only at the end) when given a directory.
       spec: the plain victim spec that built it (set by `from_config`); checkpoints are keyed by
         it (see `record`), so a `Trainer` built by hand needs one to checkpoint.
+      transforms: the defense's data-side `transforms.Pipeline` (the objective spec's
+        ``transforms``): dataset-stage ones applied by `purified`, batch-stage ones in the step.
+      privacy: DP-SGD's settings (the objective spec's ``privacy``), or None.
+      poison_ratio: the share of every batch trained on its poisoned images, the rest on their
+        clean ones (``victim.poison_ratio``, APBench's ratio; 1 = all poisoned); below 1 the
+        training data needs ``x_clean``.
     """
 
     module: Any
@@ -135,6 +152,7 @@ class Trainer:
     spec: dict | None = None
     transforms: transforms.Pipeline = dataclasses.field(default_factory=transforms.Pipeline)
     privacy: DPSGD | None = None
+    poison_ratio: float = 1.0
 
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
@@ -143,6 +161,12 @@ class Trainer:
             config.model.name, num_classes=num_classes, width=config.model.get("width", 1.0)
         )
         defense = specs.defense(config.get("objective", {"name": "erm"}), num_classes=num_classes)
+        ratio = config.get("poison_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(
+                f"victim.poison_ratio={ratio!r} must lie in (0, 1]: the share of every batch that "
+                "stays poisoned (APBench's ratio / 100; 1 poisons every example)."
+            )
         if defense.privacy is not None:
             shapes = jax.eval_shape(
                 lambda: models.init(module, jax.random.key(0), tuple(image_shape))
@@ -165,9 +189,14 @@ class Trainer:
             checkpoint_every=config.get("checkpoint_every", 1),
             seed_strategy=config.get("seed_strategy", "auto"),
             mesh=mesh,
-            spec={k: v for k, v in plain(config).items() if k not in _NOT_DETERMINING},
+            spec={
+                k: v
+                for k, v in plain(config).items()
+                if k not in _NOT_DETERMINING and not (k == "poison_ratio" and v == 1.0)
+            },
             transforms=defense.transforms,
             privacy=defense.privacy,
+            poison_ratio=ratio,
         )
 
     def __post_init__(self):
@@ -192,15 +221,23 @@ class Trainer:
 
     # ----- compiled, vmapped over seeds ----------------------------------------------------------
 
-    def compiled_step(self, steps_per_epoch, crop_padding, flip):
-        """The jitted multi-seed step ``(states, x, y, idx[S,B], keys[S]) -> (states, metrics)``."""
-        cache_key = ("step", steps_per_epoch, crop_padding, flip)
+    def compiled_step(self, steps_per_epoch, crop_padding, flip, mixed=False):
+        """The jitted multi-seed step ``(states, x, y, idx[S,B], keys[S]) -> (states, metrics)``;
+        with `mixed`, ``(states, x, y, idx, keys, x_clean)``: the first ``floor(poison_ratio *
+        B)`` positions of each (shuffled) batch take their poisoned image, the others their
+        clean one (APBench's poison ratio, a new draw of which examples every epoch)."""
+        cache_key = ("step", steps_per_epoch, crop_padding, flip, mixed)
         if cache_key not in self._compiled:
             tx = self.optimizer(steps_per_epoch)
+            poisoned = int(self.poison_ratio * self.batch_size)
 
-            def step(states, x, y, idx, keys):
+            def step(states, x, y, idx, keys, x_clean=None):
                 # idx is [S, B]: the batch axis is 1.
-                batch = sharding.batch({"image": x[idx], "label": y[idx], "index": idx}, axis=1)
+                image = x[idx]
+                if x_clean is not None:
+                    keep = (jnp.arange(idx.shape[1]) < poisoned).reshape(1, -1, 1, 1, 1)
+                    image = jnp.where(keep, image, x_clean[idx])
+                batch = sharding.batch({"image": image, "label": y[idx], "index": idx}, axis=1)
                 one = lambda s, b, k: train_step(
                     s,
                     b,
@@ -246,8 +283,12 @@ class Trainer:
         fn = self._cached(
             "purify", None, lambda: jax.jit(self.transforms.purify, out_shardings=rep)
         )
-        x = fn(jax.random.fold_in(key, 3), train_data.x_train, train_data.y_train)
-        return dataclasses.replace(train_data, x_train=x)
+        purify_key = jax.random.fold_in(key, 3)
+        x = fn(purify_key, train_data.x_train, train_data.y_train)
+        clean = train_data.x_clean
+        if clean is not None:
+            clean = fn(purify_key, clean, train_data.y_train)
+        return dataclasses.replace(train_data, x_train=x, x_clean=clean)
 
     def evaluate(self, states, x, y):
         """Eval-mode accuracy and mean loss of every seed on (x, y): dict of [S] arrays.
@@ -406,7 +447,16 @@ class Trainer:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         sharding.note_indivisible(f"{name or 'train'}: batch_size", self.batch_size, self.mesh)
         train_data = self.purified(train_data, key)
-        step_fn = self.compiled_step(steps_per_epoch, train_data.crop_padding, train_data.flip)
+        mixed = self.poison_ratio < 1.0
+        if mixed and train_data.x_clean is None:
+            raise ValueError(
+                f"victim.poison_ratio={self.poison_ratio} mixes clean images into each batch, but "
+                "the training data has none: build it with train_data_from(..., x_clean=...)."
+            )
+        step_fn = self.compiled_step(
+            steps_per_epoch, train_data.crop_padding, train_data.flip, mixed
+        )
+        extra = (train_data.x_clean,) if mixed else ()
         seed_keys = jax.random.split(key, num_seeds)
         perm_fn = self._cached(
             "perms",
@@ -460,6 +510,7 @@ class Trainer:
                     train_data.y_train,
                     batches[:, i],
                     step_keys_fn(seed_keys, global_step),
+                    *extra,
                 )
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 bar.update(1, pending=metrics)
@@ -510,8 +561,10 @@ def train_data_from(
     crop_padding=0,
     flip=False,
     mesh=None,
+    x_clean=None,
 ):
-    """`TrainData` for training images (possibly poisoned) and the clean test set of `dataset`."""
+    """`TrainData` for training images (possibly poisoned) and the clean test set of `dataset`;
+    `x_clean`, the clean version of each training image, for a victim's ``poison_ratio``."""
     return TrainData.create(
         x_train,
         y_train,
@@ -522,6 +575,7 @@ def train_data_from(
         crop_padding=crop_padding,
         flip=flip,
         mesh=mesh,
+        x_clean=x_clean,
     )
 
 

@@ -261,3 +261,45 @@ def test_order_of_a_sequence_is_kept_and_a_mapping_runs_in_registry_order():
     x = jnp.asarray(np.random.default_rng(0).random((2, 16, 16, 3)), jnp.float32)
     key = jax.random.key(0)
     assert not np.allclose(sequence.purify(key, x, None), mapping.purify(key, x, None))
+
+
+def test_poison_ratio_mixes_clean_images_into_every_batch(digits, plain_fit):
+    # APBench's poison ratio: with ratio r the first floor(r B) positions of each shuffled batch
+    # take the poisoned image, the rest the clean one. A "poison" that blanks every image:
+    # ratio 1 trains on blanks only (chance), a ratio below 1 recovers the clean numbers'
+    # order of magnitude, and the checkpoint key changes with the ratio.
+    ds, x, y, td = digits
+    poisoned = training.train_data_from(np.zeros_like(x), y, ds, x_clean=x)
+    accuracy = {}
+    for ratio in (1.0, 0.5):
+        victim = _victim(dict(name="erm"))
+        victim.update(epochs=4, batch_size=50, poison_ratio=ratio)
+        half = training.Trainer.from_config(victim, num_classes=10, image_shape=ds.image_shape)
+        history = half.fit(poisoned, key=jax.random.key(0), progress=False)[1]
+        accuracy[ratio] = history["test/accuracy"][-1][0]
+    assert accuracy[1.0] < 0.2 and accuracy[0.5] > accuracy[1.0] + 0.2
+    plain = plain_fit[0]
+    assert half.record(poisoned, key=jax.random.key(0), num_seeds=1) != plain.record(
+        poisoned, key=jax.random.key(0), num_seeds=1
+    )
+    with pytest.raises(ValueError, match="needs|has none"):
+        half.fit(td, key=jax.random.key(0), progress=False)
+    victim.poison_ratio = 1.5
+    with pytest.raises(ValueError, match="poison_ratio=1.5 must lie in"):
+        training.Trainer.from_config(victim, num_classes=10, image_shape=ds.image_shape)
+
+
+def test_per_class_fraction_keeps_each_class_share_clean():
+    y = jnp.asarray(np.random.default_rng(0).permutation(np.repeat(np.arange(4), [10, 20, 30, 40])))
+    from jaxpoison.poisons import partial
+
+    mask = np.asarray(partial.choose(jax.random.key(0), y, fraction=0.3, per_class=True))
+    assert [int(mask[np.asarray(y) == c].sum()) for c in range(4)] == [3, 6, 9, 12]
+    mask = np.asarray(
+        partial.choose(jax.random.key(0), y, fraction=0.5, per_class=True, classes=(1, 3))
+    )
+    assert [int(mask[np.asarray(y) == c].sum()) for c in range(4)] == [0, 10, 0, 20]
+    other = np.asarray(
+        partial.choose(jax.random.key(1), y, fraction=0.5, per_class=True, classes=(1, 3))
+    )
+    assert not np.array_equal(mask, other)

@@ -113,9 +113,10 @@ def register(name, factory, *, requires_model=False, unbounded=False, l0=False, 
             names.discard(name)
 
 
-def make(name, /, *, fraction=None, classes=None, **kwargs):
+def make(name, /, *, fraction=None, classes=None, per_class=False, **kwargs):
     """Builds the poison `name` of `POISONS`, applied to a `fraction` of the training examples
-    (of the given `classes`) when either is given (see `partial.restrict`).
+    (of the given `classes`; of each class with `per_class`) when either is given (see
+    `partial.restrict`).
 
     Raises:
       ValueError: `name` is not registered, `kwargs` hold a keyword its factory does not take
@@ -133,7 +134,7 @@ def make(name, /, *, fraction=None, classes=None, **kwargs):
     poison = POISONS[name](**kwargs)
     if fraction is not None or classes is not None:
         fraction = 1.0 if fraction is None else fraction
-        poison = partial.restrict(poison, fraction=fraction, classes=classes)
+        poison = partial.restrict(poison, fraction=fraction, classes=classes, per_class=per_class)
     return poison._replace(num_classes=kwargs.get("num_classes"))
 
 

@@ -168,6 +168,13 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     x_extra, y_extra = extras[set_name]
                     x_fit = np.concatenate([data.to_float(x_fit), x_extra])  # crafted: float
                     y_fit = np.concatenate([y_fit, y_extra]).astype(np.int32)
+                x_clean = None  # the clean image of every training example, for poison_ratio
+                if victim_cfg.get("poison_ratio", 1.0) < 1.0:
+                    x_clean = x_fit
+                    if set_name in crafted:
+                        x_clean = data.to_float(dataset.x_train[train_idx])
+                        if set_name in extras:
+                            x_clean = np.concatenate([x_clean, extras[set_name][0]])
                 td = training.train_data_from(
                     x_fit,
                     y_fit,
@@ -176,6 +183,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     y_val=y_train[val_idx] if val_size else None,
                     crop_padding=config.data.get("crop_padding", 0),
                     flip=config.data.get("flip", False),
+                    x_clean=x_clean,
                 )
                 untrained = set_name == "naive" and "naive" not in crafted
                 t0 = time.time()
