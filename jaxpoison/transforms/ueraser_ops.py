@@ -129,12 +129,21 @@ def _neighbour_mean(x, diagonal):
     return 0.25 * sum(parts)
 
 
+def _interleave_zeros(x, axis):
+    """Zeros between the entries of `x` along `axis` (size n -> 2n - 1); a reshape, not a
+    scatter, which is slow on CPU."""
+    stacked = jnp.stack([x, jnp.zeros_like(x)], axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] *= 2
+    return jax.lax.slice_in_dim(stacked.reshape(shape), 0, 2 * x.shape[axis] - 1, axis=axis)
+
+
 def _diamond_square_step(img, u, scale):
     """kornia's ``_one_diamond_one_square``: [N, h, w] -> [N, 2h - 1, 2w - 1]; `u` the new
     level's uniforms, `scale` [N] its randomness."""
     n, h, w = img.shape
     s = scale[:, None, None]
-    new = jnp.zeros((n, 2 * h - 1, 2 * w - 1), img.dtype).at[:, ::2, ::2].set(img)
+    new = _interleave_zeros(_interleave_zeros(img, 2), 1)
     edge = np.ones(new.shape[1:], np.float32)
     edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = 1 / 0.75
     noise = u * s
@@ -244,11 +253,11 @@ def plasma_contrast(key, images, *, roughness=(0.3, 0.7), p=1.0):
 def channel_shuffle(key, images, *, p=0.5):
     """kornia's ``RandomChannelShuffle``: a uniform random permutation of the channels of each
     example, with probability `p` per example."""
-    kperm, kp = jax.random.split(key)
     b, c = images.shape[0], images.shape[-1]
-    perm = jax.vmap(lambda k: jax.random.permutation(k, c))(jax.random.split(kperm, b))
+    u = jax.random.uniform(key, (b, c + 1))
+    perm = jnp.argsort(u[:, :c], axis=1)  # a uniform random permutation per example
     out = jnp.take_along_axis(images, perm[:, None, None, :], axis=-1)
-    return _maybe(kp, images, out, p)
+    return jnp.where((u[:, c] < p)[:, None, None, None], out, images)
 
 
 def _auto_contrast(x):
@@ -347,16 +356,19 @@ def _warp(x, forward):
     )
     grid = jnp.stack([cols.ravel(), rows.ravel(), jnp.ones(h * w, x.dtype)])  # [3, HW]
     src = jnp.linalg.inv(forward) @ grid  # [B, 3, HW]
-
-    def sample(image, coords):  # [H, W, C], [3, HW]
-        def channel(plane):
-            return jax.scipy.ndimage.map_coordinates(
-                plane, [coords[1], coords[0]], order=1, mode="constant", cval=0.0
-            )
-
-        return jax.vmap(channel, in_axes=-1, out_axes=-1)(image).reshape(h, w, c)
-
-    return jax.vmap(sample)(x, src)
+    col, row = src[:, 0], src[:, 1]
+    c0, r0 = jnp.floor(col), jnp.floor(row)
+    flat = x.reshape(b, h * w, c)
+    out = jnp.zeros((b, h * w, c), x.dtype)
+    for dr in (0, 1):
+        for dc in (0, 1):
+            r, cc = r0 + dr, c0 + dc
+            weight = (1 - jnp.abs(row - r)) * (1 - jnp.abs(col - cc))
+            inside = (r >= 0) & (r <= h - 1) & (cc >= 0) & (cc <= w - 1)
+            index = (jnp.clip(r, 0, h - 1) * w + jnp.clip(cc, 0, w - 1)).astype(jnp.int32)
+            pixels = jnp.take_along_axis(flat, index[:, :, None], axis=1)
+            out = out + jnp.where(inside, weight, 0.0)[:, :, None] * pixels
+    return out.reshape(b, h, w, c)
 
 
 def trivial_augment(key, images):
@@ -366,11 +378,13 @@ def trivial_augment(key, images):
     warp (one affine matrix per example), then each example takes its op's result: one pass per
     colour op and one warp, with no branch per example.
     """
-    kop, kmag, kon = jax.random.split(key, 3)
     b, h, w, _ = images.shape
-    op = jax.random.randint(kop, (b,), 0, len(TRIVIAL_AUGMENT_OPS))
-    m = jax.random.uniform(kmag, (b,))
-    on = jax.random.bernoulli(kon, 0.5, (b,)).astype(images.dtype)
+    # One draw for the op, the magnitude and kornia's {0, 1} factor (each random call is a
+    # separate random-bits computation to compile).
+    u = jax.random.uniform(key, (3, b))
+    op = jnp.minimum(jnp.floor(u[0] * len(TRIVIAL_AUGMENT_OPS)), len(TRIVIAL_AUGMENT_OPS) - 1)
+    op = op.astype(jnp.int32)
+    m, on = u[1], (u[2] < 0.5).astype(images.dtype)
     warped = jnp.clip(_warp(images, _affine(op, m, on, h, w)), 0.0, 1.0)
     colour = _color_ops(images, m)
     slot = np.array([_COLOR_OPS.index(n) if n in _COLOR_OPS else 0 for n in TRIVIAL_AUGMENT_OPS])
@@ -400,17 +414,19 @@ def ueraser(key, images, *, jpeg=False):
     """UEraser's augmentation of a batch: plasma brightness, plasma contrast, channel shuffle
     (p = 0.5), TrivialAugment; with `jpeg`, a random-quality JPEG first and the plasma ops with
     p = 0.8 (APBench's ``UEraser`` and ``UEraser_jpeg``)."""
-    kj, kr, ki, km, kp, ks, kt = jax.random.split(key, 7)
+    kj, ku, km, ks, kt = jax.random.split(key, 5)
     b = images.shape[0]
     p = 1.0
     if jpeg:
         images, p = random_jpeg(kj, images), 0.8
-    # Both plasma ops' maps from one fractal call (the same draws as two calls would make in
-    # distribution; half the compiled code). Roughness U(0.3, 0.7), intensity U(0.5, 1.0).
-    maps = _maps(km, images, jax.random.uniform(kr, (2, b), minval=0.3, maxval=0.7), copies=2)
-    kpb, kpc = jax.random.split(kp)
-    images = _maybe(kpb, images, _brightness(images, maps[0], _per_example(ki, b, 0.5, 1.0)), p)
-    images = _maybe(kpc, images, _contrast(images, maps[1]), p)
+    # Both plasma ops' maps from one fractal call and their parameters from one draw (the same
+    # distribution as separate calls, less code to compile): roughness U(0.3, 0.7), intensity
+    # U(0.5, 1.0), each op applied with probability p.
+    u = jax.random.uniform(ku, (5, b))
+    maps = _maps(km, images, 0.3 + 0.4 * u[:2], copies=2)
+    on = (u[3:] < p)[:, :, None, None, None]
+    images = jnp.where(on[0], _brightness(images, maps[0], 0.5 + 0.5 * u[2]), images)
+    images = jnp.where(on[1], _contrast(images, maps[1]), images)
     images = channel_shuffle(ks, images, p=0.5)
     return trivial_augment(kt, images)
 
