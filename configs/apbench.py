@@ -57,6 +57,8 @@ from jaxpoison import config_lib
 EPS = 8 / 255
 RESNET18 = dict(name="resnet18", width=1.0)
 SGD = config_lib.optimizer(learning_rate=0.1, momentum=0.9, weight_decay=5e-4)
+# The crafting model of tap and hypo (APBench: a clean-trained ResNet-18, here 40 epochs).
+RESNET18_SURROGATE = dict(model=RESNET18)
 # APBench's victim schedule: MultiStepLR(milestones=[100, 200, 300], gamma=0.5) over 200 epochs.
 APBENCH_SGD = dict(SGD, schedule="piecewise", milestones=(0.5,), decay_factor=0.5)
 
@@ -122,7 +124,13 @@ def _gpu_poisons():
         "rem": dict(name="robust_error_minimizing", **robust),
         "sem": dict(name="stable_error_minimizing", **robust),
         "tap": dict(
-            name="tap", num_steps=250, num_restarts=8, crop_padding=4, flip=True, batch_size=512
+            name="tap",
+            num_steps=250,
+            num_restarts=8,
+            crop_padding=4,
+            flip=True,
+            batch_size=512,
+            surrogate=RESNET18_SURROGATE,
         ),
         "ar": dict(name="autoregressive", threat=dict(norm="l2", epsilon=1.0)),
         "lsp": dict(name="lsp", patch_size=8, threat=dict(norm="l2", epsilon=1.3043)),
@@ -136,7 +144,9 @@ def _gpu_poisons():
             num_steps=10,
             batch_size=512,
         ),
-        "hypo": dict(name="hypocritical", num_steps=100, batch_size=512),
+        "hypo": dict(
+            name="hypocritical", num_steps=100, batch_size=512, surrogate=RESNET18_SURROGATE
+        ),
         "dc": dict(config_lib.l2c_cifar10_poison(), threat=dict(norm="linf", epsilon=0.032)),
         "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3, class_wise=True),
     }
@@ -185,8 +195,13 @@ def get_config(arg=None):
             eval_batch_size=1000,
             checkpoint_every=10,
         )
+        # The data's CNN by default; tap and hypo name their ResNet-18 (RESNET18_SURROGATE).
         config.surrogate = config_lib.surrogate(
-            RESNET18, epochs=40, batch_size=128, optimizer=SGD, eval_batch_size=1000
+            config_lib.auto_model(1.0),
+            epochs=40,
+            batch_size=128,
+            optimizer=SGD,
+            eval_batch_size=1000,
         )
         at = dict(name="pgd_at", norm="linf", epsilon=EPS, num_steps=10, step_size=2 / 255)
         extra = {}

@@ -206,9 +206,11 @@ def victim(
 
     ``poison_ratio`` (1.0) is APBench's poison ratio: the share of every batch trained on its
     poisoned images, the rest swapped for the clean ones (``--config.victim.poison_ratio=0.8``).
+    ``model.dtype`` is the computation's precision (``--config.victim.model.dtype=bfloat16``:
+    mixed precision, parameters and logits float32; `models.COMPUTE_DTYPES`).
     """
     return dict(
-        model=dict(model),
+        model=dict(model, dtype="float32"),
         epochs=epochs,
         batch_size=batch_size,
         num_seeds=num_seeds,

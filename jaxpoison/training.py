@@ -34,6 +34,18 @@ from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 _NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
 
 
+def _determining(config):
+    """The victim spec fields that change the trained state: what its checkpoints are keyed by.
+    Fields at the defaults that predate them (``poison_ratio`` 1, ``model.dtype`` float32) are
+    left out, so adding them kept every earlier checkpoint's key."""
+    spec = {k: v for k, v in plain(config).items() if k not in _NOT_DETERMINING}
+    if spec.get("poison_ratio") == 1.0:
+        del spec["poison_ratio"]
+    if isinstance(spec.get("model"), dict) and spec["model"].get("dtype") == "float32":
+        spec["model"] = {k: v for k, v in spec["model"].items() if k != "dtype"}
+    return spec
+
+
 def _on_mesh(method):
     """Runs a `Trainer` method under its mesh (`jax.set_mesh`), where `sharding` finds it."""
 
@@ -157,9 +169,8 @@ class Trainer:
     @classmethod
     def from_config(cls, config, *, num_classes, image_shape, mesh=None):
         """From a `victim` ConfigDict: model{name,width}, objective{name,...}, optimizer{...}."""
-        module = models.make(
-            config.model.name, num_classes=num_classes, width=config.model.get("width", 1.0)
-        )
+        model = dict(plain(config.model))  # name, width and the model's own fields (dtype, ...)
+        module = models.make(model.pop("name"), num_classes=num_classes, **model)
         defense = specs.defense(config.get("objective", {"name": "erm"}), num_classes=num_classes)
         ratio = config.get("poison_ratio", 1.0)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
@@ -189,11 +200,7 @@ class Trainer:
             checkpoint_every=config.get("checkpoint_every", 1),
             seed_strategy=config.get("seed_strategy", "auto"),
             mesh=mesh,
-            spec={
-                k: v
-                for k, v in plain(config).items()
-                if k not in _NOT_DETERMINING and not (k == "poison_ratio" and v == 1.0)
-            },
+            spec=_determining(config),
             transforms=defense.transforms,
             privacy=defense.privacy,
             poison_ratio=ratio,

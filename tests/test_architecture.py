@@ -23,6 +23,8 @@ CORE = (
     "jaxpoison.workdir",
     "jaxpoison.sharding",
     "jaxpoison.distributed",
+    "jaxpoison.transforms",
+    "jaxpoison.privacy",
 )
 ABOVE_CORE = ("jaxpoison.specs", "jaxpoison.training", "jaxpoison.evaluation", *TOP)
 

@@ -163,3 +163,24 @@ def test_pgd_compiles_once(linear_model):
 def test_margin_loss_sign():
     logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     np.testing.assert_allclose(losses.margin(logits, jnp.array([0, 0])), [-1.0, 3.0])
+
+
+def test_bfloat16_computation_keeps_float32_parameters_and_logits():
+    # A config's model spec names the computation's precision: dtype="bfloat16" (mixed
+    # precision: activations in bf16, parameters and logits float32), refused when unknown.
+    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    f32 = models.make("cnn_mnist", num_classes=10, width=0.25)
+    bf16 = models.make("cnn_mnist", num_classes=10, width=0.25, dtype="bfloat16")
+    assert bf16.dtype == jnp.bfloat16
+    variables = models.init(f32, jax.random.key(1), (28, 28, 1))
+    assert all(
+        p.dtype == jnp.float32
+        for p in jax.tree.leaves(models.init(bf16, jax.random.key(1), (28, 28, 1)))
+    )
+    low = jax.jit(lambda v: bf16.apply(v, x, train=False))(variables)
+    high = jax.jit(lambda v: f32.apply(v, x, train=False))(variables)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, high, atol=0.05 * float(jnp.abs(high).max()))
+    assert not np.array_equal(low, high)
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        models.make("mlp", num_classes=10, dtype="float8")
