@@ -302,7 +302,8 @@ def _eval_section(runs, summary):
 
 
 def _figures_section(k, config, results, title, out):
-    """Confusion matrices, the transfer heat maps and the λ sweep of one workdir's results."""
+    """Confusion matrices, the attacks × defenses grid, the transfer heat maps and the λ sweep of
+    one workdir's results."""
     lines = []
     runs = results.get("runs", {})
     confusions = {n: r["confusion"] for n, r in runs.items() if "confusion" in r}
@@ -315,6 +316,11 @@ def _figures_section(k, config, results, title, out):
         )
         lines += ["### Confusion matrices (clean test set, final victims)", ""]
         lines += [f"![confusion]({path.name})", ""]
+    if results.get("defense_grid"):
+        grid = results["defense_grid"]
+        path = plots.defense_heatmap(grid, out / f"defense_grid_{k}.png", title=title)
+        lines += ["### Attacks × defenses", "", summarize.defense_grid_markdown(grid), ""]
+        lines += [f"![defense grid]({path.name})", ""]
     if results.get("transfer"):
         paths = transfer.save_plots(results["transfer"], out, suffix=f"_{k}")
         lines += ["### Transfer across architectures", "", "```"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxpoison import specs, trainers
+from jaxpoison import report, specs, trainers
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -69,3 +69,5 @@ def test_grid_table_and_a_new_defense_trains_only_its_column(tmp_path):
         assert f"{run}: resumed from epoch 2" in log
     assert "gray/ops: resumed" not in log and "gray/ops epoch 2/2" in log
     assert set(second["defense_grid"]["defenses"]) == {"erm", "jpeg", "gray", "early_stopping"}
+    text = report.report([workdir]).read_text()
+    assert "### Attacks × defenses" in text and "| cost on clean data (points) |" in text
