@@ -146,7 +146,9 @@ def test_invariants(name, crafted, dataset):
     if name not in poisons.UNBOUNDED:
         assert np.abs(images - x).max() <= EPS + 1e-6
         assert np.abs(images - x).max() > 0  # it did perturb
-    if name == "mislabeling":
+    if name == "badnets":  # no fraction given: every image triggered and labelled 0
+        assert (labels == 0).all() and (np.abs(images - x).max(axis=(1, 2, 3)) > 0).any()
+    elif name == "mislabeling":
         assert not np.array_equal(labels, y) and labels.min() >= 0 and labels.max() < NUM_CLASSES
         np.testing.assert_array_equal(images, x)
     else:

@@ -12,6 +12,7 @@ from jaxpoison import _registry
 from jaxpoison import threat as threat_lib
 from jaxpoison.poisons import (
     adversarial,
+    badnets,
     classwise,
     convolution,
     error_minimizing,
@@ -51,6 +52,7 @@ POISONS = {
     "l2c": l2c.l2c,
     "ntga": ntga.ntga,
     "from_file": from_file.from_file,
+    "badnets": badnets.badnets,
 }
 
 # Names of POISONS whose factory takes a trained model (apply_fn, variables); `register` adds to it.
@@ -68,12 +70,12 @@ REQUIRES_MODEL = set(
 
 # Names of POISONS that change labels or leave the threat model's ball by design; `register` adds
 # to it.
-UNBOUNDED = {"noise", "mislabeling", "cuda"}
+UNBOUNDED = {"noise", "mislabeling", "cuda", "badnets"}
 
 # Names of POISONS that take the l0 ball (`threat.L0Ball`, ``norm='l0'``): those that search or
 # ignore the ball; the others take gradient steps or scale to an lp radius and refuse it.
 # `register` adds to it.
-L0_POISONS = {"one_pixel", "cuda", "noise", "mislabeling", "from_file"}
+L0_POISONS = {"one_pixel", "cuda", "noise", "mislabeling", "from_file", "badnets"}
 
 
 def register(name, factory, *, requires_model=False, unbounded=False, l0=False, overwrite=False):

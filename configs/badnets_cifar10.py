@@ -1,0 +1,42 @@
+r"""BadNets backdoor on a CIFAR-10 subset: attack success rate and clean accuracy vs clean.
+
+  jaxpoison --config=configs/badnets_cifar10.py --workdir=WORKDIR
+  (append :tiny to the config path for a smoke run; --config.trigger.target=3 moves the target
+  of both the poison and the evaluation, --config.poisons.badnets.fraction=0.05 the rate)
+
+A 3x3 checkerboard in the bottom-right corner, stamped on 1 % (run ``badnets``) or 10 %
+(``badnets_10``) of the training images, chosen at random, whose labels become class 0 (Gu et
+al. 2017, all-to-one). The poison family's setting (``config_lib.poison_family``): class-balanced
+2,500 training / 1,000 test images of shared/data/cifar10.npz, flips, the CIFAR CNN at width 0.5,
+Adam, 6 epochs, 3 seeds. The ``asr`` evaluation (``backdoor``) stamps the same trigger on the
+clean test images: ``eval/asr/asr`` is the share of non-target images classified as the target,
+``eval/asr/acc/D`` the clean accuracy.
+
+Expected: docs/results/2026-12-badnets.md.
+"""
+
+import ml_collections
+
+from jaxpoison import config_lib
+
+
+def get_config(arg=None):
+    chosen = config_lib.preset(arg)
+    config = config_lib.poison_family("BadNets backdoor vs clean (CIFAR-10)", runs=())
+    # One field per trigger setting, shared by the poisons and the evaluation.
+    config.trigger = dict(
+        target=ml_collections.FieldReference(0),
+        all_to_all=ml_collections.FieldReference(False),
+        patch_size=ml_collections.FieldReference(3),
+        position=ml_collections.FieldReference("bottom_right"),
+        pattern=ml_collections.FieldReference("checkerboard"),
+    )
+    trigger = {k: config.trigger.get_ref(k) for k in config.trigger}
+    config.poisons = dict(
+        badnets=dict(name="badnets", fraction=0.01, **trigger),
+        badnets_10=dict(name="badnets", fraction=0.1, **trigger),
+    )
+    config.evals = dict(asr=dict(name="backdoor", **trigger))
+    if "tiny" in chosen:
+        config_lib.tiny(config)
+    return config
