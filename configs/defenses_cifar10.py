@@ -9,6 +9,7 @@ clean data and on every poison, ℓ∞ ε = 8/255 for attacker and defender.
 Objectives (``objectives.OBJECTIVES``): ST (erm), random noise, PGD-AT, TRADES (β = 6), THRM
 (λ = 6), MART (β = 6), FAT (τ = 0), GAIRAT (λ = -1); the defender's inner search uses 10 steps of
 2/255 (Madry et al.). UEraser (``ueraser``, no ball): the max CE over 5 augmented copies.
+Gaussian noise (``gaussian_noise``, no ball): CE under N(0, 0.25²) noise (Cohen et al.).
 Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
 hypocritical, P5 class-wise random noise, error-minimizing noise and Regions-4, crafted with the
 poison family's settings (``config_lib.FAMILY_SPECS``), and Learning to Confuse (run ``L2C``,
@@ -116,6 +117,8 @@ def _objectives(epsilon, num_steps, step_size):
         "gairat": dict(name="gairat", lam=-1.0, begin=config_dict.placeholder(float), **defender),
         # No ball: the max CE over 5 augmented copies all training (APBench's strongest setting).
         "ueraser": dict(name="ueraser", num_copies=5, repeat_fraction=1.0, jpeg=False),
+        # No ball: Gaussian data augmentation at randomized smoothing's CIFAR-10 sigma 0.25.
+        "gaussian_noise": dict(name="gaussian_noise", sigma=0.25),
     }
 
 

@@ -19,23 +19,35 @@ Schedules over training read ``batch['progress']`` (`inner.progress_of`; a batch
 counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIRAT's ``begin``
 (equal-weight burn-in) and ``lam_schedule``. Without them the objectives ignore the progress.
 
-==============  =====================================================================
-``erm``         standard training (cross-entropy)
-``rand_noise``  cross-entropy under uniform random noise in the ball
-``pgd_at``      Madry et al. 2018, PGD adversarial training
-``trades``      Zhang et al. 2019, CE + β KL(p(x) || p(x_adv))
-``thrm``        Tao et al. 2022, CE + λ KL(p(x) || p(x_hyp)), x_hyp hypocritical
-``mart``        Wang et al. 2020, misclassification-aware boosted CE + weighted KL
-``fat``         Zhang et al. 2020, friendly AT on early-stopped PGD (τ)
-``gairat``      Zhang et al. 2021, geometry-aware instance-reweighted AT
-``ueraser``     Qin et al. 2023, max CE over K UEraser-augmented copies (no ball)
-==============  =====================================================================
+==================  =====================================================================
+``erm``             standard training (cross-entropy)
+``rand_noise``      cross-entropy under uniform random noise in the ball
+``pgd_at``          Madry et al. 2018, PGD adversarial training
+``trades``          Zhang et al. 2019, CE + β KL(p(x) || p(x_adv))
+``thrm``            Tao et al. 2022, CE + λ KL(p(x) || p(x_hyp)), x_hyp hypocritical
+``mart``            Wang et al. 2020, misclassification-aware boosted CE + weighted KL
+``fat``             Zhang et al. 2020, friendly AT on early-stopped PGD (τ)
+``gairat``          Zhang et al. 2021, geometry-aware instance-reweighted AT
+``ueraser``         Qin et al. 2023, max CE over K UEraser-augmented copies (no ball)
+``gaussian_noise``  Cohen et al. 2019, CE under N(0, σ²) noise (randomized smoothing; no ball)
+==================  =====================================================================
 
 Add your own with `register`.
 """
 
 from jaxpoison import _registry
-from jaxpoison.objectives import erm, fat, gairat, mart, pgd_at, rand_noise, thrm, trades, ueraser
+from jaxpoison.objectives import (
+    erm,
+    fat,
+    gairat,
+    gaussian_noise,
+    mart,
+    pgd_at,
+    rand_noise,
+    thrm,
+    trades,
+    ueraser,
+)
 
 OBJECTIVES = {
     "erm": erm.make,
@@ -47,11 +59,12 @@ OBJECTIVES = {
     "fat": fat.make,
     "gairat": gairat.make,
     "ueraser": ueraser.make,
+    "gaussian_noise": gaussian_noise.make,
 }
 
 # The built-in objectives that take the defender's ball (``threat=``, or ``norm`` / ``epsilon`` /
 # ``mask``) and need a radius.
-ADVERSARIAL = frozenset(OBJECTIVES) - {"erm", "ueraser"}
+ADVERSARIAL = frozenset(OBJECTIVES) - {"erm", "ueraser", "gaussian_noise"}
 
 
 def register(name, factory, *, overwrite=False):
