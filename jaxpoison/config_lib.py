@@ -341,7 +341,8 @@ FAMILY_SPECS = {
     # NTGA with the empirical NTK of a 5-layer ReLU MLP of 64 units at init (the reference's
     # FNN is 5 x 512, infinite width), one logit; blocks of 250 scored on 250 targets (10 %),
     # 10 PGD steps, t = 4096 (the best clean kernel predictor on this subset among 1 .. 32768
-    # and infinity); about 13 minutes of 2 idle cores (docs/results/2026-12-ntga.md).
+    # and infinity); crafted in 38 min on 2 cores shared with 2 other runs (load 9-15); no
+    # effect on the family's CNN victims (docs/results/2026-12-ntga.md).
     "ntga": dict(
         name="ntga",
         kernel_model=dict(name="mlp", width=1.0, hidden=(64, 64, 64, 64, 64)),
