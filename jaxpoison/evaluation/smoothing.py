@@ -230,7 +230,7 @@ def make_smoothing(
       sigma: the smoothing noise level (train the victim with ``gaussian_noise`` at the same σ).
       n0, n, alpha: CERTIFY's selection and estimation copies and failure probability (the
         paper: 100, 100,000, 0.001; n = 10,000 here keeps a CPU run short and lowers the largest
-        certifiable radius to σ Φ⁻¹(0.001^(1/n)) = 3.1 σ, from 3.8 σ).
+        certifiable radius to σ Φ⁻¹(0.001^(1/n)) = 3.2 σ, from 3.8 σ).
       radii: the ℓ2 radii r of ``acc/certified@r``.
       skip: certify every `skip`-th example of the dataset (the paper: 20 on CIFAR-10).
       batch_size: noisy copies per forward pass.
