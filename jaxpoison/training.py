@@ -477,13 +477,17 @@ class Trainer:
                 )
             ),
         )
-        step_keys_fn = self._cached(
-            "step_keys",
-            None,
+        # Step s of seed k uses fold_in(fold_in(k, 2), s); one call draws a whole epoch's keys
+        # [steps, seeds], so the step loop below moves nothing from the host to the devices.
+        epoch_keys_fn = self._cached(
+            "epoch_keys",
+            steps_per_epoch,
             lambda: jax.jit(
-                jax.vmap(
-                    lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 2), s), in_axes=(0, None)
-                )
+                lambda ks, e: jax.vmap(
+                    lambda s: jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 2), s))(
+                        ks
+                    )
+                )(e * steps_per_epoch + jnp.arange(steps_per_epoch))
             ),
         )
 
@@ -507,16 +511,17 @@ class Trainer:
             disable=not progress,
         )
         for epoch in range(start_epoch, stop):
-            batches = perm_fn(seed_keys, epoch)
+            # Per step [seeds, batch] indices and [seeds] keys, split on the devices up front.
+            batches = jnp.unstack(perm_fn(seed_keys, epoch), axis=1)
+            step_keys = jnp.unstack(epoch_keys_fn(seed_keys, epoch))
             sums = None
             for i in range(steps_per_epoch):
-                global_step = epoch * steps_per_epoch + i
                 states, metrics = step_fn(
                     states,
                     train_data.x_train,
                     train_data.y_train,
-                    batches[:, i],
-                    step_keys_fn(seed_keys, global_step),
+                    batches[i],
+                    step_keys[i],
                     *extra,
                 )
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)

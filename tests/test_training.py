@@ -225,3 +225,25 @@ def test_progress_bar_counts_steps_once_computed():
     bar.update(1, pending=jnp.zeros(()))
     bar.close()
     assert bar._bar.n == 3
+
+
+def test_the_step_loop_moves_nothing_from_the_host(digits, capfd):
+    # Under jax.transfer_guard("log") every implicit host-to-device transfer is logged; a fit
+    # with twice the steps per epoch logs as many: none happens per step (setup and the epoch's
+    # index and key draws only).
+    ds, _ = digits
+    td = training.train_data_from(ds.x_train[:400], ds.y_train[:400], ds)
+    counts = {}
+    for batch_size in (100, 50):
+        trainer = training.Trainer.from_config(
+            victim_config(batch_size=batch_size, epochs=2, checkpoint_every=0),
+            num_classes=10,
+            image_shape=ds.image_shape,
+        )
+        trainer.fit(td, key=jax.random.key(0), num_seeds=2, progress=False)  # compiles
+        key = jax.random.key(1)
+        capfd.readouterr()
+        with jax.transfer_guard("log"):
+            trainer.fit(td, key=key, num_seeds=2, progress=False)
+        counts[batch_size] = capfd.readouterr().err.count("host-to-device transfer")
+    assert counts[100] == counts[50], counts
