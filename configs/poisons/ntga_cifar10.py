@@ -10,8 +10,8 @@ attacked once with its own kernel; 10 PGD steps of 1.1 ε / 10; the kernel predi
 t = 64 with diagonal regulariser 1e-4, scored on a clean target set of 10,000 training images
 (20 %); the surrogate is the reference's FNN (5 dense layers of 512 units), here a finite ReLU
 MLP whose empirical NTK at initialisation (one logit) replaces the infinite-width Erf kernel.
-The victims: the CIFAR CNN at full width, Adam, 20 epochs, 3 seeds, flips, on all 50,000
-training images; clean test accuracy on the 10,000 test images.
+The victims: the CIFAR CNN at full width, Adam, batch 128, 20 epochs, 3 seeds, flips, on all
+50,000 training images; clean test accuracy on the 10,000 test images.
 
 Crafting holds, per PGD step, the kernel of 10,000 targets against a block of 512 examples:
 Jacobians of 256 examples at a time (2.7 GB in float32 for the 2.6M-parameter MLP), about
