@@ -44,7 +44,19 @@ FAST = {
         victim=dict(name="mlp", width=0.0625),
         unroll_steps=2,
     ),
+    "tap": dict(num_steps=3, num_restarts=1, step_size=EPS / 4),
+    "ntga": dict(kernel_model=dict(name="mlp", width=0.0625), num_steps=2),
 }
+# REM and SEM at the error-minimizing model's size, with a 1-step inner adversary.
+for _name in ("robust_error_minimizing", "stable_error_minimizing"):
+    FAST[_name] = dict(
+        model=dict(name="mlp", width=0.0625),
+        optimizer=dict(learning_rate=0.1),
+        num_epochs=2,
+        num_steps=2,
+        adversarial_steps=1,
+        num_samples=1,
+    )
 NAMES = sorted(poisons.POISONS)
 
 
