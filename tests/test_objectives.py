@@ -31,7 +31,11 @@ CONFIGS = [
     ("mart", "mart", dict(beta=6.0, epsilon=EPS, num_steps=3, step_size=EPS / 2)),
     ("fat", "fat", dict(tau=1, epsilon=EPS, num_steps=3, step_size=EPS / 2)),
     ("gairat", "gairat", dict(lam=-1.0, epsilon=EPS, num_steps=4, step_size=EPS / 2)),
+    ("ueraser", "ueraser", dict(num_copies=2)),
+    ("gaussian_noise", "gaussian_noise", {}),
 ]
+# Objectives without an inner attack: no adversarial example to check.
+NO_INNER = ("erm", "ueraser", "gaussian_noise")
 IDS = [c[0] for c in CONFIGS]
 
 
@@ -138,7 +142,7 @@ def test_model_state_updated_in_training_mode(setup, results, cid):
     assert max(jax.tree.leaves(diff)) > 0
 
 
-@pytest.mark.parametrize("cid", [c for c in IDS if c != "erm"])
+@pytest.mark.parametrize("cid", [c for c in IDS if c not in NO_INNER])
 def test_inner_attack_respects_defenders_ball(setup, results, cid):
     x = setup[1]["image"]
     (_, aux, _), _ = results[cid]
@@ -148,7 +152,7 @@ def test_inner_attack_respects_defenders_ball(setup, results, cid):
     assert float(jnp.max(_ball(cid).norm_of(delta))) > 0
 
 
-@pytest.mark.parametrize("cid", [c for c in IDS if c != "erm"])
+@pytest.mark.parametrize("cid", [c for c in IDS if c not in NO_INNER])
 def test_inner_attack_runs_in_eval_mode(results, cid):
     """In eval mode example 0's perturbation cannot depend on the other examples of the batch
     (in training mode BatchNorm's batch statistics would couple them)."""
@@ -189,6 +193,8 @@ def test_every_registry_entry(setup):
         "mart",
         "fat",
         "gairat",
+        "ueraser",
+        "gaussian_noise",
     }
     assert {c[1] for c in CONFIGS} == set(objectives.OBJECTIVES)
     for name in objectives.OBJECTIVES:
