@@ -308,26 +308,19 @@ FAMILY_SPECS = {
     # at ε/2, 2 steps) on every batch; 12 passes of 4 noise steps (refined from pass to pass),
     # one augmentation per step (the reference: 13 passes of 10 noise steps, 10 PGD steps and
     # 5 augmentations on CIFAR-10).
-    "robust_error_minimizing": dict(
-        name="robust_error_minimizing",
-        model=auto_model(0.5),
-        optimizer=EM_OPTIMIZER,
-        num_epochs=12,
-        num_steps=4,
-        adversarial_steps=2,
-        num_samples=1,
-        batch_size=256,
-    ),
-    "stable_error_minimizing": dict(
-        name="stable_error_minimizing",
-        model=auto_model(0.5),
-        optimizer=EM_OPTIMIZER,
-        num_epochs=12,
-        num_steps=4,
-        adversarial_steps=2,
-        num_samples=1,
-        batch_size=256,
-    ),
+    **{
+        name: dict(
+            name=name,
+            model=auto_model(0.5),
+            optimizer=EM_OPTIMIZER,
+            num_epochs=12,
+            num_steps=4,
+            adversarial_steps=2,
+            num_samples=1,
+            batch_size=256,
+        )
+        for name in ("robust_error_minimizing", "stable_error_minimizing")
+    },
     "noise": dict(name="noise"),
     "mislabeling": dict(name="mislabeling"),
     # The ℓ2 poisons at their papers' CIFAR budgets (APBench's): LSP sqrt(32*32*3) * 6/255 =
