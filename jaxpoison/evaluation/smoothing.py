@@ -254,17 +254,7 @@ def make_smoothing(
         )
     radii = tuple(float(r) for r in radii)
 
-    def counts_of(variables, x, key, num):
-        return noise_counts(
-            apply_fn,
-            variables,
-            x,
-            key=key,
-            sigma=sigma,
-            num=num,
-            num_classes=num_classes,
-            batch_size=batch_size,
-        )
+    counts_of = _counting(apply_fn, sigma=sigma, num_classes=num_classes, batch_size=batch_size)
 
     def fn(states, x, y, key):
         del y
