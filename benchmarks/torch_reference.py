@@ -32,6 +32,15 @@ Workloads:
     a training set, the loop of `jaxpoison.poisons.error_minimizing`: per batch an SGD step
     of the crafting model on the perturbed batch (`train_steps` of them spread over the pass),
     then PGD descent on the batch's δ, then the model's accuracy on the perturbed batch.
+  - `make_tap_attack`: TAP crafting (Fowl et al. 2021), `jaxpoison.poisons.tap`: targeted
+    PGD ℓ∞ on the eval-mode model with a random translation (zero fill) and flip of x + δ inside
+    the loss at every step, `num_restarts` random starts, the restart with the lowest
+    un-augmented target loss kept per example.
+  - `make_rem_pass`: one pass of robust error-minimizing noise (Fu et al. 2022),
+    `jaxpoison.poisons.robust_error_minimizing`: per batch one PGD-AT step (radius ε_a) of the
+    crafting model on the augmented perturbed batch, then descent on δ where each step sums,
+    over `num_samples` augmentations, the gradient at the PGD adversary (radius ε_a) of the
+    augmented image, held fixed (Danskin).
 """
 
 from __future__ import annotations
@@ -389,6 +398,145 @@ def make_error_minimizing_pass(
                 correct += (model(x + d).argmax(1) == y).sum().item()
             for p in model.parameters():
                 p.requires_grad_(True)
+        return correct / n
+
+    return craft_pass
+
+
+def augment(x, *, crop_padding, flip, generator=None):
+    """Random translations by up to `crop_padding` pixels (zero fill) and horizontal flips of
+    an NCHW batch, per example and differentiable in `x` (`jaxpoison.data.pipeline.augment`)."""
+    b, _, h, w = x.shape
+    if crop_padding:
+        p = crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        off = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)
+        rows = (off[:, :1] + torch.arange(h))[:, None, :, None]
+        cols = (off[:, 1:] + torch.arange(w))[:, None, None, :]
+        x = padded[
+            torch.arange(b)[:, None, None, None],
+            torch.arange(x.shape[1])[None, :, None, None],
+            rows,
+            cols,
+        ]
+    if flip:
+        mask = torch.rand(b, 1, 1, 1, generator=generator) < 0.5
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+def make_tap_attack(
+    model,
+    *,
+    epsilon=8 / 255,
+    step_size=8 / 255 / 20,
+    num_steps=250,
+    num_restarts=8,
+    crop_padding=4,
+    flip=True,
+    channels_last=True,
+):
+    """``attack(x, targets, generator) -> delta``: TAP's targeted PGD with augmentation inside the
+    loss and restarts, the restart with the lowest un-augmented target loss kept per example."""
+
+    def once(x, t, generator):
+        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon
+        delta = _project_linf(delta, x, epsilon, channels_last)
+        for _ in range(num_steps):
+            delta.requires_grad_(True)
+            images = augment(x + delta, crop_padding=crop_padding, flip=flip, generator=generator)
+            loss = F.cross_entropy(model(_to_format(images, channels_last)), t, reduction="sum")
+            (g,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = _project_linf(delta - step_size * g.sign(), x, epsilon, channels_last)
+        return delta.detach()
+
+    def attack(x, t, generator=None):
+        x = _to_format(x, channels_last)
+        with _frozen_eval(model):
+            best, best_loss = None, None
+            for _ in range(num_restarts):
+                delta = once(x, t, generator)
+                with torch.no_grad():
+                    loss = F.cross_entropy(model(x + delta), t, reduction="none")
+                if best is None:
+                    best, best_loss = delta, loss
+                else:
+                    better = (loss < best_loss)[:, None, None, None]
+                    best = torch.where(better, delta, best)
+                    best_loss = torch.minimum(loss, best_loss)
+        return best
+
+    return attack
+
+
+def make_rem_pass(
+    model,
+    *,
+    epsilon=8 / 255,
+    step_size=1.6 / 255,
+    num_steps=10,
+    adversarial_epsilon=4 / 255,
+    adversarial_step_size=0.8 / 255,
+    adversarial_steps=10,
+    num_samples=5,
+    crop_padding=4,
+    flip=True,
+    batch_size=256,
+    learning_rate=0.1,
+    channels_last=True,
+):
+    """``craft_pass(x_train, y_train, delta, order, generator) -> accuracy``: one pass of REM
+    noise over the training set (the model trained on every batch), updating `delta` in place."""
+    adversary = make_pgd(
+        model,
+        epsilon=adversarial_epsilon,
+        step_size=adversarial_step_size,
+        num_steps=adversarial_steps,
+        channels_last=channels_last,
+    )
+    opt = _sgd(model, learning_rate, 0.9, 5e-4)
+
+    def craft_pass(x_train, y_train, delta, order, generator=None):
+        n = len(order)
+        correct = 0
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            x = _to_format(x_train[idx], channels_last)
+            y = y_train[idx]
+            # PGD-AT step of the crafting model on the augmented perturbed batch.
+            images = augment(
+                (x + delta[idx]).clamp(0, 1),
+                crop_padding=crop_padding,
+                flip=flip,
+                generator=generator,
+            )
+            images = _to_format(images, channels_last)
+            x_adv = images + adversary(images, y, generator)
+            model.train()
+            _sgd_step(opt, F.cross_entropy(model(x_adv), y))
+            # Descent on δ through the adversary of each augmentation.
+            d = _project_linf(delta[idx], x, epsilon, channels_last)
+            with _frozen_eval(model):
+                for _ in range(num_steps):
+                    g = torch.zeros_like(d)
+                    for _ in range(num_samples):
+                        d.requires_grad_(True)
+                        images = augment(
+                            x + d, crop_padding=crop_padding, flip=flip, generator=generator
+                        )
+                        images = _to_format(images, channels_last)
+                        rho = adversary(images.detach(), y, generator)
+                        loss = F.cross_entropy(model(images + rho), y, reduction="sum")
+                        (gs,) = torch.autograd.grad(loss, d)
+                        g += gs
+                    with torch.no_grad():
+                        d = _project_linf(
+                            d.detach() - step_size * g.sign(), x, epsilon, channels_last
+                        )
+                with torch.no_grad():
+                    delta[idx] = d
+                    correct += (model(x + d).argmax(1) == y).sum().item()
         return correct / n
 
     return craft_pass
