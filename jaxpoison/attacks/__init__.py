@@ -1,11 +1,15 @@
 """Per-batch optimisers over a perturbation delta: PGD (maximise or minimise), MI-FGSM, APGD
-(AutoAttack's APGD-CE / APGD-T) and the Square attack.
+(AutoAttack's APGD-CE / APGD-T), the Square attack, and the minimal-perturbation attacks
+Carlini–Wagner ℓ2 and DeepFool.
 
 `ATTACKS` holds the optimisers that share `pgd`'s signature (poisons and objectives pick them by
-name); `apgd`, `apgd_targeted` and `square` return a result with the points they fooled.
+name); `apgd`, `apgd_targeted` and `square` return a result with the points they fooled;
+`carlini_wagner_l2` and `deepfool` the closest misclassified points they found and their norms.
 """
 
 from jaxpoison.attacks.apgd import APGDResult, apgd, apgd_targeted
+from jaxpoison.attacks.cw import CWResult, carlini_wagner_l2
+from jaxpoison.attacks.deepfool import DeepFoolResult, deepfool
 from jaxpoison.attacks.pgd import mifgsm, model_loss, pgd
 from jaxpoison.attacks.square import SquareResult, square
 
@@ -14,9 +18,13 @@ ATTACKS = {"pgd": pgd, "mifgsm": mifgsm}
 __all__ = [
     "APGDResult",
     "ATTACKS",
+    "CWResult",
+    "DeepFoolResult",
     "SquareResult",
     "apgd",
     "apgd_targeted",
+    "carlini_wagner_l2",
+    "deepfool",
     "mifgsm",
     "model_loss",
     "pgd",
