@@ -14,8 +14,9 @@ The generator's objective is the victim's loss on *clean* data after training:
 
 ``method`` picks how ∇_ξ J is computed, on the same networks, data and trial length:
 
-* ``'exact'``: the inner loop is a `jax.lax.scan` and `jax.grad` differentiates through it,
-  the exact hypergradient (reverse-over-reverse). With ``remat=True`` the scan body is wrapped
+* ``'exact'``: the inner loop is a `jax.lax.scan` (`jaxpoison.bilevel.unroll`, with ξ as the
+  outer variable) and `jax.grad` differentiates through it, the exact hypergradient
+  (reverse-over-reverse). With ``remat=True`` the scan body is wrapped
   in `jax.checkpoint` and the scan is split into segments of ``checkpoint_segment`` steps (each
   segment checkpointed too), so the backward pass keeps about T/S + S parameter carries instead
   of T steps of activations. ``truncation=K`` differentiates only the last K of the T steps
@@ -56,7 +57,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxpoison import losses, models, objectives
+from jaxpoison import bilevel, losses, models, objectives
 from jaxpoison.models import generators
 from jaxpoison.poisons.base import Poison
 from jaxpoison.train_state import TrainState, make_optimizer, train_step
@@ -114,40 +114,6 @@ def make_target(target, num_classes):
     raise ValueError(f"target must be 'next', 'previous' or a callable, not {target!r}.")
 
 
-def _scan(body, carry, xs, *, remat, segment):
-    """`lax.scan` of `body`; with `remat`, checkpointed per step and per segment of steps.
-
-    Two-level checkpointing: the outer scan stores one carry per segment; during the backward
-    pass each segment is recomputed, storing one carry per step inside it, and each step's
-    activations are recomputed from its carry. Memory: ~(T/segment + segment) carries.
-    """
-    length = jax.tree.leaves(xs)[0].shape[0]
-    if length == 1:
-        # One step needs neither a loop (XLA:CPU compiles the convolutions of a loop body worse)
-        # nor remat (the step's residuals are live either way).
-        carry, y = body(carry, jax.tree.map(lambda a: a[0], xs))
-        return carry, jax.tree.map(lambda a: a[None], y)
-    if not remat:
-        return jax.lax.scan(body, carry, xs)
-    body = jax.checkpoint(body)
-    if segment <= 1 or segment >= length:
-        return jax.lax.scan(body, carry, xs)
-    n, r = divmod(length, segment)
-    head = jax.tree.map(lambda a: a[: n * segment].reshape(n, segment, *a.shape[1:]), xs)
-
-    @jax.checkpoint
-    def run_segment(c, seg_xs):
-        return jax.lax.scan(body, c, seg_xs)
-
-    carry, ys = jax.lax.scan(run_segment, carry, head)
-    ys = jax.tree.map(lambda a: a.reshape(n * segment, *a.shape[2:]), ys)
-    if r:
-        tail = jax.tree.map(lambda a: a[n * segment :], xs)
-        carry, ys_tail = jax.lax.scan(body, carry, tail)
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
-    return carry, ys
-
-
 @dataclasses.dataclass(frozen=True)
 class MetaProblem:
     """The pieces of one L2C trial as pure functions (built by `meta_problem`).
@@ -160,7 +126,8 @@ class MetaProblem:
       outer_objective: ``(state, batch) -> J`` on a clean batch (to be minimised).
       split: ``(batch, key) -> (inner [T, b, ...], outer [b_out, ...])`` batches of a trial.
       meta_objective: ``(gen_params, victim0, inner, outer, keys[T]) -> (J, aux)`` through the
-        scanned inner loop (the exact method).
+        scanned inner loop (the exact method; `jaxpoison.bilevel.unroll` of the noisy inner
+        step).
     """
 
     delta_fn: Callable
@@ -199,11 +166,9 @@ def meta_problem(
     truncation = num_steps if truncation is None else int(truncation)
     if not 1 <= truncation <= num_steps:
         raise ValueError(f"truncation={truncation} must be in 1..unroll_steps={num_steps}.")
-    segment = (
-        max(1, round(math.sqrt(truncation)))
-        if checkpoint_segment is None
-        else int(checkpoint_segment)
-    )
+    segment = None if checkpoint_segment is None else int(checkpoint_segment)
+    if segment is not None and segment < 1:
+        raise ValueError(f"checkpoint_segment={checkpoint_segment} must be >= 1 (or None).")
     gen_module = make_generator(generator, threat=threat)
     victim_module = make_victim(victim or {"name": "cnn_mnist"}, num_classes=num_classes)
     apply_fn = models.make_apply_fn(victim_module)
@@ -263,27 +228,21 @@ def meta_problem(
     def poisoned(gen_params, b):
         return dict(b, image=b["image"] + delta_fn(gen_params, b["image"]))
 
+    def noisy_step(gen_params, state, b, k):
+        state, metrics = inner_step(state, poisoned(gen_params, b), k)
+        return state, metrics["loss"]
+
     def meta_objective(gen_params, victim0, inner, outer, keys):
-        def body(params_for_noise):
-            def step(state, inputs):
-                b, k = inputs
-                state, metrics = inner_step(state, poisoned(params_for_noise, b), k)
-                return state, metrics["loss"]
-
-            return step
-
-        head = num_steps - truncation
-        state = victim0
-        if head:
-            # The first T - K steps are not differentiated: no residuals are kept for them.
-            frozen = jax.lax.stop_gradient(gen_params)
-            xs = jax.tree.map(lambda a: a[:head], (inner, keys))
-            state, head_loss = jax.lax.scan(body(frozen), state, xs)
-            state = jax.lax.stop_gradient(state)
-        xs = jax.tree.map(lambda a: a[head:], (inner, keys))
-        state, inner_loss = _scan(body(gen_params), state, xs, remat=remat, segment=segment)
-        if head:
-            inner_loss = jnp.concatenate([head_loss, inner_loss])
+        state, inner_loss = bilevel.unroll(
+            noisy_step,
+            gen_params,
+            victim0,
+            inner,
+            keys,
+            truncation=truncation,
+            remat=remat,
+            segment=segment,
+        )
         return outer_objective(state, outer), {"state": state, "inner_loss": inner_loss}
 
     return MetaProblem(
