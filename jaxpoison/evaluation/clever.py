@@ -18,15 +18,17 @@ estimate is not below the true :math:`L_q`. The location is never below the larg
 The gradients run on the devices (`gradient_maxima`: one forward and K vmapped VJPs per batch of
 samples, all examples of a batch at once); the Weibull fits run on the host, our own maximum
 likelihood with scipy (`fit_reverse_weibull`): the reference's rescaling of the maxima to [-1, 0],
-Nelder–Mead from its seven initial shapes with a small penalty on the shape (its remedy for
-divergence), the fit with the best Kolmogorov–Smirnov p-value kept, and, as in the reference, the
-largest sample used instead where every fit is rejected (p < 0.001) or the maxima are all equal
-(an affine margin, whose gradient is constant).
+Nelder–Mead from its seven initial shapes with its small penalty against divergence (0.01 times
+the square of the third parameter, which its comment calls the shape but which in scipy's
+(shape, loc, scale) order is the scale; we penalise the scale, as its code does), the fit with
+the best Kolmogorov–Smirnov p-value kept, and, as in the reference, the largest sample used
+instead where every fit is rejected (p < 0.001) or the maxima are all equal (an affine margin,
+whose gradient is constant).
 
 References:
   Weng, Zhang, Chen, Yi, Su, Gao, Hsieh, Daniel 2018, "Evaluating the Robustness of Neural
   Networks: An Extreme Value Theory Approach", ICLR (Algorithm 1; N_b = 500, N_s = 1024);
-  github.com/huanzhang12/CLEVER (``clever.py``: c_init, rescaling, shape penalty 0.01, the
+  github.com/huanzhang12/CLEVER (``clever.py``: c_init, rescaling, penalty 0.01, the
   p-value choice and fallback); IBM ART ``art/metrics/metrics.py`` (``clever_u``, ``clever_t``).
 """
 
@@ -115,7 +117,9 @@ def _negative_log_likelihood(theta, r):
     reference's penalty on the scale (see `fit_reverse_weibull`)."""
     shape, loc, scale = np.exp(theta)
     z = (loc - r) / scale
-    nll = -np.sum(np.log(shape / scale) + (shape - 1.0) * np.log(z) - z**shape)
+    # Nelder-Mead probes shapes and locations where the likelihood is 0 or overflows: inf there.
+    with np.errstate(all="ignore"):
+        nll = -np.sum(np.log(shape / scale) + (shape - 1.0) * np.log(z) - z**shape)
     return nll + PENALTY * scale**2 if np.isfinite(nll) else np.inf
 
 
@@ -125,7 +129,7 @@ def fit_reverse_weibull(maxima, *, c_init=C_INIT):
     The maxima are rescaled to r = (m - max m) / (max m - min m) in [-1, 0]; for each initial
     shape in `c_init` Nelder–Mead minimises the negative log-likelihood of
     ``F(r) = exp(-((loc - r) / scale)^shape)`` (loc > 0, so the fitted right end lies above every
-    sample) plus ``0.01 shape²``; the fit with the best Kolmogorov–Smirnov p-value is kept and
+    sample) plus ``0.01 scale²``; the fit with the best Kolmogorov–Smirnov p-value is kept and
     mapped back. Where the maxima are all equal, or every fit has p < 0.001, the location is the
     largest sample (shape, scale and p-value NaN), as the reference does.
 
