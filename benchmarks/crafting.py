@@ -71,15 +71,7 @@ def jax_p1(name, width, images, labels, args):
         variables=variables,
         num_steps=args.p1_steps,
     )
-    x, y = jnp.asarray(images), jnp.asarray(labels)
-
-    def run():
-        state, _ = poisons.craft(
-            poison, x, y, key=jax.random.key(1), batch_size=args.batch_size, progress=False
-        )
-        jax.block_until_ready(state)
-
-    return run
+    return _jax_craft(poison, images, labels, args)
 
 
 def jax_minmin(name, width, images, labels, args):
@@ -93,19 +85,10 @@ def jax_minmin(name, width, images, labels, args):
         num_steps=args.minmin_steps,
         train_steps=10,
     )
-    x, y = jnp.asarray(images), jnp.asarray(labels)
-
-    def run():
-        state, _ = poisons.craft(
-            poison, x, y, key=jax.random.key(1), batch_size=args.batch_size, progress=False
-        )
-        jax.block_until_ready(state)
-
-    return run
+    return _jax_craft(poison, images, labels, args)
 
 
 def torch_p1(tr, name, width, images, labels, args):
-    torch = tr.torch
     model = tr.make(name, width=width, channels_last=args.channels_last)
     attack = tr.make_pgd(
         model,
@@ -115,6 +98,12 @@ def torch_p1(tr, name, width, images, labels, args):
         maximize=False,
         channels_last=args.channels_last,
     )
+    return _torch_targeted(tr, attack, images, labels, args)
+
+
+def _torch_targeted(tr, attack, images, labels, args):
+    """Runs `attack` toward y + 1 mod 10 over the images in batches."""
+    torch = tr.torch
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     targets = torch.from_numpy((labels + 1) % 10).long()
     gen = torch.Generator().manual_seed(0)
@@ -192,7 +181,6 @@ def _jax_craft(poison, images, labels, args):
 
 
 def torch_tap(tr, name, width, images, labels, args):
-    torch = tr.torch
     model = tr.make(name, width=width, channels_last=args.channels_last)
     attack = tr.make_tap_attack(
         model,
@@ -202,15 +190,7 @@ def torch_tap(tr, name, width, images, labels, args):
         num_restarts=args.tap_restarts,
         channels_last=args.channels_last,
     )
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    targets = torch.from_numpy((labels + 1) % 10).long()
-    gen = torch.Generator().manual_seed(0)
-
-    def run():
-        for i in range(0, len(x), args.batch_size):
-            attack(x[i : i + args.batch_size], targets[i : i + args.batch_size], gen)
-
-    return run
+    return _torch_targeted(tr, attack, images, labels, args)
 
 
 def torch_rem(tr, name, width, images, labels, args):
