@@ -1,7 +1,9 @@
 """Measurement: per-run summaries, verification-time risks, learning-speed diagnostics and the
 certified bounds of 1-Lipschitz (ℓ∞-dist) networks (`certified`), the attack success rate of a
 backdoor trigger (`backdoor`), the certified ℓ2 radii of randomized smoothing (`smoothing`),
-minimal-perturbation norms by CW-ℓ2 and DeepFool (`minimal`) and CLEVER scores (`clever`).
+minimal-perturbation norms by CW-ℓ2 and DeepFool (`minimal`), CLEVER scores (`clever`) and the
+interval-bound (IBP) certified accuracy of models built from affine layers, ReLUs and pooling
+(`ibp`).
 
 `EVALUATORS` (from `risk`) maps the names used in ``config.evals`` to evaluator factories.
 """
@@ -11,6 +13,7 @@ from jaxpoison.evaluation import (
     backdoor,
     certified,
     clever,
+    ibp,
     minimal,
     risk,
     smoothing,
@@ -24,6 +27,7 @@ EVALUATORS["certified"] = certified.make_certified
 risk.register("backdoor", backdoor.make_backdoor)
 risk.register("smoothing", smoothing.make_smoothing)
 risk.register("autoattack", autoattack.make_autoattack)
+risk.register("ibp", ibp.make_ibp)
 risk.register("cw_l2", minimal.make_cw_l2)
 risk.register("deepfool", minimal.make_deepfool)
 risk.register("clever", clever.make_clever)
@@ -34,6 +38,7 @@ __all__ = [
     "backdoor",
     "certified",
     "clever",
+    "ibp",
     "minimal",
     "risk",
     "smoothing",

@@ -30,6 +30,7 @@ counts as the start of training): FAT's ``tau_schedule`` ("dynamic" τ) and GAIR
 ``gairat``          Zhang et al. 2021, geometry-aware instance-reweighted AT
 ``ueraser``         Qin et al. 2023, max CE over K UEraser-augmented copies (no ball)
 ``gaussian_noise``  Cohen et al. 2019, CE under N(0, σ²) noise (randomized smoothing; no ball)
+``ibp``             Gowal et al. 2018, κ CE + (1 − κ) CE of IBP worst-case logits, ramped ε, κ
 ==================  =====================================================================
 
 Add your own with `register`.
@@ -41,6 +42,7 @@ from jaxpoison.objectives import (
     fat,
     gairat,
     gaussian_noise,
+    ibp,
     mart,
     pgd_at,
     rand_noise,
@@ -60,6 +62,7 @@ OBJECTIVES = {
     "gairat": gairat.make,
     "ueraser": ueraser.make,
     "gaussian_noise": gaussian_noise.make,
+    "ibp": ibp.make,
 }
 
 # The built-in objectives that take the defender's ball (``threat=``, or ``norm`` / ``epsilon`` /
