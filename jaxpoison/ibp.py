@@ -507,7 +507,7 @@ def margin_bounds(logits_fn, x, spec, epsilon, *, mask=None, elide=True):
         local = dict(env)
         local.update(zip(hs, values, strict=True))
         for eqn in tail:
-            outs = _bind(eqn, [_read(local, v) for v in eqn.invars])
+            outs = _eqn(eqn, [_read(local, v) for v in eqn.invars])
             local.update(zip(eqn.outvars, outs, strict=True))
         return _read(local, jaxpr.outvars[0])
 
