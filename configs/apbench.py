@@ -44,6 +44,11 @@ Presets:
   generator of docs/l2c.md; at is FGSM-RS (one step of 1.25 ε from a uniform start, Wong et al.
   2020), a third of PGD-5's cost. The orderings, not the absolute numbers, are comparable with
   APBench's table.
+* ``diffusion`` (with or without ``cpu``): adds the column ``diffusion``, AVATAR's diffusion
+  purification (``diffusion_purification``: t* = 0.1, ancestral sampling; every one of the 100
+  reverse steps on the GPU preset, 10 strided ones with ``cpu``) with the score model at
+  ``--config.score_model=PATH`` (made by configs/score_model.py: ``WORKDIR/score_model``, or a
+  score_sde checkpoint file); without a path the run stops with that instruction.
 * ``transfer``: only erm, every victim architecture of ``config.victims`` (ResNet-18, ResNet-50,
   VGG-16, WRN-28-10; with ``cpu``: the CPU widths of configs/transfer.py) on every poison.
 
@@ -164,7 +169,7 @@ def _cpu_poisons():
 
 
 def get_config(arg=None):
-    chosen = config_lib.preset(arg, ("cpu", "transfer"))
+    chosen = config_lib.preset(arg, ("cpu", "transfer", "diffusion"))
     cpu = "cpu" in chosen
     if cpu:
         config = config_lib.poison_family("APBench grid, CIFAR-10 subset (CPU preset)")
@@ -206,6 +211,17 @@ def get_config(arg=None):
         at = dict(name="pgd_at", norm="linf", epsilon=EPS, num_steps=10, step_size=2 / 255)
         extra = {}
     config.objectives = _objectives(at) | extra
+    if "diffusion" in chosen:
+        config.score_model = ml_collections.FieldReference("", field_type=str)
+        purification = dict(
+            score_model=config.get_ref("score_model"),
+            t_star=0.1,
+            num_steps=10 if cpu else None,
+            sampler="ddpm",
+        )
+        config.objectives.diffusion = dict(
+            name="erm", transforms=dict(diffusion_purification=purification)
+        )
     if "transfer" in chosen:
         config.select.objectives = ("erm",)
         config.victims = {

@@ -354,7 +354,7 @@ class Trainer:
                 "Trainer.from_config, pass spec= (the dict that determines it), or fit without "
                 "ckpt_dir."
             )
-        return {
+        record = {
             "kind": "victim",
             "version": ARTIFACT_VERSION,
             "trainer": self.spec,
@@ -364,6 +364,9 @@ class Trainer:
             "key": key,
             "num_seeds": int(num_seeds),
         }
+        if self.transforms.identity:  # e.g. a score model's sha256; absent: the key is unchanged
+            record["transforms"] = [[name, ident] for name, ident in self.transforms.identity]
+        return record
 
     def checkpoint_dir(self, ckpt_root, train_data, *, key, num_seeds):
         """``ckpt_root/<content key of record>``: where `fit` keeps these victims' checkpoints."""

@@ -9,6 +9,7 @@ A trainer is ``fn(config, workdir, *, progress=True) -> results dict``. Each ope
 ``simplicity_bias`` MNIST-CIFAR, ST vs AT restricted to the MNIST half (`simplicity_bias`)
 ``rotation_ssl``    rotation prediction on (poisoned) images, then a linear probe (`rotation_ssl`)
 ``gaussian_theory`` the mixture-Gaussian model of Tao et al. 2021 (`gaussian_theory`)
+``score_model``     a diffusion score model for ``diffusion_purification`` (`jaxpoison.diffusion`)
 ==================  ============================================================================
 
 Nothing below this package imports it. `register` adds a trainer of your own.
@@ -26,6 +27,7 @@ TRAINERS = {
     "simplicity_bias": "jaxpoison.trainers.simplicity_bias",
     "rotation_ssl": "jaxpoison.trainers.rotation_ssl",
     "gaussian_theory": "jaxpoison.trainers.gaussian_theory",
+    "score_model": "jaxpoison.diffusion.trainer",
 }
 
 

@@ -25,6 +25,8 @@ Transforms have one of two stages (`STAGES`):
 ``gaussian_blur``   dataset  ``kernel_size`` (3) x k Gaussian, ``sigma`` (0.1)
 ``orthogonal_projection``
                     dataset  a linear model's class directions projected out of the images
+``diffusion_purification``
+                    dataset  AVATAR: diffused to ``t_star`` (0.1) and denoised by a score model
 ``cutout``          batch    a ``length`` (16) pixel square set to 0
 ``mixup``           batch    pairs mixed, λ ~ Beta(``alpha``, α), α = 1; `erm` only
 ``cutmix``          batch    a box of a partner image, area 1 - λ; `erm` only
@@ -33,7 +35,9 @@ Transforms have one of two stages (`STAGES`):
 `mixup` and `cutmix` mix labels (`MIXES_LABELS`): they add ``batch['mix']`` and only the `erm`
 objective trains on it (the trainer refuses them with another objective). Add your own with
 `register`; the victim checkpoints and results are keyed by the transforms' names and
-arguments, so a run with a new transform never reuses another's victims.
+arguments, so a run with a new transform never reuses another's victims; a dataset-stage function
+with an ``identity`` attribute (a JSON-able dict, e.g. the sha256 of the score model
+``diffusion_purification`` reads) adds it to those keys (`Pipeline.identity`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpoison import _registry
-from jaxpoison.transforms import augment, compression, projection
+from jaxpoison.transforms import augment, compression, diffusion, projection
 
 STAGES = ("dataset", "batch")
 
@@ -90,6 +94,7 @@ TRANSFORMS = {
     "bit_depth": Transform(per_image(compression.bit_depth), "dataset"),
     "gaussian_blur": Transform(per_image(augment.gaussian_blur), "dataset"),
     "orthogonal_projection": Transform(projection.orthogonal_projection, "dataset"),
+    "diffusion_purification": Transform(diffusion.diffusion_purification, "dataset"),
     "cutout": Transform(augment.cutout, "batch"),
     "mixup": Transform(augment.mixup, "batch"),
     "cutmix": Transform(augment.cutmix, "batch"),
@@ -133,6 +138,7 @@ class Pipeline:
     dataset: tuple = ()
     batch: tuple = ()
     names: tuple = ()
+    identity: tuple = ()  # (name, fn.identity) of the functions that carry one, in order
 
     @property
     def mixes_labels(self):
@@ -188,7 +194,7 @@ def make(spec, *, num_classes=None):
     """
     if not spec:
         return Pipeline()
-    dataset, batch, names = [], [], []
+    dataset, batch, names, identity = [], [], [], []
     for name, kwargs in _items(spec):
         if name not in TRANSFORMS:
             raise ValueError(f"unknown transform {name!r}; use one of {sorted(TRANSFORMS)}.")
@@ -200,10 +206,12 @@ def make(spec, *, num_classes=None):
         fn = transform.factory(**kwargs)
         (dataset if transform.stage == "dataset" else batch).append(fn)
         names.append(name)
+        if getattr(fn, "identity", None) is not None:
+            identity.append((name, fn.identity))
     mixing = [n for n in names if n in MIXES_LABELS]
     if len(mixing) > 1:
         raise ValueError(f"transforms {mixing} both mix labels; keep one of them in this defense.")
-    return Pipeline(tuple(dataset), tuple(batch), tuple(names))
+    return Pipeline(tuple(dataset), tuple(batch), tuple(names), tuple(identity))
 
 
 __all__ = [
