@@ -187,7 +187,9 @@ def perturb(delta_table, batch, *, threat=None):
       delta_table: ``[N, *image_shape]``, one perturbation per training example.
       batch: ``{'image' [b, *image_shape], 'index' [b], ...}``.
       threat: an optional `jaxpoison.threat.LpBall`: the rows are projected into it (and the
-        [0, 1] box) before they are added. Without it the table is used as is.
+        [0, 1] box) before they are added. Without it the table is used as is. The ℓ2
+        projection's gradient is NaN at a zero row (the norm's derivative at 0): a table that
+        starts at 0 should be kept in the ball by the outer step instead.
 
     Returns:
       The batch with the perturbed images.

@@ -46,6 +46,14 @@ FAST = {
     ),
     "tap": dict(num_steps=3, num_restarts=1, step_size=EPS / 4),
     "ntga": dict(kernel_model=dict(name="mlp", width=0.0625), num_steps=2),
+    "meta_poison": dict(
+        model=dict(name="mlp", width=0.0625),
+        num_models=2,
+        stagger_steps=2,
+        pretrain_batch_size=16,
+        num_epochs=1,
+        step_size=EPS / 2,
+    ),
 }
 # REM and SEM at the error-minimizing model's size, with a 1-step inner adversary.
 for _name in ("robust_error_minimizing", "stable_error_minimizing"):
