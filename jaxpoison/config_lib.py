@@ -344,6 +344,19 @@ FAMILY_SPECS = {
         num_steps=10,
         batch_size=250,
     ),
+    # MetaPoison-style per-example noise (jaxpoison.poisons.meta_poison): the family's victim
+    # CNN as 4 crafting victims staggered by 20 steps (one epoch of the subset at batch 128),
+    # K = 2 unrolled steps of SGD 0.1 (the reference's nadapt and lrnrate), signed steps of
+    # eps/5, 4 passes (the reference: 24 victims staggered by an epoch, 61 Adam steps).
+    "meta_poison": dict(
+        name="meta_poison",
+        model=auto_model(0.5),
+        unroll_steps=2,
+        num_models=4,
+        stagger_steps=20,
+        num_epochs=4,
+        batch_size=128,
+    ),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
