@@ -233,4 +233,10 @@ def test_refusals():
         risk.make("clever", epsilon=0.5, num_batches=2, **kw)
     with pytest.raises(ValueError, match="num_candidates=1 must be >= 2"):
         risk.make("deepfool", epsilon=0.5, num_candidates=1, **kw)
+    with pytest.raises(ValueError, match="^cw_l2: search_steps=0 must be a whole number >= 1"):
+        risk.make("cw_l2", norm="l2", epsilon=0.5, search_steps=0, **kw)
+    with pytest.raises(ValueError, match="^cw_l2: learning_rate=0.0 .* must be > 0"):
+        risk.make("cw_l2", norm="l2", epsilon=0.5, learning_rate=0.0, **kw)
+    with pytest.raises(ValueError, match="^deepfool: overshoot=-0.1 must be >= 0"):
+        risk.make("deepfool", epsilon=0.5, overshoot=-0.1, **kw)
     risk.make("deepfool", norm="linf", epsilon=8 / 255, **kw)

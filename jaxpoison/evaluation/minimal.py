@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpoison import sharding
 from jaxpoison import threat as threat_lib
@@ -52,6 +53,13 @@ def norm_metrics(norms, correct, valid, *, epsilon):
         "norm/mean": jnp.sum(jnp.where(found, norms, 0.0)) / jnp.sum(found),
         "n/D+": n_plus,
     }
+
+
+def _check_counts(what, **counts):
+    """One error line for a count that is not a whole number >= 1."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{what}: {name}={value!r} must be a whole number >= 1.")
 
 
 def _minimal_evaluator(attack, *, apply_fn, epsilon, batch_size, seed_strategy, name):
@@ -126,6 +134,12 @@ def make_cw_l2(
             f"{' with a mask' if tm.mask is not None else ''}; give its spec norm='l2', "
             "epsilon=<radius> (e.g. 0.5) and no mask."
         )
+    _check_counts("cw_l2", num_steps=num_steps, search_steps=search_steps, batch_size=batch_size)
+    if not (learning_rate > 0 and initial_const > 0 and confidence >= 0):
+        raise ValueError(
+            f"cw_l2: learning_rate={learning_rate!r} and initial_const={initial_const!r} must be "
+            f"> 0 and confidence={confidence!r} >= 0 (the reference: 0.01, 1e-3, 0)."
+        )
 
     def attack(logits_fn, x, y):
         res = carlini_wagner_l2(
@@ -185,6 +199,9 @@ def make_deepfool(
     tm = threat_lib.resolve(threat, norm=norm, epsilon=epsilon, mask=mask, what="deepfool")
     if tm.mask is not None:
         raise ValueError("deepfool moves every pixel; give its spec no mask.")
+    _check_counts("deepfool", num_steps=num_steps, batch_size=batch_size)
+    if not overshoot >= 0:
+        raise ValueError(f"deepfool: overshoot={overshoot!r} must be >= 0 (the reference: 0.02).")
     if not 2 <= num_candidates or num_classes < 2:
         raise ValueError(
             f"deepfool: num_candidates={num_candidates} must be >= 2 (the label and one other "
