@@ -23,6 +23,9 @@ On the CPU backend, fp32 convolutions call oneDNN through `jax.ffi` instead (for
 gradient and kernel gradient from `jaxpoison._cpu_kernels`, each differentiated by the other two
 here, so every order of derivative stays on oneDNN) when the library is available;
 `set_conv_backend("xla")` or ``JAXPOISON_CONV=xla`` keeps the XLA formulation above.
+On a CPU mesh each oneDNN call has a partitioning rule (`_partitioned`, also under ``vmap``):
+each device convolves its shard of a batch split along ``data``, and the kernel gradients'
+shards meet in one ``psum``, the gradient all-reduce (docs/results/2026-12-scale-out.md).
 All of this is for CPUs only: `conv_general_dilated` and `max_pool` choose by the platform a
 program is lowered for (`lax.platform_dependent`), and on gpu or tpu they are XLA's own
 convolution and pooling, so a program lowered for an accelerator (even by a CPU process) holds
@@ -39,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpoison import _cpu_kernels
 
@@ -90,6 +96,113 @@ def _on_cpu(onednn_kernel, xla_kernel, *arrays):
     if not _use_onednn(*arrays):
         return xla_kernel(*arrays)
     return lax.platform_dependent(*arrays, cpu=onednn_kernel, default=xla_kernel)
+
+
+# The dimensions of each oneDNN kernel's two operands and result (NHWC / HWIO); ``b`` is the batch.
+_KERNEL_DIMS = {
+    "conv": ("b h w c", "i j c o", "b p q o"),
+    "input_gradient": ("b p q o", "i j c o", "b h w c"),
+    "kernel_gradient": ("b h w c", "b p q o", "i j c o"),
+}
+
+
+def _on_shards(kind, kernel, levels=()):
+    """`kernel` (a oneDNN kernel ``kind`` of `_KERNEL_DIMS` on rank-4 operands) with a
+    partitioning rule, so that on a mesh each device runs it on its shard of the batch.
+
+    A custom call has no rule of its own: XLA would gather a batch split along ``data`` and let
+    every device convolve all of it. `_partitioned` gives one; `jax.custom_batching.custom_vmap`
+    carries it through ``vmap`` (which `custom_partitioning` does not support): each vmapped
+    level, outermost first, is a pair ``levels[k]`` saying which operand it batches, and adds a
+    leading dimension to the rule (the kernels take leading dimensions, `_cpu_kernels`).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def call(a, b):
+        return _partitioned(kind, kernel, levels)(a, b)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, a, b):
+        del axis_size
+        return _on_shards(kind, kernel, (tuple(in_batched), *levels))(a, b), True
+
+    return call
+
+
+def _partitioned(kind, kernel, levels):
+    """`kernel` vmapped over `levels`, as a `custom_partitioning` whose rule keeps the batch's
+    sharding: `conv` and `input_gradient` map each device's batch shard to its shard of the
+    result (the kernel replicated, no collective); `kernel_gradient` sums the shards' kernel
+    gradients with one `psum` over the batch's mesh axes (the gradient all-reduce that data
+    parallelism needs anyway). Every other dimension (spatial, channels, vmapped levels) is
+    replicated, and so is a batch its mesh axes do not divide. Without a mesh (one device) it is
+    `kernel` itself.
+    """
+
+    def fun(a, b):
+        f = kernel
+        for a_batched, b_batched in reversed(levels):
+            f = jax.vmap(f, in_axes=(0 if a_batched else None, 0 if b_batched else None))
+        return f(a, b)
+
+    leads = [f"l{k}" for k in range(len(levels))]
+    a_leads = [name for name, (batched, _) in zip(leads, levels, strict=True) if batched]
+    b_leads = [name for name, (_, batched) in zip(leads, levels, strict=True) if batched]
+    a_dims, b_dims, out_dims = _KERNEL_DIMS[kind]
+    reduce = kind == "kernel_gradient"
+    # Where each tensor's batch dimension is (None: it has none).
+    batch_dim = (len(a_leads), len(b_leads) if reduce else None, None if reduce else len(leads))
+
+    def shardings(mesh, arg_shapes, result_shape):
+        """The batch's mesh axes (None: not split), and the operands' and result's shardings."""
+        axes = _batch_axes(mesh, arg_shapes[0], batch_dim[0])
+
+        def sharding(shape, dim):
+            spec = [None] * len(shape.shape)
+            if axes and dim is not None:
+                spec[dim] = axes
+            return NamedSharding(mesh, P(*spec))
+
+        operands = (sharding(arg_shapes[0], batch_dim[0]), sharding(arg_shapes[1], batch_dim[1]))
+        return axes, operands, sharding(result_shape, batch_dim[2])
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes, operands, result = shardings(mesh, arg_shapes, result_shape)
+
+        def lower(a, b):
+            out = fun(a, b)
+            return lax.psum(out, axes) if axes and reduce else out
+
+        return mesh, lower, result, operands
+
+    call = custom_partitioning(fun)
+    operands = (" ".join([*a_leads, a_dims]), " ".join([*b_leads, b_dims]))
+    rule = f"{operands[0]}, {operands[1]} -> {' '.join([*leads, out_dims])}"
+    # Factors in order of first appearance (Shardy wants them sorted); all but the batch replicated.
+    factors = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+    call.def_partition(
+        partition,
+        # GSPMD's propagation (Shardy, the default, reads the rule).
+        infer_sharding_from_operands=lambda *args: shardings(*args)[2],
+        sharding_rule=rule,
+        reduction_factors=("b",) if reduce else (),
+        need_replication_factors=tuple(f for f in factors if f != "b"),
+    )
+    return call
+
+
+def _batch_axes(mesh, shape, dim):
+    """The mesh axes that split dimension `dim` of `shape` evenly, as a tuple (None if none)."""
+    sharding = shape.sharding
+    if not isinstance(sharding, NamedSharding) or dim >= len(sharding.spec):
+        return None
+    axes = sharding.spec[dim]
+    if axes is None:
+        return None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if not axes or shape.shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
+        return None
+    return axes
 
 
 def _explicit_padding(padding, in_hw, kernel_hw, strides):
@@ -211,7 +324,7 @@ def _is_nhwc(dimension_numbers):
 
 def _conv_kernel(x, w, strides, pads):
     return _on_cpu(
-        lambda x, w: _cpu_kernels.conv(x, w, strides, pads),
+        _on_shards("conv", lambda x, w: _cpu_kernels.conv(x, w, strides, pads)),
         lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC),
         x,
         w,
@@ -304,7 +417,10 @@ def _xla_kernel_gradient(x, ct, kernel_hw, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _onednn_kernel_gradient(x, ct, kernel_hw, strides, pads):
-    return _cpu_kernels.kernel_gradient(x, ct, kernel_hw, strides, pads)
+    return _on_shards(
+        "kernel_gradient",
+        lambda x, ct: _cpu_kernels.kernel_gradient(x, ct, kernel_hw, strides, pads),
+    )(x, ct)
 
 
 def _onednn_kernel_gradient_fwd(x, ct, kernel_hw, strides, pads):
@@ -335,7 +451,9 @@ def _input_gradient_kernel(ct, w, in_hw, strides, pads):
     chosen (`_on_cpu`), else `_xla_input_gradient`."""
     in_hw = tuple(in_hw)
     return _on_cpu(
-        lambda ct, w: _cpu_kernels.input_gradient(ct, w, in_hw, strides, pads),
+        _on_shards(
+            "input_gradient", lambda ct, w: _cpu_kernels.input_gradient(ct, w, in_hw, strides, pads)
+        ),
         lambda ct, w: _xla_input_gradient(ct, w, in_hw, strides, pads),
         ct,
         w,
