@@ -347,13 +347,15 @@ FAMILY_SPECS = {
     # MetaPoison-style per-example noise (jaxpoison.poisons.meta_poison): the family's victim
     # CNN as 4 crafting victims staggered by 20 steps (one epoch of the subset at batch 128),
     # K = 2 unrolled steps of SGD 0.1 (the reference's nadapt and lrnrate), signed steps of
-    # eps/5, 4 passes (the reference: 24 victims staggered by an epoch, 61 Adam steps).
+    # eps/5 (absolute: change it with the budget), 4 passes (the reference: 24 victims staggered
+    # by an epoch, 61 Adam steps).
     "meta_poison": dict(
         name="meta_poison",
         model=auto_model(0.5),
         unroll_steps=2,
         num_models=4,
         stagger_steps=20,
+        step_size=8 / 255 / 5,
         num_epochs=4,
         batch_size=128,
     ),
