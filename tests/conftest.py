@@ -51,6 +51,23 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # One on-disk compilation cache for the whole test session: its xdist workers and the
+    # command-line runs they start compile many identical tiny programs. The controller makes
+    # the folder; workers and subprocesses inherit it. A cache set by the caller is kept.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="jaxpoison-tests-jit-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")),
+    )
     config.addinivalue_line(
         "markers",
         "slow: minutes of work (e.g. repeated SIGKILLs of a real run); skipped unless "
