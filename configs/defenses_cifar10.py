@@ -10,6 +10,7 @@ Objectives (``objectives.OBJECTIVES``): ST (erm), random noise, PGD-AT, TRADES (
 (λ = 6), MART (β = 6), FAT (τ = 0), GAIRAT (λ = -1); the defender's inner search uses 10 steps of
 2/255 (Madry et al.). UEraser (``ueraser``, no ball): the max CE over 5 augmented copies.
 Gaussian noise (``gaussian_noise``, no ball): CE under N(0, 0.25²) noise (Cohen et al.).
+IBP (``ibp``): certified training on interval bounds, ε and κ ramped (Gowal et al.).
 Poisons: P1 adversarial, P2 hypocritical, P3 / P4 universal adversarial /
 hypocritical, P5 class-wise random noise, error-minimizing noise and Regions-4, crafted with the
 poison family's settings (``config_lib.FAMILY_SPECS``), and Learning to Confuse (run ``L2C``,
@@ -119,6 +120,8 @@ def _objectives(epsilon, num_steps, step_size):
         "ueraser": dict(name="ueraser", num_copies=5, repeat_fraction=1.0, jpeg=False),
         # No ball: Gaussian data augmentation at randomized smoothing's CIFAR-10 sigma 0.25.
         "gaussian_noise": dict(name="gaussian_noise", sigma=0.25),
+        # Certified training (Gowal et al.): IBP worst-case logits, eps and kappa ramped.
+        "ibp": dict(name="ibp", norm="linf", epsilon=epsilon),
     }
 
 

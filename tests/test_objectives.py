@@ -33,9 +33,10 @@ CONFIGS = [
     ("gairat", "gairat", dict(lam=-1.0, epsilon=EPS, num_steps=4, step_size=EPS / 2)),
     ("ueraser", "ueraser", dict(num_copies=2)),
     ("gaussian_noise", "gaussian_noise", {}),
+    ("ibp", "ibp", dict(epsilon=EPS, warmup=0.0, ramp=0.0)),
 ]
-# Objectives without an inner attack: no adversarial example to check.
-NO_INNER = ("erm", "ueraser", "gaussian_noise")
+# Objectives without an inner attack: no adversarial example to check (ibp bounds the ball).
+NO_INNER = ("erm", "ueraser", "gaussian_noise", "ibp")
 IDS = [c[0] for c in CONFIGS]
 
 
@@ -195,6 +196,7 @@ def test_every_registry_entry(setup):
         "gairat",
         "ueraser",
         "gaussian_noise",
+        "ibp",
     }
     assert {c[1] for c in CONFIGS} == set(objectives.OBJECTIVES)
     for name in objectives.OBJECTIVES:
@@ -215,7 +217,7 @@ def test_every_registry_entry(setup):
             {"batch_stats": variables["batch_stats"]}
         )
         assert all(v.shape == () for v in aux["metrics"].values())
-        if name in objectives.ADVERSARIAL:
+        if name in objectives.ADVERSARIAL and name not in NO_INNER:
             assert aux["adversarial"].shape == batch["image"].shape
     with pytest.raises(ValueError, match="Unknown objective"):
         objectives.make("nope")
