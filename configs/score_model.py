@@ -20,9 +20,9 @@ Presets:
   after 20 warmup steps, EMA 0.99, on the same 50,000 images: 17 min on the shared cores, final
   ε-loss 0.067. Weak: it denoises, it does not generate.
 
-Expected (``cpu``, 2026-12-06): mean ε-loss 0.88 over the first 25 steps, 0.067 over the last 25; as the
-``diffusion`` column of configs/apbench.py:cpu it lifts OPS from 23.3 to 41.0 % and EM not at
-all (docs/results/2026-12-diffusion-purification.md).
+Expected (``cpu``, 2026-12-06): mean ε-loss 0.88 over the first 25 steps, 0.067 over the last
+25; as the ``diffusion`` column of configs/apbench.py:cpu it lifts OPS from 23.3 to 41.0 % and
+EM not at all (docs/results/2026-12-diffusion-purification.md).
 """
 
 import ml_collections
