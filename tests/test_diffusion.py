@@ -49,9 +49,9 @@ def cifar_crops():
 @pytest.fixture(scope="module")
 def trained(cifar_crops, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("score_ckpt")
-    kwargs = dict(key=jax.random.key(0), num_steps=12, model=TINY, ckpt_dir=ckpt, **RECIPE)
+    kwargs = dict(key=jax.random.key(0), num_steps=10, model=TINY, ckpt_dir=ckpt, **RECIPE)
     model, history = diffusion.train_score_model(
-        cifar_crops, checkpoint_every=6, progress=False, **kwargs
+        cifar_crops, checkpoint_every=5, progress=False, **kwargs
     )
     return model, history, ckpt, kwargs
 
@@ -59,13 +59,13 @@ def trained(cifar_crops, tmp_path_factory):
 def test_loss_decreases_and_training_resumes_to_the_same_parameters(cifar_crops, trained):
     model, history, ckpt, kwargs = trained
     losses = history["train/loss"]
-    assert len(losses) == 12 and np.isfinite(losses).all()
+    assert len(losses) == 10 and np.isfinite(losses).all()
     # The last layer starts at zero, so the first loss is E[ε²] = 1; training lowers it.
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:2])
     (run_dir,) = [p for p in ckpt.iterdir() if p.is_dir()]
-    shutil.rmtree(run_dir / "12")  # as if killed after the step-6 checkpoint
+    shutil.rmtree(run_dir / "10")  # as if killed after the step-5 checkpoint
     resumed, again = diffusion.train_score_model(
-        cifar_crops, checkpoint_every=6, progress=False, **kwargs
+        cifar_crops, checkpoint_every=5, progress=False, **kwargs
     )
     assert again["train/loss"] == losses
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(model.params), strict=True):
@@ -98,17 +98,15 @@ def purify_fn(trained):
 def test_purify_identity_box_determinism_and_batch_independence(cifar_crops, purify_fn):
     x = cifar_crops[:8]
     np.testing.assert_array_equal(purify_fn(x, jax.random.key(0), t_star=0.0), x)
-    y = purify_fn(x, jax.random.key(1))
+    # ddim here (ddpm runs in the transform test): the key draws x_t*'s noise.
+    y = purify_fn(x, jax.random.key(1), sampler="ddim")
     assert y.shape == x.shape and y.min() >= 0.0 and y.max() <= 1.0
     assert 0 < np.abs(y - x).mean() < 0.5
-    np.testing.assert_array_equal(purify_fn(x, jax.random.key(1)), y)  # same key, same images
-    assert not np.array_equal(purify_fn(x, jax.random.key(2)), y)
-    z = purify_fn(x, jax.random.key(1), sampler="ddim")
-    assert z.min() >= 0.0 and z.max() <= 1.0 and not np.array_equal(z, y)
+    np.testing.assert_array_equal(purify_fn(x, jax.random.key(1), sampler="ddim"), y)
+    assert not np.array_equal(purify_fn(x, jax.random.key(2), sampler="ddim"), y)
     # Per-example keys: the batch size changes nothing.
-    np.testing.assert_allclose(
-        purify_fn(x, jax.random.key(1), sampler="ddim", batch_size=3), z, atol=1e-5
-    )
+    y3 = purify_fn(x, jax.random.key(1), sampler="ddim", batch_size=3)
+    np.testing.assert_allclose(y3, y, atol=1e-5)
 
 
 def test_reverse_timesteps_are_strided_and_end_at_the_clean_image():
@@ -213,8 +211,9 @@ def test_transform_purifies_in_a_defense_and_keys_victims_by_the_score_model(tmp
     assert xp.shape == x.shape[:1] + ds.image_shape and 0 <= xp.min() and xp.max() <= 1
     assert not np.allclose(xp, np.asarray(td.x_train))
     np.testing.assert_array_equal(np.asarray(purified.y_train), y)  # labels untouched
-    _, history = trainer.fit(td, key=jax.random.key(0), progress=False, ckpt_dir=tmp_path / "ck")
-    assert np.isfinite(history["train/loss"]).all()
+    fn = transforms.make(dict(diffusion_purification=spec)).dataset[0]
+    with pytest.raises(ValueError, match=r"trained on \(8, 8, 1\) images, the training images"):
+        fn(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), jnp.zeros(2, jnp.int32))
     key = jax.random.key(0)
     record = trainer.record(td, key=key, num_seeds=1)
     diffusion.save(path, _random_score_model(ds.image_shape, 1))  # another model, same path
@@ -237,11 +236,3 @@ def test_transform_purifies_in_a_defense_and_keys_victims_by_the_score_model(tmp
 def test_bad_settings_are_one_clear_error(spec, message):
     with pytest.raises(ValueError, match=message):
         transforms.make(dict(diffusion_purification=spec))
-
-
-def test_images_of_another_shape_are_refused(tmp_path):
-    path = str(tmp_path / "sm")
-    diffusion.save(path, _random_score_model((8, 8, 3), 0))
-    fn = transforms.TRANSFORMS["diffusion_purification"].factory(score_model=path)
-    with pytest.raises(ValueError, match=r"trained on \(8, 8, 3\) images, the training images"):
-        fn(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), jnp.zeros(2, jnp.int32))
