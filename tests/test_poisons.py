@@ -46,6 +46,8 @@ FAST = {
     ),
     "tap": dict(num_steps=3, num_restarts=1, step_size=EPS / 4),
     "ntga": dict(kernel_model=dict(name="mlp", width=0.0625), num_steps=2),
+    "stadv": dict(num_steps=2),
+    "recoloradv": dict(num_steps=2, resolution=3),
     "meta_poison": dict(
         model=dict(name="mlp", width=0.0625),
         num_models=2,

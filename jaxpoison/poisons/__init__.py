@@ -17,6 +17,7 @@ from jaxpoison.poisons import (
     convolution,
     error_minimizing,
     from_file,
+    functional,
     l2c,
     meta_poison,
     ntga,
@@ -55,6 +56,8 @@ POISONS = {
     "ntga": ntga.ntga,
     "from_file": from_file.from_file,
     "badnets": badnets.badnets,
+    "stadv": functional.stadv,
+    "recoloradv": functional.recoloradv,
 }
 
 # Names of POISONS whose factory takes a trained model (apply_fn, variables); `register` adds to it.
@@ -67,12 +70,14 @@ REQUIRES_MODEL = set(
         "hypocritical",
         "universal_adversarial",
         "universal_hypocritical",
+        "stadv",
+        "recoloradv",
     }
 )
 
 # Names of POISONS that change labels or leave the threat model's ball by design; `register` adds
 # to it.
-UNBOUNDED = {"noise", "mislabeling", "cuda", "badnets"}
+UNBOUNDED = {"noise", "mislabeling", "cuda", "badnets", "stadv", "recoloradv"}
 
 # Names of POISONS that take the l0 ball (`threat.L0Ball`, ``norm='l0'``): those that search or
 # ignore the ball; the others take gradient steps or scale to an lp radius and refuse it.
