@@ -362,10 +362,11 @@ FAMILY_SPECS = {
     # Functional poisons (jaxpoison.poisons.functional) against the family's crafting model, P1's
     # target y + 1 and 20 signed steps (P1's count here; the ReColorAdv reference: 100 Adam
     # steps): StAdv flows of at most 0.775 pixels (the reference's 0.05 in [-1, 1] coordinates
-    # on 32 x 32) with L_flow; ReColorAdv RGB grids of 8^3 points moved by at most 0.06 per
-    # channel (the reference: 16 x 32 x 32 CIELUV points). Both leave the lp ball by design.
-    "stadv": dict(name="stadv", num_steps=20, batch_size=256),
-    "recoloradv": dict(name="recoloradv", resolution=8, num_steps=20, batch_size=256),
+    # on 32 x 32; in pixels: change it with the image size) with L_flow; ReColorAdv RGB grids of
+    # 8^3 points moved by at most 0.06 per channel (the reference: 16 x 32 x 32 CIELUV points).
+    # Both leave the lp ball by design.
+    "stadv": dict(name="stadv", max_flow=0.775, num_steps=20, batch_size=256),
+    "recoloradv": dict(name="recoloradv", epsilon=0.06, resolution=8, num_steps=20, batch_size=256),
 }
 
 # The family's poisons that need no crafting model (drawn at init): a cheap first batch.
