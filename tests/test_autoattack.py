@@ -1,5 +1,6 @@
-"""AutoAttack in JAX: APGD (schedule, ball, strength against PGD), DLR losses, Square, and the
-ensemble evaluator (robust accuracy at most PGD's, nothing flips at ε = 0)."""
+"""AutoAttack in JAX: APGD (schedule, ball, strength against PGD), DLR losses, Square, FAB-T
+(exact projections, exact distances on an affine model), and the ensemble evaluator (robust
+accuracy at most PGD's and at most without FAB-T, nothing flips at ε = 0)."""
 
 import flax.linen as nn
 import jax
@@ -9,8 +10,9 @@ import optax
 import pytest
 
 from jaxpoison import losses, models, threat
-from jaxpoison.attacks import apgd, apgd_targeted, pgd, square
+from jaxpoison.attacks import apgd, apgd_targeted, fab_targeted, pgd, square
 from jaxpoison.attacks.apgd import apgd_run, checkpoints, dlr, dlr_targeted
+from jaxpoison.attacks.fab import project_to_hyperplane
 from jaxpoison.attacks.square import margin
 from jaxpoison.evaluation import EVALUATORS, risk
 from jaxpoison.evaluation.autoattack import autoattack
@@ -172,9 +174,10 @@ def test_autoattack_is_no_weaker_than_pgd_and_flips_nothing_at_radius_zero(train
     acc_pgd = float(jnp.mean(jnp.argmax(logits_fn(x + d_pgd), -1) == y))
     assert m["acc/AA"][0] <= acc_pgd + 1e-6
     assert m["acc/AA"][0] < clean
-    flips = sum(m[f"flips/{a}"][0] for a in ("apgd-ce", "apgd-t", "square"))
+    flips = sum(m[f"flips/{a}"][0] for a in ("apgd-ce", "apgd-t", "fab-t", "square"))
     np.testing.assert_allclose(m["acc/D"][0] - flips, m["acc/AA"][0], atol=1e-6)
-    assert m["acc/D"][0] >= m["acc/apgd-ce"][0] >= m["acc/apgd-t"][0] >= m["acc/square"][0]
+    accs = [m[f"acc/{a}"][0] for a in ("D", "apgd-ce", "apgd-t", "fab-t", "square")]
+    assert accs == sorted(accs, reverse=True)
     # At radius 0 no point moves, so exactly the clean mistakes remain.
     out = jax.jit(
         autoattack,
@@ -203,5 +206,81 @@ def test_autoattack_refusals():
     with pytest.raises(ValueError, match="'apgd-t'.*at least 4 classes.*attacks=\\('apgd-ce'"):
         risk.make("autoattack", epsilon=0.1, **kw)
     with pytest.raises(ValueError, match="must be distinct names among"):
-        risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "fab-t"), **kw)
+        risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "fab"), **kw)
     risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "square"), **kw)
+
+
+def test_fab_projection_is_the_exact_box_constrained_projection():
+    rng = np.random.default_rng(8)
+    t = rng.uniform(0, 1, (12, 20)).astype(np.float32)
+    w = rng.normal(size=(12, 20)).astype(np.float32)
+    w[:, :2] = 0.0  # coordinates the hyperplane ignores stay put
+    # Half the hyperplanes cut the box, half lie beyond it (then: the closest corner).
+    shift = np.where(np.arange(12) < 6, 1.0, 40.0) * rng.choice([-1.0, 1.0], 12)
+    b = (w * t).sum(1) + shift.astype(np.float32)
+    c = (w * t).sum(1) - b
+    against = -np.sign(w) * np.sign(c)[:, None]  # the direction that lowers |w.z - b|
+    room = np.where(against > 0, 1 - t, t)
+    feasible = np.abs(c) <= (np.abs(w) * room).sum(1)
+    assert feasible.sum() == 6
+    for norm in ("linf", "l2"):
+        d = np.asarray(jax.jit(project_to_hyperplane, static_argnames="norm")(t, w, b, norm=norm))
+        assert np.all(t + d >= -1e-6) and np.all(t + d <= 1 + 1e-6)
+        np.testing.assert_array_equal(d[:, :2], 0.0)
+        np.testing.assert_allclose(((w * (t + d)).sum(1) - b)[feasible], 0.0, atol=1e-4)
+        corner = np.where(against > 0, 1.0, 0.0)
+        np.testing.assert_allclose((t + d)[~feasible, 2:], corner[~feasible, 2:])
+        # Independent solution: bisection on lambda of d_i = against_i min(lambda s_i, room_i).
+        s = np.ones_like(w) if norm == "linf" else np.abs(w)
+        lo, hi = np.zeros(12), np.full(12, 1e4)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            enough = (np.abs(w) * np.minimum(mid[:, None] * s, room)).sum(1) >= np.abs(c)
+            lo, hi = np.where(enough, lo, mid), np.where(enough, mid, hi)
+        want = against * np.minimum(hi[:, None] * s, room) * (w != 0)
+        np.testing.assert_allclose(d[feasible], want[feasible], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, shape", [("linf", (5, 5, 1)), ("l2", (4, 4, 3))])
+def test_fab_finds_the_exact_distance_to_an_affine_decision_boundary(norm, shape):
+    """On logits Wx + c the closest misclassified point is at min_k (z_y - z_k) / ||w_y - w_k||_q
+    (q the dual norm); FAB-T toward every other class must reach it within a few %."""
+    k = 4
+    rng = np.random.default_rng(9)
+    dim = int(np.prod(shape))
+    w = jnp.asarray(rng.normal(0, 0.3, (dim, k)), jnp.float32)
+    bias = jnp.asarray(rng.normal(0, 0.1, k), jnp.float32)
+    x = jnp.asarray(rng.uniform(0.4, 0.6, (16, *shape)), jnp.float32)  # the box stays inactive
+    logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w + bias  # noqa: E731
+    z = logits_fn(x)
+    y = jnp.argmax(z, -1)
+    gaps = jnp.take_along_axis(z, y[:, None], 1) - z
+    normals = w[None] - w[:, y].T[:, :, None]  # [B, D, K]: w_k - w_y
+    dual = jnp.linalg.norm(normals, ord=1 if norm == "linf" else 2, axis=1)
+    exact = jnp.min(jnp.where(jnp.arange(k) == y[:, None], jnp.inf, gaps / dual), axis=1)
+    # At eps = 0 no point is ever fooled, so every target class runs on every point.
+    run = jax.jit(
+        lambda eps: fab_targeted(
+            logits_fn,
+            x,
+            y,
+            key=jax.random.key(0),
+            threat=threat.LpBall(epsilon=eps, norm=norm),
+            num_steps=20,
+            num_targets=k - 1,
+        )
+    )
+    res = run(0.0)
+    ratio = np.asarray(res.norm / exact)
+    assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.03), ratio
+    assert not bool(jnp.any(res.fooled))
+    tm = threat.make(norm=norm, epsilon=1.0 if norm == "l2" else 0.5)
+    np.testing.assert_allclose(tm.norm_of(res.delta), res.norm, rtol=1e-5)
+    assert bool(jnp.all(jnp.argmax(logits_fn(x + res.delta), -1) != y))
+    assert float(jnp.min(x + res.delta)) >= 0.0 and float(jnp.max(x + res.delta)) <= 1.0
+    # At the median distance FAB-T fools exactly the points closer than it (away from the edge).
+    eps = float(jnp.median(exact))
+    res = run(eps)
+    clear = np.abs(np.asarray(exact) / eps - 1) > 0.05
+    np.testing.assert_array_equal(np.asarray(res.fooled)[clear], np.asarray(exact <= eps)[clear])
+    assert float(jnp.max(jnp.where(res.fooled, tm.norm_of(res.delta), 0.0))) <= eps
