@@ -43,7 +43,7 @@ def poisoned(shape, *, key=0, x=None, y=None, **kwargs):
     return x, y, np.asarray(out_x), np.asarray(out_y)
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 1), (10, 12, 3)])
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (10, 12, 3)])  # 28x28x1: MNIST
 def test_trigger_pixels_set_exactly_on_the_chosen_fraction(shape):
     h, w, c = shape
     x, y, px, py = poisoned(shape, fraction=0.1, target=2)
