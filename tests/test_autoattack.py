@@ -200,6 +200,7 @@ def test_autoattack_is_no_weaker_than_pgd_and_flips_nothing_at_radius_zero(train
 
 def test_autoattack_refusals():
     kw = dict(apply_fn=None, num_classes=3)
+    rand = dict(version="rand", noise_sigma=0.1)
     assert "autoattack" in EVALUATORS
     with pytest.raises(ValueError, match="^autoattack needs a radius"):
         risk.make("autoattack", **kw)
@@ -208,6 +209,15 @@ def test_autoattack_refusals():
     with pytest.raises(ValueError, match="must be distinct names among"):
         risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "fab"), **kw)
     risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "square"), **kw)
+    with pytest.raises(ValueError, match="version='rand'.*noise_sigma=0.0; pass noise_sigma > 0"):
+        risk.make("autoattack", epsilon=0.1, version="rand", **kw)
+    with pytest.raises(ValueError, match="noise_sigma=0.1 makes the model random; use version="):
+        risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce",), noise_sigma=0.1, **kw)
+    with pytest.raises(ValueError, match="only the EOT attacks.*not \\('square',\\)"):
+        risk.make("autoattack", epsilon=0.1, attacks=("apgd-ce", "square"), **kw | rand)
+    with pytest.raises(ValueError, match="version='plus' is unknown"):
+        risk.make("autoattack", epsilon=0.1, version="plus", **kw)
+    risk.make("autoattack", epsilon=0.1, **kw | rand)
 
 
 def test_fab_projection_is_the_exact_box_constrained_projection():
@@ -284,3 +294,46 @@ def test_fab_finds_the_exact_distance_to_an_affine_decision_boundary(norm, shape
     clear = np.abs(np.asarray(exact) / eps - 1) > 0.05
     np.testing.assert_array_equal(np.asarray(res.fooled)[clear], np.asarray(exact <= eps)[clear])
     assert float(jnp.max(jnp.where(res.fooled, tm.norm_of(res.delta), 0.0))) <= eps
+
+
+def test_rand_version_eot_beats_single_draw_apgd_on_a_noisy_model():
+    """Under Gaussian input noise (sigma) a high-frequency term w sin(omega x) with omega sigma = 3
+    gives each draw's gradient a large random part whose mean is ~0 (e^(-4.5)), while it moves
+    the logits little: one draw points APGD astray, the mean of 20 points it along the linear
+    part. EOT must leave clearly fewer points robust (same clean draw, same starts)."""
+    rng = np.random.default_rng(10)
+    dim = 48
+    w = jnp.asarray(rng.normal(size=(dim, K)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(dim, K)), jnp.float32)
+    x = jnp.asarray(rng.uniform(0.3, 0.7, (N, 4, 4, 3)), jnp.float32)
+    y = jnp.argmax((x.reshape(N, -1) - 0.5) @ w, -1)
+
+    def logits_fn(z):
+        flat = z.reshape(z.shape[0], -1)
+        return (flat - 0.5) @ w + 0.03 * jnp.sin(300.0 * flat) @ v
+
+    tm = threat.make(norm="linf", epsilon=0.015)
+    run = jax.jit(
+        lambda eot_iter: autoattack(
+            logits_fn,
+            x,
+            y,
+            key=jax.random.key(0),
+            threat=tm,
+            num_classes=K,
+            version="rand",
+            noise_sigma=0.01,
+            eot_iter=eot_iter,
+            num_steps=10,
+        ),
+        static_argnums=0,
+    )
+    one, eot = run(1), run(20)
+    assert set(eot["flipped"]) == {"apgd-ce", "apgd-dlr"}
+    np.testing.assert_array_equal(one["correct"], eot["correct"])
+    assert float(jnp.mean(eot["correct"])) > 0.75
+    robust_one, robust_eot = float(jnp.mean(one["robust"])), float(jnp.mean(eot["robust"]))
+    assert robust_eot <= robust_one - 0.08, (robust_one, robust_eot)
+    for out in (one, eot):
+        in_ball(tm, out["delta"], x)
+        assert not bool(jnp.any(out["robust"] & ~out["correct"]))

@@ -11,6 +11,10 @@ A whole batch is attacked at once: iterations under `lax.scan`, restarts and tar
 `lax.scan` too, each skipped (`lax.cond`) when no point of the batch is left to attack. Every
 point keeps its own step size, checkpoints and best point, as in the reference.
 
+Randomized models (AutoAttack's ``rand`` version): with ``eot_iter=n`` the logits function takes
+a key, ``logits_fn(x, key)``, and every gradient and loss is the mean over n draws of the
+model's randomness (Expectation over Transformation), the keys folded per iteration and draw.
+
 References:
   Croce, Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
   parameter-free attacks", ICML (Algorithm 1, Sec. 3-4); reference code
@@ -93,7 +97,7 @@ def checkpoints(num_steps):
     return jnp.asarray(is_check), jnp.asarray(windows)
 
 
-def _check_arguments(threat, num_steps, loss, rho, num_classes=None):
+def _check_arguments(threat, num_steps, loss, rho, num_classes=None, eot_iter=None):
     if loss not in APGD_LOSSES:
         raise ValueError(f"apgd: unknown loss {loss!r}; use one of {APGD_LOSSES}.")
     if threat.norm not in ("linf", "l2"):
@@ -102,6 +106,10 @@ def _check_arguments(threat, num_steps, loss, rho, num_classes=None):
         raise ValueError(f"apgd: num_steps={num_steps} must be >= 1.")
     if not 0.0 < rho < 1.0:
         raise ValueError(f"apgd: rho={rho} must lie in (0, 1) (the reference's is 0.75).")
+    if eot_iter is not None and int(eot_iter) < 1:
+        raise ValueError(
+            f"apgd: eot_iter={eot_iter} must be >= 1 (or None for a deterministic model)."
+        )
     need = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[loss]
     if num_classes is not None and num_classes < need:
         raise ValueError(
@@ -123,41 +131,67 @@ def _start(key, x, threat):
     return threat.project(threat.epsilon * t / (size + 1e-12), x)
 
 
-def apgd_run(logits_fn, x, y, *, key, threat, num_steps=100, loss="ce", target=None, rho=0.75):
+def apgd_run(
+    logits_fn,
+    x,
+    y,
+    *,
+    key,
+    threat,
+    num_steps=100,
+    loss="ce",
+    target=None,
+    rho=0.75,
+    eot_iter=None,
+):
     """One APGD run (the reference's ``attack_single_run``) on every point of the batch.
 
     Args:
-      logits_fn: ``x -> logits [B, K]`` (the model in eval mode).
+      logits_fn: ``x -> logits [B, K]`` (the model in eval mode); ``(x, key) -> logits`` for a
+        randomized model when `eot_iter` is set.
       x: images [B, H, W, C] in [0, 1]; y: labels [B].
       key: PRNG key of the random start.
       threat: an `LpBall` (ℓ∞ or ℓ2).
       num_steps: iterations (the reference's 100).
       loss: ``"ce"``, ``"dlr"`` or ``"dlr_targeted"`` (then `target` [B] is needed).
       rho: the fraction of successful steps below which a checkpoint halves the step (0.75).
+      eot_iter: None for a deterministic model; else the draws of a randomized model averaged
+        per gradient and loss (the reference's ``eot_iter``, 20 in AutoAttack's rand version).
+        A point counts as misclassified when the first draw misclassifies it.
 
     Returns:
       An `APGDResult`.
     """
-    _check_arguments(threat, num_steps, loss, rho)
+    _check_arguments(threat, num_steps, loss, rho, eot_iter=eot_iter)
     if loss == "dlr_targeted" and target is None:
         raise ValueError("apgd: loss 'dlr_targeted' needs target= (labels [B]).")
     loss_of = _loss_of(loss)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
 
-    def value_and_grad(delta):
+    def one_draw(delta, *draw_key):
         def total(d):
-            logits = logits_fn(x + d)
+            logits = logits_fn(x + d, *draw_key)
             per_example = loss_of(logits, y, target)
             return jnp.sum(per_example), (per_example, logits)
 
         (_, (per_example, logits)), g = jax.value_and_grad(total, has_aux=True)(delta)
         return per_example, jnp.argmax(logits, -1) != y, g
 
+    if eot_iter is not None:
+        key, noise_key = jax.random.split(key)
+
+    def value_and_grad(delta, i):
+        if eot_iter is None:
+            return one_draw(delta)
+        keys = jax.random.split(jax.random.fold_in(noise_key, i), eot_iter)
+        per_example, wrong, g = jax.vmap(lambda k: one_draw(delta, k))(keys)
+        return jnp.mean(per_example, 0), wrong[0], jnp.mean(g, 0)
+
     def where(cond, a, b):
         return jnp.where(cond.reshape(cond.shape + (1,) * (a.ndim - 1)), a, b)
 
     delta = _start(key, x, threat)
-    loss0, wrong0, grad = value_and_grad(delta)
+    loss0, wrong0, grad = value_and_grad(delta, num_steps)
     init = dict(
         delta=delta,
         delta_old=delta,
@@ -182,7 +216,7 @@ def apgd_run(logits_fn, x, y, *, key, threat, num_steps=100, loss="ce", target=N
         delta = threat.project(
             c["delta"] + (z - c["delta"]) * momentum + change * (1.0 - momentum), x
         )
-        value, wrong, grad = value_and_grad(delta)
+        value, wrong, grad = value_and_grad(delta, i)
         delta_adv = where(wrong & ~c["fooled"], delta, c["delta_adv"])
         better = value > c["loss_best"]
         c = dict(
@@ -265,6 +299,7 @@ def apgd(
     rho=0.75,
     active=None,
     num_classes=None,
+    eot_iter=None,
 ):
     """APGD with random restarts (the reference's ``APGDAttack.perturb``), untargeted.
 
@@ -278,6 +313,7 @@ def apgd(
       active: optional bool [B]: only these points are attacked (the rest come back unfooled,
         with delta 0).
       num_classes: K, when known, to refuse a loss that needs more classes.
+      eot_iter: see `apgd_run` (then ``logits_fn(x, key)``).
 
     Returns:
       An `APGDResult`.
@@ -287,13 +323,21 @@ def apgd(
     """
     if loss == "dlr_targeted":
         raise ValueError("apgd: for the targeted DLR loss use apgd_targeted (attack 'apgd-t').")
-    _check_arguments(threat, num_steps, loss, rho, num_classes)
+    _check_arguments(threat, num_steps, loss, rho, num_classes, eot_iter)
     if int(restarts) < 1:
         raise ValueError(f"apgd: restarts={restarts} must be >= 1.")
 
     def run(k, _):
         return apgd_run(
-            logits_fn, x, y, key=k, threat=threat, num_steps=num_steps, loss=loss, rho=rho
+            logits_fn,
+            x,
+            y,
+            key=k,
+            threat=threat,
+            num_steps=num_steps,
+            loss=loss,
+            rho=rho,
+            eot_iter=eot_iter,
         )
 
     keys = jax.random.split(key, restarts)
@@ -313,6 +357,7 @@ def apgd_targeted(
     rho=0.75,
     active=None,
     num_classes=None,
+    eot_iter=None,
 ):
     """APGD-T: APGD on the targeted DLR loss toward each of the `num_targets` classes with the
     highest clean logits after the first (the reference's ``APGDAttack_targeted.perturb``).
@@ -325,6 +370,7 @@ def apgd_targeted(
       num_targets: target classes tried (9 for CIFAR-10: every other class); at most K - 1.
       restarts: runs per target class (AutoAttack's standard version: 1).
       num_classes: K; read from the logits when None.
+      eot_iter: see `apgd_run` (then ``logits_fn(x, key)``; the targets are ranked on one draw).
 
     Returns:
       An `APGDResult`.
@@ -332,9 +378,13 @@ def apgd_targeted(
     References:
       Croce, Hein 2020, ICML (APGD-T, Sec. 4 and the standard version of AutoAttack).
     """
-    logits = logits_fn(x)
+    if eot_iter is None:
+        logits = logits_fn(x)
+    else:
+        rank_key, key = jax.random.split(key)
+        logits = logits_fn(x, rank_key)
     num_classes = logits.shape[-1] if num_classes is None else num_classes
-    _check_arguments(threat, num_steps, "dlr_targeted", rho, num_classes)
+    _check_arguments(threat, num_steps, "dlr_targeted", rho, num_classes, eot_iter)
     if not 1 <= int(num_targets) <= num_classes - 1:
         raise ValueError(
             f"apgd_targeted: num_targets={num_targets} must lie in [1, K - 1 = {num_classes - 1}]."
@@ -355,6 +405,7 @@ def apgd_targeted(
             loss="dlr_targeted",
             target=target,
             rho=rho,
+            eot_iter=eot_iter,
         )
 
     ranks = jnp.repeat(jnp.arange(1, num_targets + 1), restarts)

@@ -15,6 +15,14 @@ APGD iterations of fooled points too, at the price of one more compiled shape pe
 FAB-T is a minimal-perturbation attack: it fools a point when the closest misclassified point it
 finds lies within the ball (norm ``<= ε``), as in the reference.
 
+``version='rand'`` is the reference's version for randomized defenses: APGD-CE, then APGD-DLR,
+1 restart each, every gradient averaged over 20 draws of the model's randomness (EOT). Our
+evaluators run models in eval mode, which is deterministic, so the randomness is named here:
+``noise_sigma``, Gaussian noise of that standard deviation added to the model's input at every
+call (the base classifier of randomized smoothing, or a random-noise defense), with a fresh key
+per call, folded per attack, iteration and draw. As in the reference, clean accuracy and every
+check of a returned point use one draw of the noise.
+
 References:
   Croce, Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
   parameter-free attacks", ICML; github.com/fra31/auto-attack (``autoattack/autoattack.py``).
@@ -35,11 +43,35 @@ from jaxpoison.attacks.square import square
 from jaxpoison.evaluation import risk
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+RAND = ("apgd-ce", "apgd-dlr")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = {"standard": STANDARD, "rand": RAND}
+_EOT_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t")
 
 
-def _check(attacks, num_classes, num_targets):
-    attacks = tuple(attacks)
+def _check(attacks, num_classes, num_targets, version="standard", noise_sigma=0.0, eot_iter=20):
+    if version not in VERSIONS:
+        raise ValueError(
+            f"autoattack: version={version!r} is unknown; use one of {tuple(VERSIONS)}."
+        )
+    if version == "rand" and not noise_sigma > 0:
+        raise ValueError(
+            f"autoattack: version='rand' attacks a randomized model, but noise_sigma="
+            f"{noise_sigma}; pass noise_sigma > 0 (the std of the Gaussian input noise)."
+        )
+    if version == "standard" and noise_sigma != 0:
+        raise ValueError(
+            f"autoattack: noise_sigma={noise_sigma} makes the model random; use version='rand' "
+            "(EOT-APGD): FAB-T and Square assume a deterministic model."
+        )
+    if int(eot_iter) < 1:
+        raise ValueError(f"autoattack: eot_iter={eot_iter} must be >= 1 (the reference's: 20).")
+    attacks = tuple(VERSIONS[version] if attacks is None else attacks)
+    if version == "rand" and any(a not in _EOT_ATTACKS for a in attacks):
+        raise ValueError(
+            f"autoattack: version='rand' runs only the EOT attacks {_EOT_ATTACKS}, not "
+            f"{tuple(a for a in attacks if a not in _EOT_ATTACKS)}; drop them from attacks."
+        )
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks or len(set(attacks)) != len(attacks):
         raise ValueError(
@@ -71,12 +103,15 @@ def autoattack(
     key,
     threat,
     num_classes,
-    attacks=STANDARD,
+    attacks=None,
     num_steps=100,
     restarts=1,
     num_targets=None,
     num_queries=5000,
     p_init=0.8,
+    version="standard",
+    noise_sigma=0.0,
+    eot_iter=20,
 ):
     """The ensemble on one batch: each attack in turn on the points still robust.
 
@@ -86,12 +121,17 @@ def autoattack(
       key: PRNG key (one fold per attack).
       threat: an `LpBall` (ℓ∞ or ℓ2).
       num_classes: K.
-      attacks: the attacks in order, names among `ATTACKS` (default the standard `STANDARD`).
+      attacks: the attacks in order, names among `ATTACKS` (default: the version's, `STANDARD`
+        or `RAND`).
       num_steps: APGD and FAB-T iterations (100).
       restarts: APGD-CE / APGD-DLR restarts, and APGD-T restarts per target class (1; FAB-T
         runs once per target class, as in the standard version).
       num_targets: APGD-T and FAB-T target classes (default ``min(9, K - 1)``).
       num_queries, p_init: Square's budget after its start (5000) and first window fraction.
+      version: ``"standard"`` (a deterministic model) or ``"rand"`` (EOT-APGD on the model
+        with Gaussian input noise; then only APGD attacks).
+      noise_sigma: the std of the Gaussian noise added to the input at every call (``rand``).
+      eot_iter: draws of the noise averaged per APGD gradient (``rand``; the reference's 20).
 
     Returns:
       dict: ``correct`` bool [B] (clean), ``robust`` bool [B] (no attack fooled the point),
@@ -101,31 +141,39 @@ def autoattack(
     References:
       Croce, Hein 2020, ICML.
     """
-    attacks = _check(attacks, num_classes, num_targets)
+    attacks = _check(attacks, num_classes, num_targets, version, noise_sigma, eot_iter)
     num_targets = min(9, num_classes - 1) if num_targets is None else num_targets
+    rand = version == "rand"
 
-    def wrong(delta):
-        return jnp.argmax(logits_fn(x + delta), -1) != y
+    def noisy_logits(images, k):
+        return logits_fn(images + noise_sigma * jax.random.normal(k, images.shape, images.dtype))
 
-    correct = ~wrong(jnp.zeros_like(x))
+    def wrong(delta, k):
+        logits = noisy_logits(x + delta, k) if rand else logits_fn(x + delta)
+        return jnp.argmax(logits, -1) != y
+
+    eot = dict(eot_iter=eot_iter) if rand else {}
+    model = noisy_logits if rand else logits_fn
+    correct = ~wrong(jnp.zeros_like(x), jax.random.fold_in(key, len(attacks)))
     robust, delta, flipped = correct, jnp.zeros_like(x), {}
     for i, name in enumerate(attacks):
         k = jax.random.fold_in(key, i)
+        k, check_key = jax.random.split(k) if rand else (k, None)
         common = dict(key=k, threat=threat, active=robust)
         if name in ("apgd-ce", "apgd-dlr"):
             loss = "ce" if name == "apgd-ce" else "dlr"
             kw = dict(num_steps=num_steps, loss=loss, restarts=restarts, num_classes=num_classes)
-            found = apgd(logits_fn, x, y, **common, **kw).delta
+            found = apgd(model, x, y, **common, **kw, **eot).delta
         elif name == "apgd-t":
             kw = dict(num_steps=num_steps, num_targets=num_targets, restarts=restarts)
-            found = apgd_targeted(logits_fn, x, y, **common, num_classes=num_classes, **kw).delta
+            found = apgd_targeted(model, x, y, **common, num_classes=num_classes, **kw, **eot).delta
         elif name == "fab-t":
             kw = dict(num_steps=num_steps, num_targets=num_targets, num_classes=num_classes)
             found = fab_targeted(logits_fn, x, y, **common, **kw).delta
         else:
             kw = dict(num_queries=num_queries, p_init=p_init)
             found = square(logits_fn, x, y, **common, **kw).delta
-        flip = robust & wrong(found)
+        flip = robust & wrong(found, check_key)
         if name == "fab-t":  # a minimal-norm attack: its closest point may lie beyond the ball
             flip = flip & (threat.norm_of(found) <= threat.epsilon)
         flipped[name] = flip
@@ -142,12 +190,15 @@ def make_autoattack(
     norm=None,
     epsilon=None,
     mask=None,
-    attacks=STANDARD,
+    attacks=None,
     num_steps=100,
     restarts=1,
     num_targets=None,
     num_queries=5000,
     p_init=0.8,
+    version="standard",
+    noise_sigma=0.0,
+    eot_iter=20,
     batch_size=500,
     seed_strategy="map",
 ):
@@ -160,6 +211,8 @@ def make_autoattack(
         ``config.threat`` fills them). No default radius (AutoAttack's usual ones: ℓ∞ 8/255,
         ℓ2 0.5 on CIFAR-10).
       attacks, num_steps, restarts, num_targets, num_queries, p_init: see `autoattack`.
+      version, noise_sigma, eot_iter: see `autoattack` (``version='rand'`` with
+        ``noise_sigma > 0`` for a model with Gaussian input noise).
       batch_size: examples per batch of the `lax.map` over the dataset.
       seed_strategy: see `train_state.over_seeds`. ``"map"`` by default, on every backend:
         under ``vmap`` the skips' conditions are batched over seeds, and `lax.cond` then runs
@@ -175,7 +228,7 @@ def make_autoattack(
       Croce, Hein 2020, ICML.
     """
     tm = threat_lib.resolve(threat, norm=norm, epsilon=epsilon, mask=mask, what="autoattack")
-    attacks = _check(attacks, num_classes, num_targets)
+    attacks = _check(attacks, num_classes, num_targets, version, noise_sigma, eot_iter)
 
     def per_batch(variables, x, y, valid, key):
         def logits_fn(images):
@@ -194,6 +247,9 @@ def make_autoattack(
             num_targets=num_targets,
             num_queries=num_queries,
             p_init=p_init,
+            version=version,
+            noise_sigma=noise_sigma,
+            eot_iter=eot_iter,
         )
         count = lambda b: jnp.sum(b.astype(jnp.float32) * valid)
         sums = {"n": jnp.sum(valid), "correct": count(out["correct"])}
@@ -216,4 +272,4 @@ def make_autoattack(
     )
 
 
-__all__ = ["ATTACKS", "STANDARD", "autoattack", "make_autoattack"]
+__all__ = ["ATTACKS", "RAND", "STANDARD", "VERSIONS", "autoattack", "make_autoattack"]
