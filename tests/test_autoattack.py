@@ -294,6 +294,22 @@ def test_fab_finds_the_exact_distance_to_an_affine_decision_boundary(norm, shape
     clear = np.abs(np.asarray(exact) / eps - 1) > 0.05
     np.testing.assert_array_equal(np.asarray(res.fooled)[clear], np.asarray(exact <= eps)[clear])
     assert float(jnp.max(jnp.where(res.fooled, tm.norm_of(res.delta), 0.0))) <= eps
+    # In the ensemble FAB-T flips the same points: those it fooled within the ball, no others.
+    out = jax.jit(
+        lambda: autoattack(
+            logits_fn,
+            x,
+            y,
+            key=jax.random.key(1),
+            threat=threat.make(norm=norm, epsilon=eps),
+            num_classes=k,
+            attacks=("fab-t",),
+            num_steps=20,
+            num_targets=k - 1,
+        )
+    )()
+    np.testing.assert_array_equal(out["flipped"]["fab-t"], res.fooled)
+    np.testing.assert_array_equal(out["robust"], ~res.fooled)
 
 
 def test_rand_version_eot_beats_single_draw_apgd_on_a_noisy_model():
