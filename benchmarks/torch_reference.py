@@ -2,10 +2,11 @@
 
 Used by `benchmarks/spine.py`, `crafting.py` and `defenses.py` to time jaxpoison against
 PyTorch on the same CPU. torch is an optional dependency (``pip install -e '.[torch]'``): this
-module imports it at import time, so import it lazily (`load()` below gives a clear message
-when torch is missing).
+module imports it at import time, so import it lazily (`load()` gives a clear message when
+torch is missing).
 
-Models (CIFAR shapes, NCHW tensors, optionally in channels-last memory format):
+Models (CIFAR shapes, NCHW tensors, optionally in channels-last memory format), the twins of
+`jaxpoison.interop.pytorch` (which also copies trained jaxpoison weights into them):
   - ``cnn_cifar``: five 3x3 SAME convs (32, 64, 128, 128, 128) with bias, each ReLU + 2x2
     max-pool while the spatial size is > 1, global mean, linear (jaxpoison.models.cnn.CifarCNN);
   - ``vgg11``: VGG-11 with BatchNorm, bias-free convs, one linear classifier
@@ -46,128 +47,12 @@ Workloads:
 from __future__ import annotations
 
 import contextlib
-import importlib
 
-
-def load():
-    """Imports torch or raises an ImportError that says how to install it."""
-    try:
-        return importlib.import_module("torch")
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "PyTorch is not installed; the PyTorch reference needs it. Install the optional "
-            "extra: pip install -e '.[torch]' (or pip install torch==2.13.0 "
-            "--index-url https://download.pytorch.org/whl/cpu)."
-        ) from e
-
+from jaxpoison.interop.pytorch import MODELS, load
 
 torch = load()
 nn = torch.nn
 F = torch.nn.functional
-
-
-def _round(channels, width):
-    return max(1, int(round(channels * width)))
-
-
-class CifarCNN(nn.Module):
-    def __init__(self, num_classes=10, width=1.0, channels=(32, 64, 128, 128, 128)):
-        super().__init__()
-        chans = [3] + [_round(c, width) for c in channels]
-        self.convs = nn.ModuleList(
-            nn.Conv2d(cin, cout, 3, padding=1)
-            for cin, cout in zip(chans[:-1], chans[1:], strict=True)
-        )
-        self.fc = nn.Linear(chans[-1], num_classes)
-
-    def forward(self, x):
-        for conv in self.convs:
-            x = F.relu(conv(x))
-            if x.shape[2] > 1:
-                x = F.max_pool2d(x, 2)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-VGG_CFG = {
-    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
-}
-
-
-class VGG(nn.Module):
-    def __init__(self, num_classes=10, depth=11, width=1.0):
-        super().__init__()
-        layers, cin = [], 3
-        for v in VGG_CFG[depth]:
-            if v == "M":
-                layers.append("M")
-                continue
-            cout = max(1, int(v * width))
-            layers += [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout, eps=1e-5, momentum=0.1),
-                nn.ReLU(inplace=True),
-            ]
-            cin = cout
-        self.layers = nn.ModuleList(m for m in layers if m != "M")
-        self.plan = layers
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        it = iter(self.layers)
-        for v in self.plan:
-            if v == "M":
-                if x.shape[2] > 1:
-                    x = F.max_pool2d(x, 2)
-            else:
-                x = next(it)(x)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu((x if self.shortcut is None else self.shortcut(x)) + y)
-
-
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=10, width=1.0, stage_sizes=(2, 2, 2, 2)):
-        super().__init__()
-        base = max(1, int(64 * width))
-        self.stem = nn.Sequential(nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base))
-        blocks, cin = [], base
-        for i, n in enumerate(stage_sizes):
-            for j in range(n):
-                cout = base * 2**i
-                blocks.append(BasicBlock(cin, cout, 2 if i > 0 and j == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = self.blocks(F.relu(self.stem(x)))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-MODELS = {
-    "cnn_cifar": CifarCNN,
-    "vgg11": lambda num_classes=10, width=1.0: VGG(num_classes, 11, width),
-    "vgg16": lambda num_classes=10, width=1.0: VGG(num_classes, 16, width),
-    "resnet18": ResNet18,
-}
 
 
 def make(name, *, num_classes=10, width=1.0, channels_last=True):

@@ -1,0 +1,115 @@
+"""The cross-framework check of our attacks: a jaxpoison model exported to PyTorch
+(`jaxpoison.interop.pytorch`) computes the same logits, and torchattacks' APGD finds the same
+robust accuracy on it as ours. Skipped without torch and torchattacks (the ``[torch]`` extra)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+torchattacks = pytest.importorskip("torchattacks")
+
+from jaxpoison import data, losses, models, threat  # noqa: E402
+from jaxpoison.attacks import apgd  # noqa: E402
+from jaxpoison.interop import pytorch  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+NUM_TEST = 100
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The CIFAR CNN at width 0.25, 120 Adam steps on 500 images of the embedded CIFAR-10
+    subset (about 30 % test accuracy: enough correct points to attack), and 100 test images."""
+    ds = data.load(source="embedded", name="cifar10", num_train=500, num_test=NUM_TEST)
+    x = jnp.asarray(ds.x_train, jnp.float32) / 255
+    y = jnp.asarray(ds.y_train)
+    module = models.make("cnn_cifar", num_classes=10, width=0.25)
+    params = models.init(module, jax.random.key(0), ds.image_shape)["params"]
+    opt = optax.adam(3e-3)
+
+    def step(carry, idx):
+        p, s = carry
+        loss = lambda q: losses.cross_entropy(module.apply({"params": q}, x[idx]), y[idx]).mean()  # noqa: E731
+        u, s = opt.update(jax.grad(loss)(p), s)
+        return (optax.apply_updates(p, u), s), None
+
+    order = jax.random.permutation(jax.random.key(1), jnp.tile(jnp.arange(500), 12))
+    params = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), order.reshape(120, 50))[0][0])(
+        params
+    )
+    x_test = np.asarray(ds.x_test, np.float32) / 255
+    return module, {"params": params}, x_test, np.asarray(ds.y_test)
+
+
+def test_exported_cnn_computes_the_same_logits(trained):
+    module, variables, x, y = trained
+    net = pytorch.to_torch(module, variables)
+    assert not net.training
+    assert pytorch.max_logit_difference(net, module, variables, x) <= 1e-4
+    with torch.no_grad():
+        theirs = net(pytorch.to_nchw(x)).argmax(1).numpy()
+    ours = np.asarray(module.apply(variables, x).argmax(-1))
+    assert np.array_equal(ours, theirs) and np.mean(ours == y) > 0.2  # it learned something
+    # The check can fail: one changed weight moves the logits.
+    bumped = jax.tree.map(lambda a: a, variables)
+    bumped["params"]["Conv_2"]["bias"] = bumped["params"]["Conv_2"]["bias"] + 0.1
+    assert pytorch.max_logit_difference(net, module, bumped, x[:20]) > 1e-3
+    # A leading seed axis (states trained over seeds) is refused with the fix.
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), variables)
+    with pytest.raises(ValueError, match="index a leading seed axis"):
+        pytorch.to_torch(module, stacked)
+
+
+@pytest.mark.parametrize(
+    "name,width,shape",
+    [
+        ("resnet18", 0.0625, (32, 32, 3)),
+        ("vgg11", 0.0625, (32, 32, 1)),
+        ("cnn_mnist", 0.25, (28, 28, 1)),
+    ],
+)
+def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape):
+    # Random weights and running statistics far from (0, 1), so a BatchNorm field copied to the
+    # wrong place, or an NHWC/NCHW mix-up of a flattening layer, shows in the logits.
+    rng = np.random.default_rng(0)
+    module = models.make(name, num_classes=10, width=width)
+    variables = models.init(module, jax.random.key(0), shape)
+    if "batch_stats" in variables:
+        variables["batch_stats"] = jax.tree.map(
+            lambda a: rng.uniform(0.2, 1.5, a.shape).astype(np.float32), variables["batch_stats"]
+        )
+    x = rng.random((8, *shape), dtype=np.float32)
+    net = pytorch.to_torch(module, variables)
+    scale = float(np.max(np.abs(np.asarray(module.apply(variables, x, train=False)))))
+    assert pytorch.max_logit_difference(net, module, variables, x) <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("norm,epsilon", [("linf", 2 / 255), ("l2", 0.25)])
+def test_apgd_ce_robust_accuracy_matches_torchattacks(trained, norm, epsilon):
+    module, variables, x, y = trained
+    net = pytorch.to_torch(module, variables)
+    tm = threat.LpBall(epsilon=epsilon, norm=norm)
+    steps, key = 20, jax.random.key(0)
+
+    def logits_fn(images):
+        return module.apply(variables, images)
+
+    attack_fn = jax.jit(lambda x, y: apgd(logits_fn, x, y, key=key, threat=tm, num_steps=steps))
+    result = attack_fn(jnp.asarray(x), jnp.asarray(y))
+    ours = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x) + result.delta), -1) == y)
+    attack = torchattacks.APGD(
+        net, norm={"linf": "Linf", "l2": "L2"}[norm], eps=epsilon, steps=steps, loss="ce", seed=0
+    )
+    adv = attack(pytorch.to_nchw(x), torch.from_numpy(y).long())
+    with torch.no_grad():
+        theirs = net(adv).argmax(1).numpy() == y
+    clean = np.mean(np.asarray(logits_fn(x).argmax(-1)) == y)
+    # The radius makes the comparison informative: both attacks flip many of the correct points.
+    assert ours.mean() < clean - 0.05 and theirs.mean() < clean - 0.05
+    # Same algorithm, budget and logits, but independent random starts: a point whose robustness
+    # hinges on the start can go either way. Such points are few; 4 of 100 bounds them here.
+    assert abs(ours.mean() - theirs.mean()) <= 0.04
