@@ -113,7 +113,7 @@ def test_a_changed_victim_spec_in_a_used_workdir_is_trained_afresh(tiny_run, tmp
         assert losses[0] != losses[1]
 
 
-def test_export_and_from_file_round_trip(tiny_run, tmp_path, cli):
+def test_export_and_from_file_round_trip(tiny_run, tmp_path, cli_inprocess):
     """A crafted poison exported as a dataset file runs again as the registry's from_file
     poison, inside the ball; a file of another order is refused, not clipped."""
     import jax
@@ -124,8 +124,8 @@ def test_export_and_from_file_round_trip(tiny_run, tmp_path, cli):
 
     workdir, _ = tiny_run
     out = tmp_path / "poisoned.npz"
-    proc = cli("export", str(workdir), "poisoned", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, err = cli_inprocess("export", str(workdir), "poisoned", str(out))
+    assert code == 0, err[-2000:]
     with np.load(out) as f:
         x, y = f["x_train"], f["y_train"]
     config = load_config("quickstart", "tiny")
@@ -142,7 +142,7 @@ def test_export_and_from_file_round_trip(tiny_run, tmp_path, cli):
     config.poisons = {"theirs": dict(name="from_file", path=str(tmp_path / "reversed.npz"))}
     with pytest.raises(ValueError, match="outside epsilon"):
         poisoning.craft_poisons(config, dataset, **run)
-    assert cli("export", str(workdir), "nope", str(out)).returncode == 1
+    assert cli_inprocess("export", str(workdir), "nope", str(out))[0] == 1
 
 
 def test_cli_refuses_a_config_key_that_does_not_exist(tmp_path, cli):
@@ -184,19 +184,20 @@ def test_cli_restarts_once_with_huge_pages(monkeypatch):
         ("--config.poisons.poisoned.name=random", "does not take argument(s) ['num_patches']"),
     ],
 )
-def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message, cli):
+def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path, override, message, cli_inprocess):
+    """In this process (a new interpreter costs seconds); a real one: the epochz test above."""
     args = ["--config=configs/quickstart.py:tiny", f"--workdir={tmp_path}", "--quiet"]
     if "cifar11" in override:
         args += ["--config.data.source=npz", f"--config.data.data_dir={tmp_path}"]
-    proc = cli(*args, override)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "jaxpoison: error:" in proc.stderr and message in proc.stderr
-    assert "Traceback" not in proc.stderr and "crafted" not in proc.stderr  # before any work
+    code, err = cli_inprocess(*args, override)
+    assert code == 1, err[-2000:]
+    assert "jaxpoison: error:" in err and message in err
+    assert "Traceback" not in err and "crafted" not in err  # before any work
     assert not (tmp_path / "results.json").exists()
 
 
-def test_validation_split_gives_early_stopping_summary(tmp_path, cli):
-    proc = cli(
+def test_validation_split_gives_early_stopping_summary(tmp_path, cli_inprocess):
+    code, err = cli_inprocess(
         "--config=configs/quickstart.py:tiny",
         f"--workdir={tmp_path}",
         "--quiet",
@@ -206,7 +207,7 @@ def test_validation_split_gives_early_stopping_summary(tmp_path, cli):
         *DIGITS[:3],
         "--config.data.num_train=600",
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert code == 0, err[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]["poisoned"]
     assert summary["early_stopped_epoch"][0] in (1, 2)
     assert 0.0 <= summary["early_stopped_test_acc"]["mean"] <= 1.0
