@@ -118,19 +118,16 @@ def test_a_second_process_on_a_workdir_is_refused_naming_the_first(tmp_path, cli
         pass
 
 
-@pytest.mark.parametrize(
-    "args,code,match",
-    [
-        (["--config=configs/nope.py"], 2, "cannot load the config"),
-        (["--config=configs/quickstart.py:tinyy"], 2, "Unknown config argument 'tinyy'"),
-        (["--config=configs/quickstart.py:tiny", "--config.victim.num_seeds=0"], 1, "num_seeds"),
-    ],
-)
-def test_cli_errors_are_one_line(tmp_path, args, code, match, cli):
-    proc = cli(*args, f"--workdir={tmp_path / 'w'}")
-    assert proc.returncode == code, proc.stderr[-2000:]
+def test_cli_errors_are_one_line(tmp_path, cli):
+    """In a new interpreter (the command as a user runs it); the cases below run in this one."""
+    proc = cli(
+        "--config=configs/quickstart.py:tiny",
+        "--config.victim.num_seeds=0",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxpoison: error:")]
-    assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "num_seeds" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
