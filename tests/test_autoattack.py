@@ -254,7 +254,7 @@ def test_fab_projection_is_the_exact_box_constrained_projection():
 @pytest.mark.parametrize("norm, shape", [("linf", (5, 5, 1)), ("l2", (4, 4, 3))])
 def test_fab_finds_the_exact_distance_to_an_affine_decision_boundary(norm, shape):
     """On logits Wx + c the closest misclassified point is at min_k (z_y - z_k) / ||w_y - w_k||_q
-    (q the dual norm); FAB-T toward every other class must reach it within a few %."""
+    (q the dual norm); FAB-T toward every other class must reach it within 1 %."""
     k = 4
     rng = np.random.default_rng(9)
     dim = int(np.prod(shape))
@@ -282,7 +282,7 @@ def test_fab_finds_the_exact_distance_to_an_affine_decision_boundary(norm, shape
     )
     res = run(0.0)
     ratio = np.asarray(res.norm / exact)
-    assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.03), ratio
+    assert np.all(ratio >= 1 - 1e-4) and np.all(ratio <= 1.01), ratio  # measured: 1.0052
     assert not bool(jnp.any(res.fooled))
     tm = threat.make(norm=norm, epsilon=1.0 if norm == "l2" else 0.5)
     np.testing.assert_allclose(tm.norm_of(res.delta), res.norm, rtol=1e-5)
