@@ -32,10 +32,13 @@ Presets, after the config path (``:family,sweep,tiny``):
   with Algorithm 2 and 32 crafting epochs). It adds the objective ``fast_at``: PGD-AT with one
   step of 1.25 ε_def from a uniform start (FGSM-RS, Wong et al. 2020), a third of the 5-step
   cost, so AT can train for the 20+ epochs it needs at this size (5-step PGD-AT at 8/255
-  reaches 16% clean accuracy in 6 epochs).
+  reaches 16% clean accuracy in 6 epochs). Every victim is then attacked on the test set:
+  ``evals.pgd20`` (PGD-20, ``acc/A``) and ``evals.aa`` (AutoAttack, ``acc/AA``; minutes per
+  adversarially trained victim on a CPU, ``--config.evals.aa.num_queries=1000`` cuts Square).
 * ``sweep``: the defender-budget sweep, PGD-AT at ε_def in {2, 4, 8, 12, 16}/255 (the config's
   PGD-AT steps, of ε_def / 4) beside ST (ε_def = 0), ``budget_sweep.png``; ``pgd_at`` (8/255)
   and ``erm`` are the table's runs, so a sweep in the table's workdir reuses their victims.
+  It runs no evaluators.
 
 Overrides that replace the old options:
 
@@ -99,6 +102,8 @@ def get_config(arg=None):
             )
         config.select.objectives = ("erm", "pgd_at", *(f"pgd_at_eps{k}" for k in SWEEP_EPSILONS))
         config.budget_sweep = dict(objective="pgd_at")
+        # The sweep measures clean accuracy; AutoAttack on each of its AT victims costs more.
+        del config.evals
     if "tiny" in chosen:
         config_lib.tiny(config)
     return config
@@ -143,6 +148,14 @@ def _family_config():
     config.objectives.fast_at = dict(
         name="pgd_at", norm="linf", epsilon=epsilon, num_steps=1, step_size=1.25 * epsilon
     )
+    # Robust accuracy on the clean test set at the attacker's threat: PGD-20 (the risk
+    # evaluator's acc/A) and the standard AutoAttack (acc/AA). On a CPU AutoAttack costs minutes
+    # per adversarially trained victim (APGD-T's 9 targets, Square's 5,000 queries; cut Square
+    # with --config.evals.aa.num_queries=1000).
+    config.evals = {
+        "pgd20": dict(name="risk", num_steps=20),
+        "aa": dict(name="autoattack", num_queries=5000),
+    }
     return config
 
 
