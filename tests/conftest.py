@@ -68,6 +68,11 @@ def pytest_configure(config):
         "jax_persistent_cache_min_compile_time_secs",
         float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")),
     )
+    # xdist's --dist loadscope hands out modules with the most tests first, which left the
+    # one-test 8-device module running alone at the end; the collection order (LONGEST_FIRST)
+    # is used instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     config.addinivalue_line(
         "markers",
         "slow: minutes of work (e.g. repeated SIGKILLs of a real run); skipped unless "
@@ -75,7 +80,39 @@ def pytest_configure(config):
     )
 
 
+# The test modules that take longest, longest first (durations of whole suites on 2 cores). With
+# --dist loadscope a module is one unit of work for one worker: handed out first, the long ones
+# run beside each other and the short ones fill the end, instead of one long module finishing
+# alone while the other worker idles.
+LONGEST_FIRST = (
+    "test_sharding_victims.py",
+    "test_sharding.py",
+    "test_ops.py",
+    "test_sharding_processes.py",
+    "test_sharding_onednn.py",
+    "test_experiment.py",
+    "test_l2c.py",
+    "test_synthetic_poisons.py",
+    "test_study_configs.py",
+    "test_models_attacks.py",
+    "test_transforms.py",
+    "test_ueraser.py",
+    "test_robust_error_minimizing.py",
+    "test_ntga.py",
+    "test_training.py",
+    "test_evaluation.py",
+    "test_apbench.py",
+    "test_autoattack.py",
+    "test_notebook.py",
+    "test_badnets.py",
+    "test_docs.py",
+    "test_ssl.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep theirs
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

@@ -1,9 +1,9 @@
 """The oneDNN convolutions on a mesh of 8 fake CPU devices: each device convolves its batch shard.
 
-`test_sharding.py` checks the same numbers on 1, 2 and 8 devices (its `crafted` fixture trains a
-CNN victim whose batch of 16 the 8 devices split, with oneDNN, the default) and the collectives
-of the compiled steps with XLA's convolutions; this module checks the compiled train step with
-the oneDNN custom calls and their partitioning rule (`jaxpoison.ops._partitioned`).
+`test_sharding_victims.py` checks the same numbers on 1 and 8 devices (its `trained` fixture
+trains a CNN victim whose batch of 16 the 8 devices split, with oneDNN, the default) and the
+collectives of the compiled steps with XLA's convolutions; this module checks the compiled train
+step with the oneDNN custom calls and their partitioning rule (`jaxpoison.ops._partitioned`).
 """
 
 from test_sharding import run_on_8_devices
