@@ -1,7 +1,9 @@
 """`jaxpoison.ops` against `jax.lax`: values, first- and second-order gradients, via the models.
 
 Tests taking the `backend` fixture run twice: with the oneDNN kernels (`jaxpoison._cpu_kernels`,
-which must build here: the test extra installs oneDNN) and with the XLA formulation.
+which must build here: the test extra installs oneDNN) and with the XLA formulation. Both sides of
+every comparison are compiled alike, XLA's cheaper way (`fast_compiles`): compilation is most of
+this module's time.
 """
 
 import flax.linen as nn
@@ -14,6 +16,8 @@ from jax import lax
 from jaxpoison import _cpu_kernels, attacks, models, objectives, ops, threat, train_state
 from jaxpoison._cpu_kernels import onednn
 from jaxpoison.poisons import l2c
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL, ATOL = 2e-4, 2e-5
