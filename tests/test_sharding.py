@@ -1,11 +1,10 @@
-"""Data parallelism on 1, 2 and 8 (fake CPU) devices: the same poisons; joining a cluster.
+"""Data parallelism on 1, 2 and 8 (fake CPU) devices: the same poisons, split along the examples.
 
-Each test on devices runs a fresh Python with ``--xla_force_host_platform_device_count=8`` (the
-device count is fixed when jax starts) and compares meshes over the first 1, 2 or 8 devices.
-The victims, the evaluator and the compiled steps on 8 devices are `test_sharding_victims.py`'s,
-two processes and joining a cluster
-`test_sharding_processes.py`'s, the oneDNN calls `test_sharding_onednn.py`'s: each
-module is one unit of work for pytest-xdist, so the four run beside each other.
+The fixture runs a fresh Python with ``--xla_force_host_platform_device_count=8`` (the device
+count is fixed when jax starts) and compares meshes over the first 1, 2 or 8 devices. Victims,
+the evaluator and the compiled steps are `test_sharding_victims.py`'s, two processes and joining
+a cluster `test_sharding_processes.py`'s, the oneDNN calls `test_sharding_onednn.py`'s: each
+module is one unit of work for pytest-xdist, so they run beside each other.
 """
 
 import json
