@@ -22,7 +22,9 @@ Expected (2026-12-06, commit 38d6c6f; docs/results/2026-12-badnets.md): ``badnet
 128, 8 epochs, 1 seed (about 30 minutes a run on 2 shared CPU cores), a checkpoint every epoch.
 ``--config.include_clean=False`` trains the poisoned run alone; moving that workdir's
 results.json away and running ``:full`` in it again adds the clean run (the poisoned one is
-restored from its checkpoints).
+restored from its checkpoints). Expected (2026-12-06, commits 43f508a / 45c9920, the two runs):
+``badnets`` ASR 96.73 % at 69.88 % clean accuracy, clean training 70.60 % (ASR 2.40 %): the
+issue's 1 % criterion met with one seed; the backdoor appears in epochs 3-4.
 """
 
 import ml_collections
