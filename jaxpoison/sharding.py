@@ -1,9 +1,11 @@
 """Data parallelism: one `Mesh` axis, ``data``, for everything that touches data.
 
-Crafting, training and evaluation all run the same way: the arrays they keep (training images,
-model and optimizer state, class-wise patterns) are replicated, per-example state (sample-wise
-perturbations) is split along its example axis, and inside the compiled step the batch is split
-along ``data``, so each device computes B / D examples and gradients meet in one all-reduce.
+Crafting, training and evaluation all run the same way: the arrays they keep per example
+(training images, sample-wise perturbations) are split along their example axis (`place_examples`,
+`examples`), the rest (model and optimizer state, class-wise patterns, the test set) is
+replicated, and inside the compiled step the batch is split along ``data``, so each device
+computes B / D examples and gradients meet in one all-reduce (the batch's gather from the split
+images adds one all-reduce of the B examples).
 
 The entry points (`poisons.craft`, `poisons.apply_all`, `Trainer`, the evaluators) take a mesh
 (default `data_mesh`, every device) and trace under it (`jax.set_mesh`); the pure functions they
@@ -20,6 +22,7 @@ same, only the speed-up is lost (`note_indivisible` says so once).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -77,6 +80,49 @@ def examples(tree, num_examples):
     return jax.tree.map(place, tree)
 
 
+def place_examples(array, mesh):
+    """A host array of per-example rows (training images) as a global array on `mesh`: split
+    along ``data`` on its first axis where the devices divide it, so each device holds N / D
+    rows, else replicated. Every process passes the whole array (`make_array_from_callback`
+    takes each device's rows from it), as every process loads the dataset.
+
+    A compiled step gathers its batch from the split rows by index: XLA gathers each device's
+    rows locally and sums the pieces in one all-reduce of the batch (B examples, not N).
+    """
+    if not isinstance(array, jax.Array):
+        array = np.asarray(array)
+    size = mesh.shape[DATA]
+    spec = P(DATA) if size > 1 and array.ndim and array.shape[0] % size == 0 else P()
+    placement = NamedSharding(mesh, spec)
+    if isinstance(array, jax.Array):  # already on devices: moved there, not through the host
+        return jax.device_put(array, placement)
+    return jax.make_array_from_callback(array.shape, placement, lambda index: array[index])
+
+
+def gather_examples(x, idx):
+    """``x[idx]`` of per-example rows `x` placed by `place_examples` (inside a compiled step,
+    traced under the mesh), for integer indices `idx` of any shape.
+
+    Rows split along ``data``: each device looks up the indices that fall in its rows and the
+    pieces are summed in one all-reduce of the result (exact: all but one piece are zeros), so no
+    device ever holds more than its N / D rows and the result. Replicated rows (no mesh, one
+    device, or N not divisible): a plain gather.
+    """
+    size = _data_size()
+    if size == 1 or x.shape[0] % size:
+        return x[idx]
+
+    def local(rows, idx):
+        j = idx - jax.lax.axis_index(DATA) * rows.shape[0]
+        inside = (j >= 0) & (j < rows.shape[0])
+        got = rows[jnp.clip(j, 0, rows.shape[0] - 1)]
+        got = jnp.where(inside.reshape(inside.shape + (1,) * (rows.ndim - 1)), got, 0)
+        return jax.lax.psum(got, DATA)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA), P()), out_specs=P())(x, idx)
+
+
 def replicate(tree):
     """Every array of `tree` whole on every device of the mesh traced under (outputs that a
     host reads, e.g. poisoned images: with several processes each one can then read them)."""
@@ -106,7 +152,9 @@ __all__ = [
     "batch",
     "data_mesh",
     "examples",
+    "gather_examples",
     "note_indivisible",
+    "place_examples",
     "replicate",
     "replicated",
 ]

@@ -59,10 +59,16 @@ def _on_mesh(method):
 
 @dataclasses.dataclass(frozen=True)
 class TrainData:
-    """Arrays the trainer reads: float images in [0, 1] and int labels, as jax arrays.
+    """Arrays the trainer reads: images and int labels, as jax arrays.
 
-    `digest` (sha256 of every array and the augmentation settings, computed on the host by
-    `create`) keys the checkpoints of victims trained on it.
+    Images stay as they came: uint8 (0..255; the clean test and validation sets, a clean or
+    uint8 training set) or float32 in [0, 1] (poisoned training images). The compiled step and
+    the evaluations convert each batch with `data.device_float`, so uint8 data is held on the
+    devices at a quarter of the float size, and the numbers are the same bits either way.
+
+    `digest` (sha256 of every array, uint8 images hashed as the floats they stand for, and the
+    augmentation settings, computed on the host by `create`) keys the checkpoints of victims
+    trained on it.
     """
 
     x_train: jax.Array
@@ -91,16 +97,23 @@ class TrainData:
         mesh=None,
         x_clean=None,
     ):
-        """Moves arrays to the devices (replicated), images converted by `data.as_float_images`
-        (uint8 or floats in [0, 1]; NaN, inf, channel-first and other ranges refused).
+        """Moves arrays to the devices, the training images split along the mesh's ``data``
+        axis (`sharding.place_examples`), the rest replicated: uint8 images as they are, others
+        through `data.as_float_images` (floats in [0, 1]; NaN, inf, channel-first and other
+        ranges refused).
         `x_clean`: the clean images of a poisoned `x_train`, example by example, for a victim's
         ``poison_ratio`` (None when not needed)."""
-        rep = sharding.replicated(mesh or sharding.data_mesh())
+        mesh = mesh or sharding.data_mesh()
+        rep = sharding.replicated(mesh)
 
         def images(a, split):
             if a is None or len(a) == 0:
                 return None
-            return data.as_float_images(np.asarray(a), what=f"TrainData: {split} images")
+            a = np.asarray(a)
+            if a.dtype == np.uint8:
+                data.check_image_shape(a.shape, f"TrainData: {split} images")
+                return a
+            return data.as_float_images(a, what=f"TrainData: {split} images")
 
         def labels(a, x, split):
             if x is None:
@@ -124,8 +137,17 @@ class TrainData:
             )
         arrays = [xs[0], ys[0], xs[1], ys[1], xs[2], ys[2]]
         extra = [] if clean is None else [clean]
-        digest = array_digest(*arrays, *extra, np.asarray([crop_padding, int(flip)]))
-        placed = [None if a is None else jax.device_put(a, rep) for a in [*arrays, clean]]
+        digest = array_digest(
+            *arrays, *extra, np.asarray([crop_padding, int(flip)]), uint8_as=data.as_float_images
+        )
+        placed = [
+            None
+            if a is None
+            else sharding.place_examples(a, mesh)
+            if i in (0, 6)  # training images (and their clean twins): split along the examples
+            else jax.device_put(a, rep)
+            for i, a in enumerate([*arrays, clean])
+        ]
         return cls(*placed[:6], crop_padding, flip, digest, placed[6])
 
 
@@ -240,10 +262,11 @@ class Trainer:
 
             def step(states, x, y, idx, keys, x_clean=None):
                 # idx is [S, B]: the batch axis is 1.
-                image = x[idx]
+                image = data.device_float(sharding.gather_examples(x, idx))
                 if x_clean is not None:
                     keep = (jnp.arange(idx.shape[1]) < poisoned).reshape(1, -1, 1, 1, 1)
-                    image = jnp.where(keep, image, x_clean[idx])
+                    clean = data.device_float(sharding.gather_examples(x_clean, idx))
+                    image = jnp.where(keep, image, clean)
                 batch = sharding.batch({"image": image, "label": y[idx], "index": idx}, axis=1)
                 one = lambda s, b, k: train_step(
                     s,
@@ -286,9 +309,14 @@ class Trainer:
         compiled, on the devices); unchanged without any."""
         if not self.transforms.dataset:
             return train_data
-        rep = sharding.replicated(self.mesh)
         fn = self._cached(
-            "purify", None, lambda: jax.jit(self.transforms.purify, out_shardings=rep)
+            "purify",
+            None,
+            lambda: jax.jit(
+                lambda k, x, y: sharding.examples(
+                    self.transforms.purify(k, data.device_float(x), y), x.shape[0]
+                )
+            ),
         )
         purify_key = jax.random.fold_in(key, 3)
         x = fn(purify_key, train_data.x_train, train_data.y_train)
@@ -300,9 +328,13 @@ class Trainer:
     def evaluate(self, states, x, y):
         """Eval-mode accuracy and mean loss of every seed on (x, y): dict of [S] arrays.
 
-        `x`: uint8 images or floats in [0, 1] (`data.as_float_images`), `y`: int labels.
+        `x`: uint8 images (kept uint8, converted per batch) or floats in [0, 1]
+        (`data.as_float_images`), `y`: int labels.
         """
-        x = data.as_float_images(x, what="Trainer.evaluate: images")
+        if getattr(x, "dtype", None) == np.uint8:
+            data.check_image_shape(np.shape(x), "Trainer.evaluate: images")
+        else:
+            x = data.as_float_images(x, what="Trainer.evaluate: images")
         if len(y) != len(x):
             raise data.DataError(
                 f"Trainer.evaluate: {len(y)} labels for {len(x)} images; pass one label per image."
@@ -310,7 +342,7 @@ class Trainer:
         return self._evaluate_checked(states, x, jnp.asarray(y, jnp.int32))
 
     def _evaluate_checked(self, states, x, y):
-        """`evaluate` of images already float32 in [0, 1] (the `TrainData` arrays)."""
+        """`evaluate` of checked images: uint8, or float32 in [0, 1] (the `TrainData` arrays)."""
         if "eval" not in self._compiled:
             self._compiled["eval"] = jax.jit(self._evaluate, static_argnums=3)
         with jax.set_mesh(self.mesh):
@@ -330,7 +362,7 @@ class Trainer:
 
         def per_batch(inputs):
             xs, ys, ms = inputs
-            xs = sharding.batch(xs)
+            xs = sharding.batch(data.device_float(xs))
             predict = over_seeds(lambda s: self.predict(s, xs), self.seed_strategy)
             logits = predict(states)  # [S, B, K]
             correct = jnp.sum(jax.vmap(losses.accuracy, (0, None))(logits, ys) * ms, axis=1)

@@ -99,16 +99,26 @@ def content_key(record):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def array_digest(*arrays):
-    """sha256 (hex) of arrays' dtypes, shapes and bytes (None entries count as absent)."""
+def array_digest(*arrays, uint8_as=None, chunk=4096):
+    """sha256 (hex) of arrays' dtypes, shapes and bytes (None entries count as absent).
+
+    With `uint8_as` (a function of a uint8 array, e.g. `data.as_float_images`), every uint8 array
+    is hashed as ``uint8_as(a)`` would be, converted `chunk` rows at a time (no converted copy of
+    the whole array): the same digest as for the converted array.
+    """
     h = hashlib.sha256()
     for a in arrays:
         if a is None:
             h.update(b"none;")
             continue
         a = np.ascontiguousarray(np.asarray(a))
+        if uint8_as is not None and a.dtype == np.uint8:
+            h.update(f"{np.asarray(uint8_as(a[:0])).dtype.str}{a.shape};".encode())
+            for i in range(0, len(a), chunk):
+                h.update(np.ascontiguousarray(uint8_as(a[i : i + chunk])).tobytes())
+            continue
         h.update(f"{a.dtype.str}{a.shape};".encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes in place: no copy of a large array
     return h.hexdigest()
 
 

@@ -209,7 +209,7 @@ def test_transform_purifies_in_a_defense_and_keys_victims_by_the_score_model(tmp
     purified = trainer.purified(td, jax.random.key(0))
     xp = np.asarray(purified.x_train)
     assert xp.shape == x.shape[:1] + ds.image_shape and 0 <= xp.min() and xp.max() <= 1
-    assert not np.allclose(xp, np.asarray(td.x_train))
+    assert not np.allclose(xp, np.asarray(data.device_float(td.x_train)))
     np.testing.assert_array_equal(np.asarray(purified.y_train), y)  # labels untouched
     fn = transforms.make(dict(diffusion_purification=spec)).dataset[0]
     with pytest.raises(ValueError, match=r"trained on \(8, 8, 1\) images, the training images"):

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxpoison import attacks, losses, models, threat, training
+from jaxpoison import attacks, data, losses, models, threat, training
 from jaxpoison.evaluation import certified, risk
 from jaxpoison.models import linf_dist
 
@@ -144,7 +144,7 @@ def test_trainer_fits_with_erm_and_updates_running_means(trained):
 
 def test_mean_shift_uses_the_batch_in_training_and_running_means_in_eval(trained):
     _, _, _, variables, apply, td = trained
-    x = td.x_test
+    x = data.device_float(td.x_test)
     _, new_state = apply(variables, x, train=True)
     kernel = np.asarray(variables["params"]["DenseLinfDist_0"]["kernel"])
     u = np.abs(np.asarray(x).reshape(len(x), -1)[:, :, None] - kernel[None]).max(axis=1)
@@ -153,7 +153,7 @@ def test_mean_shift_uses_the_batch_in_training_and_running_means_in_eval(trained
         new_state["batch_stats"]["DenseLinfDist_0"]["mean"], 0.9 * old + 0.1 * u.mean(0), rtol=1e-5
     )
     # Changing the other examples moves example 0's logits in training mode only.
-    other = x.at[1:].set(td.x_train[: len(x) - 1])
+    other = x.at[1:].set(data.device_float(td.x_train[: len(x) - 1]))
     assert not np.allclose(
         apply(variables, other, train=True)[0][0], apply(variables, x, train=True)[0][0]
     )
@@ -164,7 +164,7 @@ def test_mean_shift_uses_the_batch_in_training_and_running_means_in_eval(trained
 
 def test_every_logit_is_1_lipschitz_in_linf_and_an_l2_net_is_not(trained):
     trainer, _, _, variables, apply, td = trained
-    x = np.asarray(td.x_test)
+    x = np.asarray(data.device_float(td.x_test))
     clean = np.asarray(apply(variables, x, train=False)[0])
     rng = np.random.default_rng(4)
     ratios = []
@@ -188,7 +188,7 @@ def test_every_logit_is_1_lipschitz_in_linf_and_an_l2_net_is_not(trained):
 
 def test_pgd_never_breaks_a_certificate_but_does_beyond_it(trained):
     trainer, _, _, variables, apply, td = trained
-    x, y = td.x_test, td.y_test
+    x, y = data.device_float(td.x_test), td.y_test
     logits = apply(variables, x, train=False)[0]
     pred = np.argmax(logits, -1)
     radius = np.asarray(certified.prediction_radius(logits))
@@ -211,7 +211,7 @@ def test_pgd_never_breaks_a_certificate_but_does_beyond_it(trained):
 
 def test_a_false_friend_cannot_fix_certified_mistakes(trained):
     trainer, _, _, variables, apply, td = trained
-    x, y = td.x_test, td.y_test
+    x, y = data.device_float(td.x_test), td.y_test
     logits = apply(variables, x, train=False)[0]
     s = np.asarray(certified.signed_radius(logits, y))
     wrong = s < 0
@@ -283,7 +283,7 @@ def test_certificates_on_hand_made_logits():
 
 def test_certified_evaluator_matches_the_functions_per_seed(trained):
     trainer, states, _, variables, apply, td = trained
-    x, y = td.x_test, td.y_test
+    x, y = data.device_float(td.x_test), td.y_test
     logits = apply(variables, x, train=False)[0]
     epsilon = float(np.median(np.abs(np.asarray(certified.signed_radius(logits, y)))))
     ev = risk.make(  # registered for config.evals as 'certified'

@@ -25,7 +25,9 @@ def test_onednn_custom_calls_see_the_batch_shard_and_gradients_meet_once():
         x = jnp.zeros((128, 8, 8, 3))
         y = jnp.zeros(128, jnp.int32)
         with jax.set_mesh(trainer.mesh):
-            x, y = jax.device_put((x, y), sharding.replicated(trainer.mesh))
+            # Placed as TrainData places them: the training images split over the devices.
+            x = sharding.place_examples(x, trainer.mesh)
+            y = jax.device_put(y, sharding.replicated(trainer.mesh))
             states = trainer.init_seeds(jax.random.key(0), 2, 2)
             step = trainer.compiled_step(2, 0, False)
             idx = jnp.zeros((2, 64), jnp.int32)
@@ -84,5 +86,7 @@ def test_onednn_custom_calls_see_the_batch_shard_and_gradients_meet_once():
             batches = [a[-4], b[-4]] if kind == "backward_weights" else [a[-4]]
             assert batches == [batch // 8] * len(batches), (program, kind, a, b)
         assert census["all-gather"] == census["all-to-all"] == 0, (program, census)
-    assert out["train"]["all-reduce"] == 1, out["train"]
+    # One all-reduce sums the gradients, one assembles the batch from the split training images
+    # (`sharding.gather_examples`).
+    assert out["train"]["all-reduce"] == 2, out["train"]
     assert out["meta_error"] < 1e-5, out["meta_error"]

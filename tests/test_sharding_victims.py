@@ -89,7 +89,9 @@ def test_compiled_steps_split_the_batch_and_reduce_gradients_once():
         x = jnp.zeros((128, 8, 8, 3))
         y = jnp.zeros(128, jnp.int32)
         with jax.set_mesh(trainer.mesh):
-            x, y = jax.device_put((x, y), sharding.replicated(trainer.mesh))
+            # Placed as TrainData places them: the training images split over the devices.
+            x = sharding.place_examples(x, trainer.mesh)
+            y = jax.device_put(y, sharding.replicated(trainer.mesh))
             states = trainer.init_seeds(jax.random.key(0), 2, 2)
             step = trainer.compiled_step(2, 0, False)
             idx = jnp.zeros((2, 64), jnp.int32)
@@ -108,6 +110,8 @@ def test_compiled_steps_split_the_batch_and_reduce_gradients_once():
     )
     train, craft = out["train"], out["craft"]
     assert train["conv_batches"] == [64 // 8], train
-    assert train["all-reduce"] == 1 and train["all-gather"] == 0, train
+    # One all-reduce sums the gradients, one assembles the batch from the split training images
+    # (`sharding.gather_examples`); nothing is all-gathered.
+    assert train["all-reduce"] == 2 and train["all-gather"] == 0, train
     assert train["all-to-all"] == 0 and train["collective-permute"] == 0, train
     assert craft["conv_batches"] == [64 // 8], craft

@@ -62,6 +62,7 @@ def test_fit_with_zero_epochs_returns_the_initialisation():
     for s in range(2):
         one = jax.tree.map(lambda a, s=s: a[s], states)
         for split, x, y in (("train", td.x_train, ds.y_train), ("test", td.x_test, ds.y_test)):
+            x = data.device_float(x)  # TrainData keeps uint8 images uint8
             logits = np.asarray(jax.jit(trainer.predict)(one, x), np.float64)
             top = logits.max(1, keepdims=True)
             logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))

@@ -90,7 +90,11 @@ def test_step_compiles_once(digits):
     state = jax.device_put(trainer.init(jax.random.key(0), 10), td.x_train.sharding)
     for i in range(3):
         idx = jnp.arange(i * 64, (i + 1) * 64)
-        batch = {"image": td.x_train[idx], "label": td.y_train[idx], "index": idx}
+        batch = {
+            "image": data.device_float(td.x_train[idx]),
+            "label": td.y_train[idx],
+            "index": idx,
+        }
         state, metrics = step(state, batch, jax.random.key(i))
     assert np.isfinite(float(metrics["loss"]))
     chex.clear_trace_counter()
@@ -121,6 +125,30 @@ def test_evaluate_takes_uint8_as_images_and_refuses_what_is_not(trained, digits)
         trainer.evaluate(states, ds.x_test.astype(np.float32), ds.y_test)
     with pytest.raises(data.DataError, match="transpose"):
         training.train_data_from(np.zeros((10, 3, 16, 16), np.uint8), np.zeros(10), ds)
+
+
+def test_uint8_images_stay_uint8_on_the_devices_with_the_numbers_of_floats(digits, trained):
+    """Images kept at 1 byte per value (converted per batch in the step and the evaluation)
+    train the same victims, bit for bit, and key the same checkpoints as their float values."""
+    ds, td = digits
+    trainer, _, reference = trained
+    assert td.x_train.dtype == td.x_test.dtype == jnp.uint8
+    floats = training.train_data_from(
+        data.to_float(ds.x_train),
+        ds.y_train,
+        ds,
+        x_val=data.to_float(ds.x_test[:50]),
+        y_val=ds.y_test[:50],
+    )
+    mixed = training.train_data_from(
+        ds.x_train, ds.y_train, ds, x_val=ds.x_test[:50], y_val=ds.y_test[:50]
+    )
+    assert floats.x_train.dtype == floats.x_val.dtype == jnp.float32
+    assert mixed.x_val.dtype == jnp.uint8
+    assert floats.digest == mixed.digest != td.digest
+    _, history = trainer.fit(floats, key=jax.random.key(0), num_seeds=2, progress=False)
+    for k in ("train/loss", "test/accuracy", "test/loss"):
+        np.testing.assert_array_equal(history[k], reference[k], err_msg=k)
 
 
 def run_python(code, env=None):

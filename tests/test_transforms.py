@@ -184,7 +184,7 @@ def test_trainer_applies_dataset_transforms_once_and_keys_checkpoints_by_them(di
     ds, _, y, td = digits
     key = jax.random.key(0)
     squeezing, h_defended = _fit(digits, dict(name="erm", transforms=dict(bit_depth=dict(bits=2))))
-    squeezed = np.asarray(compression.bit_depth(bits=2)(jnp.asarray(td.x_train)))
+    squeezed = np.asarray(compression.bit_depth(bits=2)(data.device_float(td.x_train)))
     _, h_by_hand = _fit(digits, dict(name="erm"), training.train_data_from(squeezed, y, ds))
     assert h_defended == h_by_hand  # the same numbers as squeezing the data by hand
     plain, h_plain = plain_fit

@@ -61,7 +61,20 @@ def as_float_images(x, *, what="images"):
                 f"{what} as floats must lie in [0, 1], got min {lo:g} (normalised by mean and "
                 "std?); pass the unnormalised images in [0, 1], or uint8."
             )
-    return x.astype(np.float32)
+    return x if x.dtype == np.float32 else x.astype(np.float32)  # no copy of float32 images
+
+
+def device_float(x):
+    """Images as float32 in [0, 1] inside a compiled program, where `as_float_images` cannot read
+    values: uint8 through the same lookup (the same bits as ``x / 255`` in numpy), anything
+    else cast to float32 unchecked.
+
+    The trainer keeps uint8 images as uint8 on the devices (`training.TrainData`) and converts
+    each batch after gathering it, so a dataset's only float copy is the batch in flight.
+    """
+    if x.dtype == jnp.uint8:
+        return jnp.asarray(_UINT8_TO_FLOAT)[x]
+    return x.astype(jnp.float32)
 
 
 def to_float(images):

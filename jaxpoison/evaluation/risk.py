@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxpoison import _registry, sharding
+from jaxpoison import _registry, data, sharding
 from jaxpoison import threat as threat_lib
 from jaxpoison.attacks.pgd import model_loss, pgd
 from jaxpoison.train_state import over_seeds
@@ -290,16 +290,25 @@ def variables_of(state):
 class Evaluator:
     """A named, jitted ``(states, x, y, *, key) -> metrics`` over a whole dataset and all seeds.
 
-    `fn` is the pure function (states with a leading seed axis, images, labels, key) -> dict of
-    [S, ...] arrays; it is jitted once here, so one dataset shape compiles one program. Called
+    `fn` is the pure function (states with a leading seed axis, float32 images in [0, 1],
+    labels, key) -> dict of [S, ...] arrays; it is jitted once here, so one dataset shape compiles
+    one program. uint8 images (`TrainData`'s clean test set) become float32 inside that program
+    (`data.device_float`), whole; with ``converts_images=True`` `fn` takes them as they come and
+    converts each batch itself (as `_dataset_evaluator`'s do), so no float copy of the set is
+    made. Called
     with a `mesh` (by default the one `x` is placed on, as `TrainData` places it), each batch is
     split along the mesh's ``data`` axis where its devices divide it (`jaxpoison.sharding`).
     """
 
-    def __init__(self, fn: Callable, *, name: str):
+    def __init__(self, fn: Callable, *, name: str, converts_images: bool = False):
         self.fn = fn
         self.name = name
-        self._jitted = jax.jit(fn)
+        if converts_images:
+            self._jitted = jax.jit(fn)
+        else:
+            self._jitted = jax.jit(
+                lambda states, x, y, key: fn(states, data.device_float(x), y, key)
+            )
 
     def __call__(self, states, x, y, *, key, mesh=None):
         mesh = mesh or getattr(getattr(x, "sharding", None), "mesh", None)
@@ -318,6 +327,7 @@ def _dataset_evaluator(per_batch, finish, *, batch_size, seed_strategy, name):
 
         def body(inputs):
             i, xs, ys, ms = sharding.batch(inputs)
+            xs = data.device_float(xs)  # per batch: uint8 sets are never converted whole
             return per_batch(variables, xs, ys, ms, jax.random.fold_in(key, i))
 
         parts = jax.lax.map(body, (jnp.arange(xb.shape[0]), xb, yb, mb))
@@ -329,7 +339,7 @@ def _dataset_evaluator(per_batch, finish, *, batch_size, seed_strategy, name):
         keys = jax.random.split(key, seeds)
         return over_seeds(lambda s, k: one_seed(s, xb, yb, mb, k), seed_strategy)(states, keys)
 
-    return Evaluator(fn, name=name)
+    return Evaluator(fn, name=name, converts_images=True)
 
 
 def make_risk(

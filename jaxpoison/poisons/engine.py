@@ -1,6 +1,7 @@
 """The crafting engine: runs a poison's `update` over the whole training set, compiled.
 
-Every step is one jitted call on a batch of examples (gathered on device by index); a pass over
+Every step is one jitted call on a batch of examples (gathered on device by index, uint8 images
+converted to float there, so the devices hold the training set at one byte per value); a pass over
 the data is an epoch; the state is checkpointed after every epoch so a killed craft resumes.
 """
 
@@ -28,7 +29,8 @@ def _compiled_update(poison):
     """
 
     def step(state, images, labels, idx, key):
-        batch = sharding.batch({"image": images[idx], "label": labels[idx], "index": idx})
+        image = data.device_float(sharding.gather_examples(images, idx))
+        batch = sharding.batch({"image": image, "label": labels[idx], "index": idx})
         state, metrics = poison.update(state, batch, key)
         return sharding.examples(state, labels.shape[0]), metrics
 
@@ -38,7 +40,7 @@ def _compiled_update(poison):
 @functools.lru_cache(maxsize=32)
 def _compiled_init(poison):
     def init(key, images, labels):
-        state = poison.init(key, {"image": images, "label": labels})
+        state = poison.init(key, {"image": data.device_float(images), "label": labels})
         return sharding.examples(state, labels.shape[0])
 
     return jax.jit(init)
@@ -47,7 +49,8 @@ def _compiled_init(poison):
 @functools.lru_cache(maxsize=32)
 def _compiled_apply(poison):
     def fn(state, images, labels, idx):
-        batch = sharding.batch({"image": images[idx], "label": labels[idx], "index": idx})
+        image = data.device_float(sharding.gather_examples(images, idx))
+        batch = sharding.batch({"image": image, "label": labels[idx], "index": idx})
         out = poison.apply(state, batch)
         return sharding.replicate((out["image"], out["label"]))
 
@@ -55,9 +58,14 @@ def _compiled_apply(poison):
 
 
 def _inputs(images, labels, where, mesh, num_classes=None):
-    """Images as float32 in [0, 1] (`data.as_float_images`) and int32 labels (whole numbers in
-    0..num_classes-1 when the poison knows its classes), replicated on the mesh's devices."""
-    images = data.as_float_images(images, what=f"{where}: images")
+    """Images (uint8 as they are, converted per batch on the devices; others as float32 in
+    [0, 1] by `data.as_float_images`), split along the mesh's ``data`` axis
+    (`sharding.place_examples`), and int32 labels (whole numbers in 0..num_classes-1 when the
+    poison knows its classes), replicated."""
+    if getattr(images, "dtype", None) == np.uint8:
+        data.check_image_shape(np.shape(images), f"{where}: images")
+    else:
+        images = data.as_float_images(images, what=f"{where}: images")
     labels = np.asarray(labels)
     if labels.shape != images.shape[:1]:
         raise data.DataError(
@@ -79,7 +87,8 @@ def _inputs(images, labels, where, mesh, num_classes=None):
             if num_classes is not None
             else f"{where}: label {bad[0]:g} is negative; pass class indices 0, 1, ..."
         )
-    return jax.device_put((images, labels.astype(np.int32)), sharding.replicated(mesh))
+    labels = jax.device_put(labels.astype(np.int32), sharding.replicated(mesh))
+    return sharding.place_examples(images, mesh), labels
 
 
 def craft(
@@ -172,12 +181,13 @@ def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):
         images, labels = _inputs(images, labels, "poisons.apply_all", mesh, poison.num_classes)
         n = labels.shape[0]
         fn = _compiled_apply(poison)
-        parts = [
-            jax.device_get(fn(state, images, labels, jnp.arange(i, min(i + batch_size, n))))
-            for i in range(0, n, batch_size)
-        ]
-    poisoned = np.concatenate([p[0] for p in parts])
-    new_labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
+        poisoned = np.empty(images.shape, np.float32)  # filled in place: one host copy
+        new_labels = np.empty((n,), np.int32)
+        for i in range(0, n, batch_size):
+            idx = jnp.arange(i, min(i + batch_size, n))
+            poisoned[i : i + batch_size], new_labels[i : i + batch_size] = jax.device_get(
+                fn(state, images, labels, idx)
+            )
     if not np.isfinite(poisoned).all():
         raise data.DataError("The poison produced NaN or inf pixels; check its hyperparameters.")
     return poisoned, new_labels

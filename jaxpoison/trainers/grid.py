@@ -163,7 +163,10 @@ def train_and_evaluate(config, workdir, *, progress=True):
             for set_name, (x_train, y_train) in train_sets.items():
                 parts = [obj_label] if len(objectives) > 1 else []
                 run_name = "/".join(parts + ([victim_name] if victims else []) + [set_name])
-                x_fit, y_fit = x_train[train_idx], y_train[train_idx]
+                # The whole set without a validation split: no copy of (float) poisoned images.
+                x_fit, y_fit = (
+                    (x_train[train_idx], y_train[train_idx]) if val_size else (x_train, y_train)
+                )
                 if set_name in extras:
                     x_extra, y_extra = extras[set_name]
                     x_fit = np.concatenate([data.to_float(x_fit), x_extra])  # crafted: float
@@ -172,9 +175,9 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 if victim_cfg.get("poison_ratio", 1.0) < 1.0:
                     x_clean = x_fit
                     if set_name in crafted:
-                        x_clean = data.to_float(dataset.x_train[train_idx])
+                        x_clean = dataset.x_train[train_idx]
                         if set_name in extras:
-                            x_clean = np.concatenate([x_clean, extras[set_name][0]])
+                            x_clean = np.concatenate([data.to_float(x_clean), extras[set_name][0]])
                 td = training.train_data_from(
                     x_fit,
                     y_fit,

@@ -85,7 +85,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
     many seeds of one run, and the poison receives their variables stacked on a leading axis.
     """
     out, surrogates = {}, {}
-    x_clean = data.to_float(dataset.x_train)
+    x_clean = dataset.x_train  # uint8: converted per batch on the devices
     fingerprint = dataset.fingerprint()
     shape, k = dataset.image_shape, dataset.num_classes
     for run in specs.selected(config, "poisons"):
@@ -186,9 +186,8 @@ def check_bounds(ps, x_clean, y_clean, images, labels, *, tolerance=1e-5, chunk=
         )
     eps, norm = float(ps.threat.epsilon), ps.threat.norm
     for start in range(0, len(images), chunk):
-        delta = (images[start : start + chunk] - x_clean[start : start + chunk]).reshape(
-            min(chunk, len(images) - start), -1
-        )
+        clean = data.to_float(x_clean[start : start + chunk])  # uint8 or float
+        delta = (images[start : start + chunk] - clean).reshape(min(chunk, len(images) - start), -1)
         if norm == "l0":  # changed pixels (positions with any channel moved by > tolerance)
             n, c = len(delta), images.shape[-1]
             size = (np.abs(delta.reshape(n, -1, c)) > tolerance).any(-1).sum(1).astype(float)

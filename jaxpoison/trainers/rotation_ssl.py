@@ -52,8 +52,8 @@ def make_probe_fn(trainer, *, num_classes, config):
       config: ``config.ssl`` (``feature_batch_size``, ``probe``: keywords of `probe.fit`).
 
     Returns:
-      ``probe_fn``; its ``states`` have a leading seed axis, the images are floats in [0, 1], and
-      it returns ``{'train_accuracy', 'test_accuracy', 'final_loss'}``, arrays [seeds].
+      ``probe_fn``; its ``states`` have a leading seed axis, the images are uint8 or floats in
+      [0, 1], and it returns ``{'train_accuracy', 'test_accuracy', 'final_loss'}``, arrays [seeds].
     """
     features_fn = models.make_features_fn(trainer.module)
     batch_size = int(config.get("feature_batch_size", 500))
@@ -76,6 +76,7 @@ def make_probe_fn(trainer, *, num_classes, config):
 
     @jax.jit
     def probe_fn(states, x_train, y_train, x_test, y_test):
+        x_train, x_test = data.device_float(x_train), data.device_float(x_test)
         f_train, f_test = extract(states, x_train), extract(states, x_test)
         return jax.vmap(score, in_axes=(0, 0, None, None))(f_train, f_test, y_train, y_test)
 
