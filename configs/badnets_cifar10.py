@@ -27,23 +27,13 @@ restored from its checkpoints). Expected (2026-12-06, commits 43f508a / 45c9920,
 issue's 1 % criterion met with one seed; the backdoor appears in epochs 3-4.
 """
 
-import ml_collections
-
 from jaxpoison import config_lib
 
 
 def get_config(arg=None):
     chosen = config_lib.preset(arg, ("full",))
     config = config_lib.poison_family("BadNets backdoor vs clean (CIFAR-10)", runs=())
-    # One field per trigger setting, shared by the poisons and the evaluation.
-    config.trigger = dict(
-        target=ml_collections.FieldReference(0),
-        all_to_all=ml_collections.FieldReference(False),
-        patch_size=ml_collections.FieldReference(3),
-        position=ml_collections.FieldReference("bottom_right"),
-        pattern=ml_collections.FieldReference("checkerboard"),
-    )
-    trigger = {k: config.trigger.get_ref(k) for k in config.trigger}
+    trigger = config_lib.backdoor_trigger(config)  # shared by the poisons and the evaluation
     config.poisons = dict(
         badnets=dict(name="badnets", fraction=0.01, **trigger),
         badnets_10=dict(name="badnets", fraction=0.1, **trigger),

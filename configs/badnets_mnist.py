@@ -24,8 +24,6 @@ victims (training accuracy 97 %) do not learn it: ASR 0.46 ± 0.12 % at 1 %, 0.2
 0.1 %, base rate 0.20 %; clean accuracy 98.39 % in all three.
 """
 
-import ml_collections
-
 from jaxpoison import config_lib
 
 
@@ -33,15 +31,7 @@ def get_config(arg=None):
     chosen = config_lib.preset(arg)
     config = config_lib.poison_family("BadNets backdoor vs clean (MNIST, full)", runs=())
     config.data = config_lib.data("mnist")
-    # One field per trigger setting, shared by the poisons and the evaluation.
-    config.trigger = dict(
-        target=ml_collections.FieldReference(0),
-        all_to_all=ml_collections.FieldReference(False),
-        patch_size=ml_collections.FieldReference(3),
-        position=ml_collections.FieldReference("bottom_right"),
-        pattern=ml_collections.FieldReference("checkerboard"),
-    )
-    trigger = {k: config.trigger.get_ref(k) for k in config.trigger}
+    trigger = config_lib.backdoor_trigger(config)  # shared by the poisons and the evaluation
     config.poisons = dict(
         badnets=dict(name="badnets", fraction=0.01, **trigger),
         badnets_05=dict(name="badnets", fraction=0.005, **trigger),

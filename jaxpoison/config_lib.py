@@ -244,6 +244,21 @@ def select():
     return dict(poisons=(), objectives=(), victims=())
 
 
+def backdoor_trigger(config, target=0):
+    """Adds ``config.trigger`` (BadNets' 3x3 checkerboard in the bottom-right corner, all-to-one
+    to class `target`), one FieldReference per setting, and returns the references, to be
+    shared by the poisons and the ``backdoor`` evaluation (``--config.trigger.target=3`` moves
+    both)."""
+    config.trigger = dict(
+        target=ml_collections.FieldReference(target),
+        all_to_all=ml_collections.FieldReference(False),
+        patch_size=ml_collections.FieldReference(3),
+        position=ml_collections.FieldReference("bottom_right"),
+        pattern=ml_collections.FieldReference("checkerboard"),
+    )
+    return {k: config.trigger.get_ref(k) for k in config.trigger}
+
+
 # The error-minimizing crafting model's optimizer (schedule: the factory's constant). The
 # paper's SGD (lr 0.1, momentum 0.9) suits its ResNet-18 with BatchNorm; the BatchNorm-free CIFAR
 # CNN does not learn with it (perturbed-data accuracy stuck at 17-44% over 10 passes), while Adam
