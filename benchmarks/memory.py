@@ -1,12 +1,12 @@
 r"""Peak host memory of a full CIFAR-10 poison + training run, on 1 and on 8 (fake) CPU devices.
 
   nice -n 5 python benchmarks/memory.py                       # random poison, 1 and 8 devices
-  nice -n 5 python benchmarks/memory.py --devices=1 --runs=clean,random --epochs=1
+  nice -n 5 python benchmarks/memory.py --devices=1 --runs=random,error_minimizing --epochs=2
 
 For every (run, device count), a fresh ``jaxpoison`` process runs configs/poison_family.py on all
 50,000 training and 10,000 test images of shared/data/cifar10.npz (the CNN at width 0.5, one
-seed, ``--epochs`` victim epochs): ``clean`` trains on the clean set only, a poison name (a
-`config_lib.FAMILY_SPECS` key, e.g. ``random``) crafts that poison and trains on it only. The
+seed, ``--epochs`` victim epochs): each run, a poison name (a `config_lib.FAMILY_SPECS` key,
+e.g. ``random``), crafts that poison and trains a victim on it only. The
 device count is set with ``--xla_force_host_platform_device_count``, so 8 devices are 8 CPU
 "devices" in one process: every replicated array is held 8 times in host memory, as it would be
 once per GPU.
@@ -34,9 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(run, devices, epochs, workdir):
     """One fresh jaxpoison process: (peak RSS in MB, wall seconds, its results.json)."""
-    select = (
-        "--config.select.poisons=()" if run == "clean" else f"--config.select.poisons=('{run}',)"
-    )
     args = [
         sys.executable,
         "-m",
@@ -44,8 +41,8 @@ def measure(run, devices, epochs, workdir):
         "--config=configs/poison_family.py",
         f"--workdir={workdir}",
         "--quiet",
-        select,
-        f"--config.include_clean={run == 'clean'}",
+        f"--config.select.poisons=('{run}',)",
+        "--config.include_clean=False",
         "--config.data.num_train=0",
         "--config.data.num_test=0",
         f"--config.victim.epochs={epochs}",
@@ -67,7 +64,7 @@ def measure(run, devices, epochs, workdir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="random", help="comma-separated: clean or poison names")
+    parser.add_argument("--runs", default="random", help="comma-separated poison names")
     parser.add_argument("--devices", default="1,8", help="comma-separated device counts")
     parser.add_argument("--epochs", type=int, default=1, help="victim epochs per run")
     args = parser.parse_args()
