@@ -331,13 +331,13 @@ def _attack_transfer(trainer, states, train_sets, train_idx, dataset):
     and on the clean one: ``{poison: {'error_poisoned', 'error_clean'}}`` (mean ± std over
     seeds)."""
     y_true = dataset.y_train[train_idx]
-    clean_acc = trainer.evaluate(states, data.to_float(dataset.x_train[train_idx]), y_true)
+    clean_acc = trainer.evaluate(states, dataset.x_train[train_idx], y_true)  # uint8 as it is
     error_clean = summarize.mean_std(1.0 - np.asarray(clean_acc["accuracy"]))
     out = {}
     for set_name, (x_train, _) in train_sets.items():
         if set_name in ("clean", "naive"):
             continue
-        acc = trainer.evaluate(states, data.to_float(x_train[train_idx]), y_true)["accuracy"]
+        acc = trainer.evaluate(states, x_train[train_idx], y_true)["accuracy"]
         out[set_name] = {
             "error_poisoned": summarize.mean_std(1.0 - np.asarray(acc)),
             "error_clean": error_clean,
