@@ -283,6 +283,47 @@ def test_persistent_victim_continues_across_trials():
     assert max(jax.tree.leaves(gap)) > 0
 
 
+def test_refresh_every_trains_the_victim_on_one_frozen_poison():
+    """refresh_every=R': the victim's noise comes from the generator as it was at the last
+    multiple of R' trials. With R' = 2 the first two trials train the victim exactly as a
+    generator that never moves would (meta learning rate 0); with R' = 1 the second does not."""
+    batch = _data(T * B, np.float32)
+    victims = {}
+    with logic_only():
+        for label, refresh, lr in (("still", 1, 0.0), ("every", 1, 0.1), ("two", 2, 0.1)):
+            poison = l2c.l2c(
+                **_kwargs(
+                    method="algorithm2",
+                    victim_reset_every=2,
+                    refresh_every=refresh,
+                    meta_optimizer=dict(name="sgd", learning_rate=lr),
+                )
+            )
+            update = jax.jit(poison.update)
+            state = jax.jit(poison.init)(jax.random.key(0), batch)
+            trail = []
+            for i in range(3):
+                previous = state.params
+                state, _ = update(state, batch, jax.random.key(10 + i))
+                trail.append((state, previous))
+            victims[label] = trail
+    still, every, two = victims["still"], victims["every"], victims["two"]
+    gap = lambda a, b: max(
+        jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b))
+    )
+    for i in (0, 1):
+        chex.assert_trees_all_close(two[i][0].victim.params, still[i][0].victim.params)
+    assert gap(every[1][0].victim.params, still[1][0].victim.params) > 1e-6
+    assert gap(two[2][0].victim.params, still[2][0].victim.params) > 1e-6
+    # The stored copy: ξ at init through trial 1, then ξ as trial 2 began.
+    chex.assert_trees_all_close(two[1][0].frozen, two[0][1])
+    chex.assert_trees_all_close(two[2][0].frozen, two[2][1])
+    assert gap(two[2][0].params, two[2][0].frozen) > 0
+    assert every[0][0].frozen is None
+    with pytest.raises(ValueError, match="refresh_every=2 needs a frozen generator copy"):
+        l2c.l2c(**_kwargs(method="exact", refresh_every=2))
+
+
 @pytest.fixture(scope="module")
 def updated():
     """One jitted update per method, run twice (a retrace would fail assert_max_traces)."""

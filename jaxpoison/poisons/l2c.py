@@ -32,6 +32,11 @@ The generator's objective is the victim's loss on *clean* data after training:
   algorithms, so Algorithms 1 and 2 compute the same updates (a test checks it); they differ
   in memory, O(T) states for Algorithm 1 and O(1) for Algorithm 2.
 
+``refresh_every=R'`` (Algorithms 1 and 2) keeps ξ0 for R' trials instead of one: with R' =
+``victim_reset_every`` the victim trains on one fixed poison from its first step to its
+restart while the generator learns beside it, the released code's schedule (its frozen copy
+``atkmodel`` is refreshed and its classifier restarted once per generator epoch).
+
 Each `update` receives one batch of the crafting engine and splits it into T inner batches
 (``inner_batch_size`` = batch // T unless given, then sampled from the batch); the exact
 method's outer loss uses ``outer_batch_size`` clean examples of the same batch. Keys: the
@@ -77,13 +82,15 @@ METHODS = ("exact", "algorithm1", "algorithm2")
 
 @flax.struct.dataclass
 class L2CState:
-    """The crafting state: generator parameters ξ, the generator optimizer's state, and the
-    victim at the end of the last trial (where the next trial starts unless it restarts)."""
+    """The crafting state: generator parameters ξ, the generator optimizer's state, the victim
+    at the end of the last trial (where the next trial starts unless it restarts), and with
+    ``refresh_every`` > 1 the frozen copy ξ0 whose noise the victim trains on (else None)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     victim: Any
+    frozen: Any = None
 
 
 def make_generator(generator, *, threat):
@@ -292,6 +299,7 @@ def l2c(
     outer_batch_size=None,
     meta_optimizer=None,
     victim_reset_every=1,
+    refresh_every=1,
     num_epochs=1,
 ):
     """Learning to Confuse as a `Poison` whose state is the generator (see the module docstring).
@@ -329,6 +337,10 @@ def l2c(
         epoch). With R > 1 the generator meets victims at every stage of training, not only
         their first T steps; each trial's meta-gradient is still exact through its own T steps
         and stops at the trial's start.
+      refresh_every: R', Algorithms 1 and 2 only; the victim's real steps use the noise of a
+        frozen copy ξ0 of the generator taken every R' trials (at trials 0, R', 2R', ...).
+        R' = 1 (default) refreshes it every trial, the paper's Algorithms; R' =
+        ``victim_reset_every`` trains each victim on one fixed poison, as the released code.
       num_epochs: passes of the crafting engine over the training set.
 
     Returns:
@@ -360,12 +372,21 @@ def l2c(
     reset_every = int(victim_reset_every)
     if reset_every < 1:
         raise ValueError(f"victim_reset_every={victim_reset_every} must be >= 1 (trials).")
+    refresh = int(refresh_every)
+    if refresh < 1:
+        raise ValueError(f"refresh_every={refresh_every} must be >= 1 (trials).")
+    if refresh > 1 and method == "exact":
+        raise ValueError(
+            f"refresh_every={refresh_every} needs a frozen generator copy, which only "
+            "method='algorithm1' or 'algorithm2' has; use one of them or refresh_every=1."
+        )
 
     def init(key, dataset):
         dtype = dataset["image"].dtype
         params = generators.init(problem.gen_module, key, image_shape, dtype)
         victim = problem.victim_init(jax.random.fold_in(key, 1), dtype)
-        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params), victim)
+        frozen = params if refresh > 1 else None
+        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params), victim, frozen)
 
     def victim_metrics(state, outer):
         logits = problem.victim_module.apply(
@@ -407,7 +428,11 @@ def l2c(
             params, opt_state = generator_step(params, opt_state, grads)
             final, inner_loss, grad_norm = aux["state"], aux["inner_loss"], _global_norm(grads)
         else:
-            frozen = jax.lax.stop_gradient(params)
+            frozen = params
+            if refresh > 1:
+                take = state.step % refresh == 0
+                frozen = jax.tree.map(lambda a, b: jnp.where(take, a, b), params, state.frozen)
+            frozen = jax.lax.stop_gradient(frozen)
 
             def real_step(vstate, b, k):
                 noisy = dict(b, image=b["image"] + problem.delta_fn(frozen, b["image"]))
@@ -456,7 +481,8 @@ def l2c(
             **victim_metrics(final, outer),
         }
         final = jax.lax.stop_gradient(final)
-        return L2CState(state.step + 1, params, opt_state, final), metrics
+        kept = frozen if refresh > 1 else None
+        return L2CState(state.step + 1, params, opt_state, final, kept), metrics
 
     def apply(state, batch):
         x = batch["image"]
