@@ -17,6 +17,11 @@ same, only the speed-up is lost (`note_indivisible` says so once).
     mesh = sharding.data_mesh()
     with jax.set_mesh(mesh):
         images = sharding.batch(images)  # inside a jitted step
+
+Victims trained several seeds at once (a leading seed axis) can also split the seeds:
+``data_mesh(seeds=S)`` is a 2-d mesh ``('seed', 'data')``, S devices along ``seed``; each group
+of D / S devices trains its share of the seeds, every batch split along its ``data`` devices
+(`over_seed_axis`), so gradients meet in an all-reduce over D / S devices, not D.
 """
 
 from __future__ import annotations
@@ -30,12 +35,55 @@ from jax.sharding import PartitionSpec as P
 from jaxpoison.progress import say
 
 DATA = "data"
+SEED = "seed"
 
 
-def data_mesh(devices=None):
-    """A 1-d mesh, axis name ``data``, over `devices` (default: every device of every process)."""
+def data_mesh(devices=None, *, seeds=1):
+    """The mesh over `devices` (default: every device of every process): 1-d, axis ``data``; with
+    ``seeds > 1``, 2-d ``('seed', 'data')`` with `seeds` devices along ``seed`` (they must divide
+    the devices)."""
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA,))
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r} must be a positive int: the devices along 'seed'.")
+    if len(devices) % seeds:
+        raise ValueError(
+            f"seeds={seeds} devices along 'seed' do not divide the {len(devices)} devices; use a "
+            f"divisor of {len(devices)}."
+        )
+    if seeds == 1:
+        return Mesh(np.asarray(devices), (DATA,))
+    return Mesh(np.asarray(devices).reshape(seeds, -1), (SEED, DATA))
+
+
+def seed_devices(mesh):
+    """Devices along the ``seed`` axis of `mesh` (1 without one)."""
+    return mesh.shape.get(SEED, 1)
+
+
+def seed_sharding(mesh):
+    """Where per-seed state lives: split along ``seed`` on its leading axis, whole on the
+    ``data`` devices of each group (replicated on a mesh without ``seed``)."""
+    return NamedSharding(mesh, P(SEED) if seed_devices(mesh) > 1 else P())
+
+
+def over_seed_axis(fn, mesh, seeded):
+    """`fn` run with the seeds split along the ``seed`` axis of `mesh`: each device group runs
+    `fn` on its own seeds (`jax.shard_map`, manual over ``seed`` only, so ``data`` is still left
+    to the compiler and `batch`). `seeded`: one bool per positional argument, True where it leads
+    with the seed axis (the others are read whole by every group); every output leads with it.
+    Without a ``seed`` axis, `fn` itself."""
+    if seed_devices(mesh) == 1:
+        return fn
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(P(SEED) if s else P() for s in seeded),
+        out_specs=P(SEED),
+        axis_names={SEED},
+        # The groups never talk to each other; unchecked, so that the per-platform kernels'
+        # branches (`ops`) need not mark their outputs as varying along ``seed``.
+        check_vma=False,
+    )
 
 
 def replicated(mesh):
@@ -149,12 +197,16 @@ def note_indivisible(what, size, mesh):
 
 __all__ = [
     "DATA",
+    "SEED",
     "batch",
     "data_mesh",
     "examples",
     "gather_examples",
     "note_indivisible",
+    "over_seed_axis",
     "place_examples",
     "replicate",
     "replicated",
+    "seed_devices",
+    "seed_sharding",
 ]
