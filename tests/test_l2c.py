@@ -7,6 +7,8 @@ autoencoder generator, so compile time stays small on CPU.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -322,6 +324,26 @@ def test_refresh_every_trains_the_victim_on_one_frozen_poison():
     assert every[0][0].frozen is None
     with pytest.raises(ValueError, match="refresh_every=2 needs a frozen generator copy"):
         l2c.l2c(**_kwargs(method="exact", refresh_every=2))
+
+
+def test_released_preset_trains_each_crafting_victim_on_one_frozen_poison():
+    """configs/l2c_mnist.py:released refreshes the frozen copy exactly when the victim restarts,
+    on top of either size, and its spec builds (l2c accepts every key)."""
+    from jaxpoison import specs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "l2c_mnist.py"
+    loader = importlib.util.spec_from_file_location("l2c_mnist_config", path)
+    l2c_mnist = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(l2c_mnist)
+    for arg, reset in (("released", 94), ("cpu,released", 63)):
+        config = l2c_mnist.get_config(arg)
+        spec = config.poisons.l2c
+        assert spec.method == "algorithm2"
+        assert spec.refresh_every == spec.victim_reset_every == reset
+        ps = specs.poison_spec(config, "l2c", image_shape=(28, 28, 1), num_classes=10)
+        poison = specs.make_poison(ps, image_shape=(28, 28, 1), num_classes=10)
+        assert poison.num_epochs == spec.num_epochs
+    assert "refresh_every" not in l2c_mnist.get_config("cpu").poisons.l2c
 
 
 @pytest.fixture(scope="module")
