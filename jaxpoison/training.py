@@ -69,10 +69,13 @@ class TrainData:
     `digest` (sha256 of every array, uint8 images hashed as the floats they stand for, and the
     augmentation settings, computed on the host by `create`) keys the checkpoints of victims
     trained on it.
+
+    `stream`: a `data.streaming.Stream`, the training split read from disk batch by batch (and
+    its poison applied in the step) instead of `x_train` and `y_train`, which are then None.
     """
 
-    x_train: jax.Array
-    y_train: jax.Array
+    x_train: jax.Array | None
+    y_train: jax.Array | None
     x_test: jax.Array
     y_test: jax.Array
     x_val: jax.Array | None = None
@@ -81,6 +84,12 @@ class TrainData:
     flip: bool = False
     digest: str = ""
     x_clean: jax.Array | None = None
+    stream: data.streaming.Stream | None = None
+
+    @property
+    def num_train(self):
+        """The number of training examples."""
+        return self.stream.num_examples if self.stream is not None else self.y_train.shape[0]
 
     @classmethod
     def create(
@@ -96,13 +105,21 @@ class TrainData:
         flip=False,
         mesh=None,
         x_clean=None,
+        stream=None,
     ):
         """Moves arrays to the devices, the training images split along the mesh's ``data``
         axis (`sharding.place_examples`), the rest replicated: uint8 images as they are, others
         through `data.as_float_images` (floats in [0, 1]; NaN, inf, channel-first and other
         ranges refused).
         `x_clean`: the clean images of a poisoned `x_train`, example by example, for a victim's
-        ``poison_ratio`` (None when not needed)."""
+        ``poison_ratio`` (None when not needed).
+        `stream`: a `data.streaming.Stream` of the training split, with `x_train`, `y_train`
+        and `x_clean` None."""
+        if (stream is None) == (x_train is None) or (stream is not None and x_clean is not None):
+            raise data.DataError(
+                "TrainData: pass the training images either as x_train and y_train or as a "
+                "stream (then x_train=None, y_train=None and no x_clean)."
+            )
         mesh = mesh or sharding.data_mesh()
         rep = sharding.replicated(mesh)
 
@@ -137,8 +154,13 @@ class TrainData:
             )
         arrays = [xs[0], ys[0], xs[1], ys[1], xs[2], ys[2]]
         extra = [] if clean is None else [clean]
+        streamed = [] if stream is None else [np.frombuffer(bytes.fromhex(stream.digest), "u4")]
         digest = array_digest(
-            *arrays, *extra, np.asarray([crop_padding, int(flip)]), uint8_as=data.as_float_images
+            *arrays,
+            *extra,
+            *streamed,
+            np.asarray([crop_padding, int(flip)]),
+            uint8_as=data.as_float_images,
         )
         placed = [
             None
@@ -148,7 +170,7 @@ class TrainData:
             else jax.device_put(a, rep)
             for i, a in enumerate([*arrays, clean])
         ]
-        return cls(*placed[:6], crop_padding, flip, digest, placed[6])
+        return cls(*placed[:6], crop_padding, flip, digest, placed[6], stream)
 
 
 @dataclasses.dataclass
@@ -250,24 +272,40 @@ class Trainer:
 
     # ----- compiled, vmapped over seeds ----------------------------------------------------------
 
-    def compiled_step(self, steps_per_epoch, crop_padding, flip, mixed=False):
+    def compiled_step(self, steps_per_epoch, crop_padding, flip, mixed=False, stream=None):
         """The jitted multi-seed step ``(states, x, y, idx[S,B], keys[S]) -> (states, metrics)``;
         with `mixed`, ``(states, x, y, idx, keys, x_clean)``: the first ``floor(poison_ratio *
         B)`` positions of each (shuffled) batch take their poisoned image, the others their
-        clean one (APBench's poison ratio, a new draw of which examples every epoch)."""
-        cache_key = ("step", steps_per_epoch, crop_padding, flip, mixed)
+        clean one (APBench's poison ratio, a new draw of which examples every epoch).
+
+        With `stream` (a `data.streaming.Stream`): ``(states, image, label, idx, keys,
+        poison_state)``, the batch itself as read from disk (uint8 images [S, B, H, W, C] and
+        labels [S, B]), the stream's poison applied to it by `idx` inside the step (then
+        `mixed` keeps the images as read at the clean positions)."""
+        apply = None if stream is None else stream.poison_apply
+        cache_key = ("step", steps_per_epoch, crop_padding, flip, mixed, stream is not None, apply)
         if cache_key not in self._compiled:
             tx = self.optimizer(steps_per_epoch)
             poisoned = int(self.poison_ratio * self.batch_size)
 
-            def step(states, x, y, idx, keys, x_clean=None):
-                # idx is [S, B]: the batch axis is 1.
-                image = data.device_float(sharding.gather_examples(x, idx))
-                if x_clean is not None:
+            def step(states, x, y, idx, keys, extra=None):
+                # idx is [S, B]: the batch axis is 1. In memory x, y are the training set and
+                # extra its clean images; streamed x, y are the batch and extra the poison state.
+                if stream is None:
+                    image, label = data.device_float(sharding.gather_examples(x, idx)), y[idx]
+                    if mixed:
+                        clean = data.device_float(sharding.gather_examples(extra, idx))
+                else:
+                    image = clean = data.device_float(x)
+                    label = y
+                    if apply is not None:
+                        batch = {"image": image, "label": label, "index": idx}
+                        batch = jax.vmap(apply, in_axes=(None, 0))(extra, batch)
+                        image, label = batch["image"], batch["label"]
+                if mixed:
                     keep = (jnp.arange(idx.shape[1]) < poisoned).reshape(1, -1, 1, 1, 1)
-                    clean = data.device_float(sharding.gather_examples(x_clean, idx))
                     image = jnp.where(keep, image, clean)
-                batch = sharding.batch({"image": image, "label": y[idx], "index": idx}, axis=1)
+                batch = sharding.batch({"image": image, "label": label, "index": idx}, axis=1)
                 one = lambda s, b, k: train_step(
                     s,
                     b,
@@ -483,22 +521,35 @@ class Trainer:
         stop = self.epochs if epochs is None else epochs
         if not 0 <= stop <= self.epochs:
             raise ValueError(f"epochs={epochs} must lie in [0, {self.epochs}] (the schedule).")
-        n = train_data.y_train.shape[0]
+        n = train_data.num_train
         steps_per_epoch = n // self.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         sharding.note_indivisible(f"{name or 'train'}: batch_size", self.batch_size, self.mesh)
+        stream = train_data.stream
+        refused = stream is not None and (
+            "dataset-stage transforms (purification) need the training set in memory"
+            if self.transforms.dataset
+            else "an untrained victim (epochs=0) is evaluated on the whole training set"
+            if stop == 0
+            else ""
+        )
+        if refused:
+            raise ValueError(
+                f"{name or 'train'}: streamed training data: {refused}; train from in-memory "
+                "TrainData (x_train, y_train) instead."
+            )
         train_data = self.purified(train_data, key)
         mixed = self.poison_ratio < 1.0
-        if mixed and train_data.x_clean is None:
+        if mixed and train_data.x_clean is None and stream is None:
             raise ValueError(
                 f"victim.poison_ratio={self.poison_ratio} mixes clean images into each batch, but "
                 "the training data has none: build it with train_data_from(..., x_clean=...)."
             )
         step_fn = self.compiled_step(
-            steps_per_epoch, train_data.crop_padding, train_data.flip, mixed
+            steps_per_epoch, train_data.crop_padding, train_data.flip, mixed, stream
         )
-        extra = (train_data.x_clean,) if mixed else ()
+        extra = (stream.poison_state,) if stream else (train_data.x_clean,) if mixed else ()
         seed_keys = jax.random.split(key, num_seeds)
         perm_fn = self._cached(
             "perms",
@@ -546,19 +597,19 @@ class Trainer:
             disable=not progress,
         )
         for epoch in range(start_epoch, stop):
-            # Per step [seeds, batch] indices and [seeds] keys, split on the devices up front.
-            batches = jnp.unstack(perm_fn(seed_keys, epoch), axis=1)
+            # Per step [seeds, batch] indices and [seeds] keys, split on the devices up front;
+            # streamed, the order goes to the host once and the batches come back read from disk.
+            order = perm_fn(seed_keys, epoch)
+            if stream is None:
+                inputs = [
+                    (train_data.x_train, train_data.y_train, b) for b in jnp.unstack(order, axis=1)
+                ]
+            else:
+                inputs = stream.epoch(order, self.mesh)
             step_keys = jnp.unstack(epoch_keys_fn(seed_keys, epoch))
             sums = None
-            for i in range(steps_per_epoch):
-                states, metrics = step_fn(
-                    states,
-                    train_data.x_train,
-                    train_data.y_train,
-                    batches[i],
-                    step_keys[i],
-                    *extra,
-                )
+            for i, batch in enumerate(inputs):
+                states, metrics = step_fn(states, *batch, step_keys[i], *extra)
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 bar.update(1, pending=metrics)
             record = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}

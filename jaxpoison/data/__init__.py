@@ -1,6 +1,7 @@
 """Datasets: sources (tfds, .npz files, the embedded CIFAR-10 subset, scikit-learn digits,
 MNIST-CIFAR built from two .npz files: `data.mnist_cifar`),
-class-balanced subsets, validation splits, and the on-device pipeline (batches, augmentation).
+class-balanced subsets, validation splits, the on-device pipeline (batches, augmentation), and
+training splits streamed from disk (`data.streaming`: tfds ArrayRecord files read by Grain).
 
 A batch is a dict ``{'image': float32 [B, H, W, C] in [0, 1], 'label': int32 [B],
 'index': int32 [B]}``, where `index` is the example's position in the training set. Images enter
@@ -9,7 +10,7 @@ channel-first and non-4-d arrays refused with the fix); the trainer keeps uint8 
 the devices and converts each batch inside the step (`device_float`).
 """
 
-from jaxpoison.data import mnist_cifar
+from jaxpoison.data import mnist_cifar, streaming
 from jaxpoison.data.pipeline import (
     as_float_images,
     augment,
@@ -33,6 +34,7 @@ __all__ = [
     "load",
     "mnist_cifar",
     "split_validation",
+    "streaming",
     "to_float",
     "validate_arrays",
 ]

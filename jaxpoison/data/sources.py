@@ -39,7 +39,6 @@ CLASS_NAMES = {
     "svhn_cropped": tuple(str(i) for i in range(10)),
 }
 
-TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 EMBEDDED_PATH = Path(__file__).parent / "embedded" / "cifar10_subset.npz"
 
 
@@ -247,11 +246,10 @@ def load_digits(name="digits", **_):
 
 
 def load_tfds(name, *, data_dir=None, download=False, **_):
-    """Reads a tensorflow-datasets dataset through `tfds.data_source` (no TensorFlow needed)."""
+    """Reads a tensorflow-datasets image-classification dataset through `tfds.data_source` (no
+    TensorFlow needed): any one with an Image and a ClassLabel feature (`tfds_image_label`)."""
     import tensorflow_datasets as tfds
 
-    if name not in TFDS_NAMES:
-        raise DataError(f"tfds dataset {name!r} is not supported; use one of {TFDS_NAMES}.")
     try:
         splits = tfds.data_source(
             name, split=["train", "test"], data_dir=data_dir, download=download
@@ -264,11 +262,54 @@ def load_tfds(name, *, data_dir=None, download=False, **_):
             "data.download=True once; offline, use data.source='npz' with a local .npz file "
             "or data.source='embedded'."
         ) from e
+    info = tfds.builder(name, data_dir=data_dir).info
+    image, label, num_classes, _ = tfds_image_label(info.features, info.supervised_keys, name)
     arrays = []
     for source in splits:
         records = [source[i] for i in range(len(source))]
-        arrays.append(np.stack([np.asarray(r["image"], np.uint8) for r in records]))
-        arrays.append(np.asarray([int(r["label"]) for r in records]))
-    builder = tfds.builder(name, data_dir=data_dir)
-    num_classes = builder.info.features["label"].num_classes
+        arrays.append(np.stack([np.asarray(r[image], np.uint8) for r in records]))
+        arrays.append(np.asarray([int(r[label]) for r in records]))
     return _from_arrays(name, *arrays, num_classes=num_classes)
+
+
+def tfds_image_label(features, supervised_keys, name):
+    """The image and label features of a tfds image-classification dataset.
+
+    The dataset's ``supervised_keys`` when they name an Image and a ClassLabel feature, else its
+    only Image and only ClassLabel feature.
+
+    Args:
+      features: the dataset's ``info.features`` (a ``tfds.features.FeaturesDict``).
+      supervised_keys: its ``info.supervised_keys`` (or None).
+      name: the dataset's name, for the message.
+
+    Returns:
+      (image key, label key, number of classes, image shape (H, W, C)).
+
+    Raises:
+      DataError: no single Image and ClassLabel feature, or images of varying size.
+    """
+    import tensorflow_datasets as tfds
+
+    def keys(kind):
+        return [k for k, f in features.items() if isinstance(f, kind)]
+
+    images, labels = keys(tfds.features.Image), keys(tfds.features.ClassLabel)
+    pair = tuple(supervised_keys or ())
+    if len(pair) == 2 and all(isinstance(k, str) for k in pair):
+        if pair[0] in images and pair[1] in labels:
+            images, labels = [pair[0]], [pair[1]]
+    if len(images) != 1 or len(labels) != 1:
+        kinds = {k: type(f).__name__ for k, f in features.items()}
+        raise DataError(
+            f"tfds dataset {name!r} is not an image-classification dataset (features {kinds}); "
+            "jaxpoison needs one Image and one ClassLabel feature (e.g. cifar10, mnist)."
+        )
+    shape = tuple(features[images[0]].shape)
+    if None in shape:
+        raise DataError(
+            f"tfds dataset {name!r} has images of varying size {shape}; use a fixed-size "
+            "variant (e.g. imagenet_resized/64x64) or write resized copies with "
+            "data.streaming.write_tfds."
+        )
+    return images[0], labels[0], features[labels[0]].num_classes, shape
