@@ -442,6 +442,22 @@ class Trainer:
         """``ckpt_root/<content key of record>``: where `fit` keeps these victims' checkpoints."""
         return keyed_dir(ckpt_root, self.record(train_data, key=key, num_seeds=num_seeds))
 
+    def _steps(self, a, *, axis):
+        """The entries of `a` along `axis`, one per step, each sliced on the devices by a cursor
+        that stays there: no transfer per step, one small program. (`jnp.unstack` compiles one
+        program with an output per step: 0.75 GB of host memory and ~50 s for 781 steps.)"""
+        take = self._cached(
+            "take",
+            axis,
+            lambda: jax.jit(
+                lambda a, i: (jax.lax.dynamic_index_in_dim(a, i, axis, keepdims=False), i + 1)
+            ),
+        )
+        cursor = jnp.zeros((), jnp.int32)
+        for _ in range(a.shape[axis]):
+            entry, cursor = take(a, cursor)
+            yield entry
+
     def _cached(self, name, arg, build):
         """A jitted helper built once per (name, arg), so repeated `fit` calls reuse it."""
         if (name, arg) not in self._compiled:
@@ -601,15 +617,15 @@ class Trainer:
             # streamed, the order goes to the host once and the batches come back read from disk.
             order = perm_fn(seed_keys, epoch)
             if stream is None:
-                inputs = [
-                    (train_data.x_train, train_data.y_train, b) for b in jnp.unstack(order, axis=1)
-                ]
+                inputs = (
+                    (train_data.x_train, train_data.y_train, b) for b in self._steps(order, axis=1)
+                )
             else:
                 inputs = stream.epoch(order, self.mesh)
-            step_keys = jnp.unstack(epoch_keys_fn(seed_keys, epoch))
+            step_keys = self._steps(epoch_keys_fn(seed_keys, epoch), axis=0)
             sums = None
-            for i, batch in enumerate(inputs):
-                states, metrics = step_fn(states, *batch, step_keys[i], *extra)
+            for batch, step_key in zip(inputs, step_keys, strict=True):
+                states, metrics = step_fn(states, *batch, step_key, *extra)
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 bar.update(1, pending=metrics)
             record = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
