@@ -1,6 +1,8 @@
 """The Grain streaming path: a tfds ArrayRecord dataset read batch by batch trains the same
 victims as the same images in memory, each process reads its rows, poisons apply by index."""
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -144,3 +146,67 @@ def test_what_is_not_an_image_classification_dataset_is_refused(tmp_path, writte
         trainer.fit(streamed(stream, ds), key=jax.random.key(0), epochs=0)
     with pytest.raises(data.DataError, match="either as x_train"):
         training.TrainData.create(ds.x_train, ds.y_train, ds.x_test, ds.y_test, stream=stream)
+
+
+TWO_PROCESS_RUN = """
+import json, sys
+import jax, ml_collections
+from jaxpoison import distributed, training
+from jaxpoison.data import streaming
+
+data_dir, port, process_id, num_processes = sys.argv[1:]
+if num_processes == "2":
+    distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
+victim = ml_collections.ConfigDict(dict(model=dict(name="mlp", width=0.25), epochs=1,
+    batch_size=32, optimizer=dict(learning_rate=0.05, momentum=0.9, schedule="cosine")))
+trainer = training.Trainer.from_config(victim, num_classes=10, image_shape=(32, 32, 3))
+x_test, y_test = streaming.read_split("%s", split="test", data_dir=data_dir)
+stream = streaming.open_tfds("%s", data_dir=data_dir, num_threads=2)
+td = training.TrainData.create(None, None, x_test, y_test, stream=stream, crop_padding=2)
+_, history = trainer.fit(td, key=jax.random.key(5), num_seeds=2, progress=False)
+if num_processes == "1":  # the same images in memory, on the same two devices
+    ds = streaming.read_split("%s", split="train", data_dir=data_dir)
+    td = training.TrainData.create(*ds, x_test, y_test, crop_padding=2)
+    _, memory = trainer.fit(td, key=jax.random.key(5), num_seeds=2, progress=False)
+    history = {"stream": history, "memory": memory}
+if jax.process_index() == 0:
+    print("JSON " + json.dumps(history))
+""" % ((NAME,) * 3)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_history_of_one(written):
+    """Two processes on 127.0.0.1 (gloo), one CPU device each, each reading its half of every
+    batch, train the victims of one process with two devices reading whole batches, which are
+    those of the same images in memory."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data_dir, _ = written
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "JAXPOISON_HUGE_PAGES": "0"}
+    one_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+    def start(process_id, count, run_env):
+        args = [sys.executable, "-c", TWO_PROCESS_RUN, data_dir, port, str(process_id), count]
+        return subprocess.Popen(
+            args, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def history(proc):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        return json.loads([x for x in out.splitlines() if x.startswith("JSON ")][0][5:])
+
+    two = [start(i, "2", env) for i in (0, 1)]
+    got = history(two[0])
+    _, err = two[1].communicate(timeout=600)
+    assert two[1].returncode == 0, err[-2000:]
+    one = history(start(0, "1", one_env))
+    for k in one["memory"]:
+        np.testing.assert_array_equal(one["stream"][k], one["memory"][k], err_msg=k)
+        np.testing.assert_array_equal(got[k], one["stream"][k], err_msg=k)
