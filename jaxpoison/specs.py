@@ -159,6 +159,19 @@ def _check_sizes(spec, what):
     momentum = optimizer.get("momentum") or 0.0
     if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"{what}.optimizer.momentum={momentum!r}: give a number in [0, 1).")
+    groups, seeds = spec.get("seed_devices", 1), spec.get("num_seeds", 1)
+    devices = jax.device_count()
+    if (
+        not isinstance(groups, int)
+        or isinstance(groups, bool)
+        or groups < 1
+        or devices % groups
+        or seeds % groups
+    ):
+        raise ValueError(
+            f"{what}.seed_devices={groups!r}: give a divisor of both the {devices} devices and "
+            f"num_seeds={seeds} (1: every device trains every seed)."
+        )
     strategy = spec.get("seed_strategy", "auto")
     if strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"{what}.seed_strategy={strategy!r}: use 'auto', 'vmap' or 'map'.")

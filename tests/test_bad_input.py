@@ -72,6 +72,9 @@ def test_a_validation_split_as_large_as_the_training_set_is_refused():
         ("epochs", -1, r"epochs=-1: give a whole number >= 0"),
         ("batch_size", 0, r"batch_size=0: give a whole number >= 1"),
         ("checkpoint_every", -1, r"checkpoint_every=-1"),
+        # One CPU device here: 2 groups of devices cannot be made (nor split 1 seed).
+        ("seed_devices", 2, r"victim.seed_devices=2: give a divisor of both the 1 devices"),
+        ("seed_devices", 0, r"victim.seed_devices=0: give a divisor"),
     ],
 )
 def test_victim_sizes_out_of_range_are_refused(field, value, match):

@@ -186,6 +186,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     y_val=y_train[val_idx] if val_size else None,
                     crop_padding=config.data.get("crop_padding", 0),
                     flip=config.data.get("flip", False),
+                    mesh=trainer.mesh,  # with victim.seed_devices, its ('seed', 'data') mesh
                     x_clean=x_clean,
                 )
                 untrained = set_name == "naive" and "naive" not in crafted
