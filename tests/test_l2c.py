@@ -413,6 +413,36 @@ def test_registry_and_noise_accuracy():
     assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
 
 
+def test_noise_structure_tells_class_wise_from_label_free_noise():
+    """Class-wise noise: all its variance between classes, read perfectly by the nearest class
+    mean; noise independent of the label: a share near K/N and chance accuracy; noise that is
+    minus the image correlates -1 with it."""
+    from jaxpoison.trainers.l2c_victims import noise_structure
+
+    rng = np.random.default_rng(0)
+    k, n, m = 4, 400, 200
+    y_train, y_test = rng.integers(0, k, n), rng.integers(0, k, m)
+    patterns = rng.uniform(-0.3, 0.3, (k, *SHAPE))
+    images = rng.uniform(0.0, 1.0, (n, *SHAPE))
+    classwise = noise_structure(patterns[y_train], y_train, patterns[y_test], y_test, images=images)
+    assert classwise["between_class_share"] == pytest.approx(1.0, abs=1e-5)
+    assert classwise["nearest_class_mean_accuracy"] == 1.0
+    assert abs(classwise["image_correlation"]) < 0.1
+    free = noise_structure(
+        rng.uniform(-0.3, 0.3, (n, *SHAPE)),
+        y_train,
+        rng.uniform(-0.3, 0.3, (m, *SHAPE)),
+        y_test,
+        images=images,
+        num_classes=k,
+    )
+    assert free["between_class_share"] < 3 * k / n
+    assert free["nearest_class_mean_accuracy"] < 0.4
+    erase = noise_structure(-0.3 * images, y_train, patterns[y_test], y_test, images=images)
+    assert erase["image_correlation"] == pytest.approx(-1.0, abs=1e-5)
+    assert erase["mean_abs"] == pytest.approx(0.3 * np.mean(images), rel=1e-5)
+
+
 @pytest.mark.slow  # 2 minutes: the U-Net generator's meta-step compiles
 def test_l2c_victims_of_a_transfer_run(tmp_path):
     """The CIFAR-10 config's transfer study end to end on the embedded subset, then the

@@ -3,7 +3,11 @@
 The paper trains a random forest and an RBF SVM on the poisoned MNIST training set and tests
 them on clean MNIST; `sklearn_victims` does that for any (float image) training set. The
 diagnostic `noise_diagnostic` measures how well classifiers predict the labels from the
-perturbation g(x) alone. `evaluate_workdir` runs both on a finished `jaxpoison` run:
+perturbation g(x) alone, and `noise_structure` how much label information the perturbations
+carry without any trained network (between-class share of their variance, nearest class mean
+accuracy, correlation with the image). `evaluate_workdir` runs them on a finished `jaxpoison`
+run (the scikit-learn victims and the noise structure on the first ``max_train`` training
+images):
 
     python -m jaxpoison.trainers.l2c_victims --workdir=/tmp/l2c_mnist [--max_train=10000]
 
@@ -86,6 +90,55 @@ def noise_diagnostic(classifiers, noise, labels):
         name: l2c.noise_accuracy(apply_fn, variables, noise, labels)
         for name, (apply_fn, variables) in classifiers.items()
     }
+
+
+def noise_structure(noise_train, y_train, noise_test, y_test, *, images=None, num_classes=None):
+    """How much label information the perturbations carry, read without any trained network.
+
+    The noise-only accuracy of a victim depends on that victim (its architecture, its training);
+    these numbers depend on the noise alone, so generators can be compared across victims and
+    against a poison made elsewhere (docs/l2c.md measured the released DeepConfuse generator's:
+    between-class share 0.41, nearest class mean 0.91, image correlation -0.57).
+
+    Args:
+      noise_train: perturbations g(x) of training images [N, H, W, C] (float).
+      y_train: their labels [N].
+      noise_test: perturbations of held-out images [M, H, W, C].
+      y_test: their labels [M].
+      images: the clean images of `noise_train` (float in [0, 1]), for the image correlation.
+      num_classes: K (default: 1 + the largest label).
+
+    Returns:
+      ``between_class_share``: the fraction of the training noise's variance (summed over
+      pixels) that the per-class means explain, 1 for class-wise noise, about K/N for noise
+      independent of the label. ``nearest_class_mean_accuracy``: accuracy on `noise_test` of
+      the nearest per-class mean of the training noise (chance 1/K). ``mean_abs``: mean |g|.
+      ``image_correlation`` (with `images`): the mean over images of the Pearson correlation
+      between g(x) and x across pixels (negative: the noise erases the image).
+    """
+    flat = np.asarray(noise_train, np.float32).reshape(len(noise_train), -1)
+    held = np.asarray(noise_test, np.float32).reshape(len(noise_test), -1)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    k = int(num_classes or 1 + max(y_train.max(), y_test.max()))
+    present = np.array([np.any(y_train == c) for c in range(k)])
+    means = np.stack([flat[y_train == c].mean(0) if present[c] else flat.mean(0) for c in range(k)])
+    centred = flat - flat.mean(0)
+    between = np.sum(np.square(means[y_train] - flat.mean(0)))
+    total = np.sum(np.square(centred))
+    dist = np.square(held).sum(1)[:, None] - 2 * held @ means.T + np.square(means).sum(1)[None]
+    dist[:, ~present] = np.inf
+    out = {
+        "between_class_share": float(between / total) if total > 0 else 0.0,
+        "nearest_class_mean_accuracy": float(np.mean(np.argmin(dist, 1) == y_test)),
+        "mean_abs": float(np.mean(np.abs(flat))),
+    }
+    if images is not None:
+        x = np.asarray(images, np.float32).reshape(len(flat), -1)
+        xc, nc = x - x.mean(1, keepdims=True), flat - flat.mean(1, keepdims=True)
+        norms = np.linalg.norm(xc, axis=1) * np.linalg.norm(nc, axis=1)
+        ok = norms > 0
+        out["image_correlation"] = float(np.mean(np.sum(xc * nc, 1)[ok] / norms[ok]))
+    return out
 
 
 def victim_runs(config, run, dataset):
@@ -182,6 +235,17 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
             if restored is not None:
                 classifiers[label] = restored
         result["noise_only_test_accuracy"] = noise_diagnostic(classifiers, noise, dataset.y_test)
+        noise_train = l2c.perturbations(
+            state, x_clean[:n], generator=ps.kwargs["generator"], threat=ps.threat
+        )
+        result["noise_structure"] = noise_structure(
+            noise_train,
+            dataset.y_train[:n],
+            noise,
+            dataset.y_test,
+            images=x_clean[:n],
+            num_classes=dataset.num_classes,
+        )
     write_json_atomic(workdir / "l2c_victims.json", result)
     return result
 
@@ -213,5 +277,6 @@ __all__ = [
     "evaluate_workdir",
     "make_sklearn_victim",
     "noise_diagnostic",
+    "noise_structure",
     "sklearn_victims",
 ]
