@@ -208,6 +208,8 @@ def victim(
     poisoned images, the rest swapped for the clean ones (``--config.victim.poison_ratio=0.8``).
     ``model.dtype`` is the computation's precision (``--config.victim.model.dtype=bfloat16``:
     mixed precision, parameters and logits float32; `models.COMPUTE_DTYPES`).
+    ``seed_devices`` (1) splits the seeds over that many groups of devices, each seed's batches
+    over the devices of its group (`sharding.data_mesh`; ``num_seeds`` a multiple of it).
     """
     return dict(
         model=dict(model, dtype="float32"),
@@ -216,6 +218,7 @@ def victim(
         num_seeds=num_seeds,
         poison_ratio=1.0,
         seed_strategy="auto",
+        seed_devices=1,
         eval_batch_size=eval_batch_size,
         checkpoint_every=checkpoint_every,
         optimizer=dict(optimizer),

@@ -31,7 +31,7 @@ from jaxpoison.train_state import init_state, make_optimizer, over_seeds, train_
 from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 
 # Victim-spec fields that do not change the trained state (left out of checkpoint records).
-_NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds")
+_NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds", "seed_devices")
 
 
 def _determining(config):
@@ -172,6 +172,20 @@ class TrainData:
         ]
         return cls(*placed[:6], crop_padding, flip, digest, placed[6], stream)
 
+    def on(self, mesh):
+        """These arrays placed on `mesh` as `create` places them (itself if they are there)."""
+        if getattr(self.x_test.sharding, "mesh", None) == mesh:
+            return self
+        rep = sharding.replicated(mesh)
+        moved = {
+            k: sharding.place_examples(a, mesh)
+            if k in ("x_train", "x_clean")
+            else jax.device_put(a, rep)
+            for k in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val", "x_clean")
+            if (a := getattr(self, k)) is not None
+        }
+        return dataclasses.replace(self, **moved)
+
 
 @dataclasses.dataclass
 class Trainer:
@@ -233,6 +247,8 @@ class Trainer:
                     f"{config.model.name!r} keeps {stats} (BatchNorm couples the examples of a "
                     "batch); use a model without it, e.g. cnn_cifar, cnn_mnist or mlp."
                 )
+        if mesh is None:
+            mesh = sharding.data_mesh(seeds=config.get("seed_devices", 1))
         return cls(
             module=module,
             objective=defense.objective,
@@ -321,7 +337,11 @@ class Trainer:
                 )
                 return over_seeds(one, self.seed_strategy)(states, batch, keys)
 
-            self._compiled[cache_key] = jax.jit(step, donate_argnums=0)
+            # The seeds split along the mesh's ``seed`` axis, if it has one.
+            streamed = stream is not None  # a streamed batch leads with the seeds, a dataset not
+            seeded = (True, streamed, streamed, True, True) + ((False,) * (mixed or streamed))
+            body = sharding.over_seed_axis(step, self.mesh, seeded)
+            self._compiled[cache_key] = jax.jit(body, donate_argnums=0)
         return self._compiled[cache_key]
 
     def privacy_spent(self, num_examples, epochs=None):
@@ -381,10 +401,15 @@ class Trainer:
 
     def _evaluate_checked(self, states, x, y):
         """`evaluate` of checked images: uint8, or float32 in [0, 1] (the `TrainData` arrays)."""
-        if "eval" not in self._compiled:
-            self._compiled["eval"] = jax.jit(self._evaluate, static_argnums=3)
+        batch_size = min(self.eval_batch_size, len(y))
+        if ("eval", batch_size) not in self._compiled:
+            fn = functools.partial(self._evaluate, batch_size=batch_size)
+            self._compiled[("eval", batch_size)] = jax.jit(
+                sharding.over_seed_axis(fn, self.mesh, (True, False, False)),
+                out_shardings=sharding.replicated(self.mesh),  # [S] numbers every host reads
+            )
         with jax.set_mesh(self.mesh):
-            return self._compiled["eval"](states, x, y, min(self.eval_batch_size, len(y)))
+            return self._compiled[("eval", batch_size)](states, x, y)
 
     def _evaluate(self, states, x, y, batch_size):
         n = y.shape[0]
@@ -494,8 +519,9 @@ class Trainer:
             lambda: jax.jit(jax.vmap(lambda k: self.init(k, steps_per_epoch))),
         )
         states = init(keys)
-        # Replicated, as the compiled step returns them: otherwise the step compiles twice.
-        return jax.device_put(states, sharding.replicated(self.mesh))
+        # Placed as the compiled step returns them (replicated, or split along ``seed``):
+        # otherwise the step compiles twice.
+        return jax.device_put(states, sharding.seed_sharding(self.mesh))
 
     @_on_mesh
     def fit(
@@ -542,10 +568,18 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} exceeds the {n} training examples.")
         sharding.note_indivisible(f"{name or 'train'}: batch_size", self.batch_size, self.mesh)
+        groups = sharding.seed_devices(self.mesh)
+        if num_seeds % groups:
+            raise ValueError(
+                f"num_seeds={num_seeds} victims cannot be split over the mesh's {groups} seed "
+                f"devices (victim.seed_devices); use a multiple of {groups} seeds."
+            )
         stream = train_data.stream
         refused = stream is not None and (
             "dataset-stage transforms (purification) need the training set in memory"
             if self.transforms.dataset
+            else "victim.seed_devices > 1 is not supported"
+            if groups > 1
             else "an untrained victim (epochs=0) is evaluated on the whole training set"
             if stop == 0
             else ""
@@ -555,7 +589,7 @@ class Trainer:
                 f"{name or 'train'}: streamed training data: {refused}; train from in-memory "
                 "TrainData (x_train, y_train) instead."
             )
-        train_data = self.purified(train_data, key)
+        train_data = self.purified(train_data.on(self.mesh), key)
         mixed = self.poison_ratio < 1.0
         if mixed and train_data.x_clean is None and stream is None:
             raise ValueError(
@@ -602,7 +636,7 @@ class Trainer:
         if manager is not None and manager.latest_step() is not None:
             states, history, start_epoch = manager.restore(states)
             say(f"{name or 'train'}: resumed from epoch {start_epoch} ({manager.directory})")
-        states = jax.device_put(states, sharding.replicated(self.mesh))
+        states = jax.device_put(states, sharding.seed_sharding(self.mesh))
 
         if stop == 0 and not history:
             history = self._untrained_history(states, train_data)
@@ -635,7 +669,8 @@ class Trainer:
                     record |= {
                         f"{split}/{k}": v for k, v in self._evaluate_checked(states, x, y).items()
                     }
-            record = jax.device_get(record)
+            # Every host reads the [S] numbers (split along ``seed`` if the mesh has it).
+            record = jax.device_get(jax.device_put(record, sharding.replicated(self.mesh)))
             if not all(np.isfinite(v).all() for v in record.values()):
                 raise FloatingPointError(
                     f"{name}: non-finite metrics at epoch {epoch + 1}: {record}"

@@ -49,6 +49,30 @@ def trained():
                     out.setdefault("risk", {})[n] = {
                         k: np.asarray(v).tolist() for k, v in scores.items()
                     }
+            if batch_size == 16:
+                # The 2 seeds split over a ('seed', 'data') mesh of 2 x 4 devices, from the
+                # config (mesh=None); the data placed on the 1-d mesh moves to it.
+                seeded = ml_collections.ConfigDict(dict(cfg, seed_devices=2))
+                trainer = training.Trainer.from_config(seeded, num_classes=4, image_shape=(8, 8, 3))
+                td = training.TrainData.create(x, y, x, y, mesh=meshes[8], flip=True)
+                states, history = trainer.fit(
+                    td, key=jax.random.key(1), num_seeds=2, progress=False
+                )
+                out[f"train_{batch_size}"]["8s2"] = history
+                on_mesh = td.on(trainer.mesh)  # evaluators run on the mesh of their data
+                scores = evaluator(states, on_mesh.x_test, on_mesh.y_test, key=jax.random.key(2))
+                out["risk"]["8s2"] = {k: np.asarray(v).tolist() for k, v in scores.items()}
+                leaf = jax.tree.leaves(states.params)[0]
+                out["seed_layout"] = {
+                    "axis": leaf.sharding.spec[0],
+                    "rows": sorted({s.data.shape[0] for s in leaf.addressable_shards}),
+                    "key": trainer.record(td, key=1, num_seeds=2) == training.Trainer.from_config(
+                        cfg, num_classes=4, image_shape=(8, 8, 3)).record(td, key=1, num_seeds=2),
+                }
+                try:
+                    trainer.fit(td, key=jax.random.key(1), num_seeds=3, progress=False)
+                except ValueError as e:
+                    out["seed_layout"]["error"] = str(e)
         print(json.dumps(out))
         """
     )
@@ -59,10 +83,21 @@ def test_training_and_evaluation_give_the_same_numbers_on_8_devices(trained, bat
     """Batches of 16 are split over 8 devices (up to float reassociation); batches of 20 are
     computed whole on each. The PGD evaluator's batches of 16 are split."""
     runs = trained[f"train_{batch_size}"]
-    for key, values in runs["1"].items():
-        np.testing.assert_allclose(runs["8"][key], values, rtol=1e-4, err_msg=key)
-    for key, values in trained["risk"]["1"].items():
-        np.testing.assert_allclose(trained["risk"]["8"][key], values, atol=1e-6, err_msg=key)
+    for n in {"8", "8s2"} & set(runs):
+        for key, values in runs["1"].items():
+            np.testing.assert_allclose(runs[n][key], values, rtol=1e-4, err_msg=(n, key))
+        for key, values in trained["risk"]["1"].items():
+            np.testing.assert_allclose(trained["risk"][n][key], values, atol=1e-6, err_msg=key)
+
+
+def test_seeds_split_along_a_seed_axis(trained):
+    """``victim.seed_devices=2`` on 8 devices: each victim's state lives on its group of 4
+    devices (one seed's rows per device), with the numbers of one device (above) and the
+    checkpoint key of the 1-d mesh; seeds that the groups do not divide are refused."""
+    layout = trained["seed_layout"]
+    assert layout["axis"] == "seed", layout
+    assert layout["rows"] == [1] and layout["key"], layout
+    assert "num_seeds=3" in layout["error"] and "multiple of 2" in layout["error"], layout
 
 
 def test_compiled_steps_split_the_batch_and_reduce_gradients_once():
