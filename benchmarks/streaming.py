@@ -2,6 +2,7 @@ r"""In-memory vs streamed (Grain over tfds ArrayRecord) training on all of CIFAR
 
   nice -n 19 python benchmarks/streaming.py --data_dir=/tmp/stream/tfds   # both, 1 epoch
   nice -n 19 python benchmarks/streaming.py --data_dir=DIR --epochs=2 --modes=stream
+  nice -n 19 python benchmarks/streaming.py --data_dir=DIR --modes=read --threads=1
 
 The first run writes shared/data/cifar10.npz as a tfds ArrayRecord dataset ``cifar10_npz`` under
 ``--data_dir`` (`data.streaming.write_tfds`, PNG-encoded: lossless; skipped when it is there).
@@ -11,7 +12,8 @@ it on the 10,000 test images:
 
 - ``memory``: the .npz loaded (`data.load`), the training set on the devices (`TrainData`);
 - ``stream``: the training split read from the ArrayRecord files by Grain, batch by batch
-  (`data.streaming.open_tfds`), the test split read into memory.
+  (`data.streaming.open_tfds`), the test split read into memory;
+- ``read``: reading alone, one epoch of batches through Grain with ``--threads``, no training.
 
 Each mode prints one ``JSON {...}`` line: ``test_accuracy`` and ``train_loss`` per epoch,
 ``fit_s`` (the `Trainer.fit` call, compilation included), ``wall_s`` and ``peak_rss_mb`` (the
@@ -59,6 +61,22 @@ def write(data_dir):
     return time.time() - t0
 
 
+def read(data_dir, threads):
+    """Reads one epoch of training batches (128, a random order) from the files, no training:
+    the streamed path's cost on the host."""
+    import numpy as np
+
+    from jaxpoison.data import streaming
+
+    stream = streaming.open_tfds(NAME, split="train", data_dir=data_dir, num_threads=threads)
+    steps = stream.num_examples // 128
+    order = np.random.default_rng(0).permutation(stream.num_examples)[: steps * 128]
+    t0 = time.time()
+    records = sum(batch["index"].size for batch in stream.read(order.reshape(1, steps, 128)))
+    seconds = time.time() - t0
+    return {"mode": "read", "threads": threads, "records": records, "read_s": round(seconds, 1)}
+
+
 def run(mode, data_dir, epochs):
     """Trains one victim in this process; returns its measurements."""
     import jax
@@ -92,11 +110,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True, help="tfds data directory (not the repo)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--modes", default="memory,stream")
+    parser.add_argument(
+        "--modes", default="memory,stream", help="memory, stream, read (reading alone)"
+    )
+    parser.add_argument("--threads", type=int, default=8, help="Grain's reader threads (read)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("JSON " + json.dumps(run(args.child, args.data_dir, args.epochs)), flush=True)
+        if args.child == "read":
+            result = read(args.data_dir, args.threads)
+        else:
+            result = run(args.child, args.data_dir, args.epochs)
+        print("JSON " + json.dumps(result), flush=True)
         return
     seconds = write(args.data_dir)
     if seconds is not None:
@@ -106,7 +131,8 @@ def main():
         t0 = time.time()
         with tempfile.TemporaryFile("w+") as out:
             child = [sys.executable, __file__, f"--child={mode}", f"--data_dir={args.data_dir}"]
-            proc = subprocess.Popen([*child, f"--epochs={args.epochs}"], stdout=out, text=True)
+            child += [f"--epochs={args.epochs}", f"--threads={args.threads}"]
+            proc = subprocess.Popen(child, stdout=out, text=True)
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
             out.seek(0)
             line = [x for x in out.read().splitlines() if x.startswith("JSON ")]
@@ -117,8 +143,9 @@ def main():
         result["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
         results.append(result)
         print("JSON " + json.dumps(result), flush=True)
-    if len(results) == 2:
-        same = results[0]["test_accuracy"] == results[1]["test_accuracy"]
+    trained = [r for r in results if r["mode"] != "read"]
+    if len(trained) == 2:
+        same = trained[0]["test_accuracy"] == trained[1]["test_accuracy"]
         print(f"same test accuracy in both modes: {same}")
 
 
