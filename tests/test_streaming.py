@@ -41,6 +41,14 @@ def trainer():
     return training.Trainer.from_config(victim, num_classes=10, image_shape=(32, 32, 3))
 
 
+@pytest.fixture(scope="module")
+def reference(written, trainer):
+    """The history of 2 victims streamed for 2 epochs with key 3."""
+    data_dir, ds = written
+    stream = streaming.open_tfds(NAME, data_dir=data_dir, num_threads=4)
+    return trainer.fit(streamed(stream, ds), key=jax.random.key(3), num_seeds=2, progress=False)[1]
+
+
 def in_memory(x, y, ds):
     return training.train_data_from(x, y, ds, crop_padding=2, flip=True)
 
@@ -51,7 +59,7 @@ def streamed(stream, ds):
     )
 
 
-def test_stream_trains_the_victims_of_the_same_images_in_memory(written, trainer):
+def test_stream_trains_the_victims_of_the_same_images_in_memory(written, trainer, reference):
     data_dir, ds = written
     loaded = data.load(source="tfds", name=NAME, data_dir=data_dir)  # any tfds classification set
     np.testing.assert_array_equal(loaded.x_train, ds.x_train)  # the files hold the images
@@ -61,17 +69,35 @@ def test_stream_trains_the_victims_of_the_same_images_in_memory(written, trainer
 
     stream = streaming.open_tfds(NAME, data_dir=data_dir, num_threads=4)
     assert (stream.num_examples, stream.image_shape, stream.num_classes) == (256, (32, 32, 3), 10)
-    key = jax.random.key(3)
     _, want = trainer.fit(
-        in_memory(loaded.x_train, loaded.y_train, ds), key=key, num_seeds=2, progress=False
+        in_memory(loaded.x_train, loaded.y_train, ds),
+        key=jax.random.key(3),
+        num_seeds=2,
+        progress=False,
     )
-    _, got = trainer.fit(streamed(stream, ds), key=key, num_seeds=2, progress=False)
-    assert set(got) == set(want)
+    assert set(reference) == set(want)
     for k in want:
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        np.testing.assert_array_equal(reference[k], want[k], err_msg=k)
     assert not np.array_equal(
         np.asarray(want["train/loss"])[:, 0], np.asarray(want["train/loss"])[:, 1]
     )
+
+
+def test_a_stopped_streamed_run_resumes_from_its_checkpoint(
+    written, trainer, reference, tmp_path, capfd
+):
+    data_dir, ds = written
+    key = jax.random.key(3)
+    first = streamed(streaming.open_tfds(NAME, data_dir=data_dir), ds)
+    again = streamed(streaming.open_tfds(NAME, data_dir=data_dir), ds)  # a restarted process
+    assert trainer.checkpoint_dir(tmp_path, first, key=key, num_seeds=2) == (
+        trainer.checkpoint_dir(tmp_path, again, key=key, num_seeds=2)
+    )
+    trainer.fit(first, key=key, num_seeds=2, ckpt_dir=tmp_path, epochs=1, progress=False)
+    _, resumed = trainer.fit(again, key=key, num_seeds=2, ckpt_dir=tmp_path, progress=False)
+    assert "resumed from epoch 1" in "".join(capfd.readouterr())
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
 
 
 def test_a_sample_wise_poison_is_applied_by_index_in_the_step(written, trainer):
