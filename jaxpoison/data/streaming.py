@@ -81,7 +81,7 @@ class Stream:
         h = hashlib.sha256(self.identity.encode())
         for leaf in jax.tree.leaves(self.poison_state):
             h.update(f"{leaf.dtype}{leaf.shape};".encode())
-            h.update(np.asarray(_checksum(leaf).addressable_data(0)).tobytes())
+            h.update(jax.device_get(_checksum(leaf).addressable_data(0)).tobytes())
         return h.hexdigest()
 
     def read(self, order: np.ndarray) -> Iterator[dict]:
