@@ -88,8 +88,8 @@ class Dataset:
     def fingerprint(self):
         """sha256 of the training images and labels: the clean data a poison was made on."""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.x_train).tobytes())
-        h.update(np.ascontiguousarray(self.y_train).astype(np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.x_train))  # the bytes in place, not a copy
+        h.update(np.ascontiguousarray(self.y_train).astype(np.int64))
         return h.hexdigest()
 
 
