@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -32,6 +33,24 @@ from jaxpoison.workdir import ARTIFACT_VERSION, array_digest, keyed_dir, plain
 
 # Victim-spec fields that do not change the trained state (left out of checkpoint records).
 _NOT_DETERMINING = ("checkpoint_every", "eval_batch_size", "num_seeds", "seed_devices")
+
+try:  # glibc (Linux); elsewhere nothing to call
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (AttributeError, OSError, TypeError):
+    _MALLOC_TRIM = None
+
+
+def release_host_memory():
+    """Hands the free pages of the process's heap back to the system (glibc's ``malloc_trim``;
+    nothing without glibc). Numbers do not change.
+
+    XLA frees most of what a compilation allocates, but glibc keeps the pages of a fragmented
+    heap resident: about 0.1 GB per compiled program on full CIFAR-10, adding up over the
+    crafting, the victim's step, its evaluations and the checkpoint. `fit` calls it after each
+    epoch's steps, the grid trainer after crafting and after each run.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _determining(config):
@@ -663,6 +682,7 @@ class Trainer:
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 bar.update(1, pending=metrics)
             record = {f"train/{k}": v / steps_per_epoch for k, v in sums.items()}
+            release_host_memory()  # what compiling the step left behind
             for split in ("test", "val"):
                 x, y = getattr(train_data, f"x_{split}"), getattr(train_data, f"y_{split}")
                 if x is not None:
@@ -728,4 +748,4 @@ def train_data_from(
     )
 
 
-__all__ = ["TrainData", "Trainer", "train_data_from"]
+__all__ = ["TrainData", "Trainer", "release_host_memory", "train_data_from"]

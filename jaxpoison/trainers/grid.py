@@ -116,6 +116,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             )
         train_sets["naive"] = (dataset.x_train, dataset.y_train)  # trained for zero epochs
     crafted = poisoning.craft_poisons(config, dataset, key=root, workdir=workdir, progress=progress)
+    training.release_host_memory()  # what crafting's compilations left behind
     train_sets.update({run: (c.images, c.labels) for run, c in crafted.items()})
     extras = poisoning.clean_additions(config, dataset)
 
@@ -235,6 +236,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     errors = _attack_transfer(trainer, states, train_sets, train_idx, dataset)
                     for poison, cell in errors.items():
                         attack_transfer.setdefault(poison, {})[victim_name] = cell
+                training.release_host_memory()  # before the next run's compilations
 
     loss_threshold = config.get("loss_threshold", 0.5)
     summary = {}
