@@ -93,6 +93,15 @@ class Stream:
         for batch in self._batches(flat, s * b):
             yield {k: v.reshape(s, b, *v.shape[1:]) for k, v in batch.items()}
 
+    def examples(self, indices, *, images=True):
+        """``(uint8 images [n, H, W, C], int32 labels [n])`` of the records `indices`, read by
+        Grain's threads; with ``images=False`` the images are None and only the labels are kept
+        (a pass over the records that holds no images)."""
+        kept = ("image", "label") if images else ("label",)
+        batches = [{k: b[k] for k in kept} for b in self._batches(np.asarray(indices), 1000)]
+        labels = np.concatenate([b["label"] for b in batches])
+        return (np.concatenate([b["image"] for b in batches]) if images else None), labels
+
     def _batches(self, indices, batch_size):
         """Grain's batches of the records `indices`, in order, `num_threads` reading ahead."""
         import grain  # imported here: it takes seconds, and only streamed runs need it
@@ -227,9 +236,7 @@ def read_split(name, *, split="test", data_dir=None, num_threads=8):
     """A whole split of a tfds dataset in memory, ``(uint8 [N, H, W, C], int32 [N])``, read
     with Grain's threads (for a test set next to a streamed training set)."""
     stream = open_tfds(name, split=split, data_dir=data_dir, num_threads=num_threads)
-    indices = np.arange(stream.num_examples, dtype=np.int32)
-    batches = list(stream._batches(indices, 1000))
-    return tuple(np.concatenate([b[k] for b in batches]) for k in ("image", "label"))
+    return stream.examples(np.arange(stream.num_examples, dtype=np.int32))
 
 
 def write_tfds(data_dir, name, splits, *, num_classes, version="1.0.0", shard_size=10_000):

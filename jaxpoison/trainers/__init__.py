@@ -6,6 +6,7 @@ A trainer is ``fn(config, workdir, *, progress=True) -> results dict``. Each ope
 
 ==================  ============================================================================
 ``grid``            poisons × objectives × victims: craft, train, evaluate (`grid`; the default)
+``streamed``        the grid's victims on a tfds dataset read from disk batch by batch (`streamed`)
 ``simplicity_bias`` MNIST-CIFAR, ST vs AT restricted to the MNIST half (`simplicity_bias`)
 ``rotation_ssl``    rotation prediction on (poisoned) images, then a linear probe (`rotation_ssl`)
 ``gaussian_theory`` the mixture-Gaussian model of Tao et al. 2021 (`gaussian_theory`)
@@ -24,6 +25,7 @@ from jaxpoison.workdir import locked
 # name -> module with a ``train_and_evaluate(config, workdir, *, progress)``, imported on use.
 TRAINERS = {
     "grid": "jaxpoison.trainers.grid",
+    "streamed": "jaxpoison.trainers.streamed",
     "simplicity_bias": "jaxpoison.trainers.simplicity_bias",
     "rotation_ssl": "jaxpoison.trainers.rotation_ssl",
     "gaussian_theory": "jaxpoison.trainers.gaussian_theory",
