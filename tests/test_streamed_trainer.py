@@ -33,11 +33,15 @@ def written(tmp_path_factory):
     return root
 
 
-def tiny(root, **poison_specs):
-    """configs/stream_tfds.py:tiny on the written dataset: an MLP, 1 seed, clean + `poison_specs`."""
+def tiny(root):
+    """configs/stream_tfds.py:tiny on the written dataset: an MLP, 1 seed, clean + 2 poisons."""
     config = runpy.run_path(str(CONFIG))["get_config"]("tiny")
     config.data.update(name=NAME, data_dir=str(root / "tfds"), num_threads=2)
-    config.poisons = poison_specs or {"lsp": dict(name="lsp")}
+    config.poisons = {
+        "lsp": dict(name="lsp"),  # a per-example δ, applied by index
+        "one_pixel": dict(name="one_pixel", threat=dict(norm="l0", pixels=1)),  # crafted
+    }
+    config.data.craft_subset = 200  # every record: the grid crafts on the same images
     config.victim.update(num_seeds=1, batch_size=25)
     config.victim.model.name = "mlp"  # compiles faster than the CNN
     return config
@@ -45,7 +49,7 @@ def tiny(root, **poison_specs):
 
 @pytest.fixture(scope="module")
 def streamed_run(written, tmp_path_factory):
-    """The streamed results of clean + LSP (a per-example δ applied by index) and the workdir."""
+    """The streamed results of clean, LSP and one-pixel, and the workdir."""
     workdir = tmp_path_factory.mktemp("streamed")
     return trainers.train_and_evaluate(tiny(written), workdir, progress=False), workdir
 
@@ -54,15 +58,18 @@ def test_streamed_run_gives_the_in_memory_grids_numbers(written, streamed_run, t
     results, workdir = streamed_run
     stored = json.loads((workdir / "results.json").read_text())
     assert stored["complete"] and stored["stream"]["num_examples"] == 200
-    assert stored["poisons"] == {"lsp": {"made_from": streamed.LABELS}}
-    assert set(stored["summary"]) == {"clean", "lsp"}
+    assert stored["poisons"]["lsp"] == {"made_from": streamed.LABELS}
+    crafted = stored["poisons"]["one_pixel"]
+    assert crafted["made_from"] == streamed.SUBSET and crafted["craft_subset"] == 200
+    assert (workdir / crafted["artifact"] / "metadata.json").is_file()
+    assert set(stored["summary"]) == {"clean", "lsp", "one_pixel"}
     assert all(np.isfinite(s["final_test_acc"]["mean"]) for s in stored["summary"].values())
 
     config = tiny(written)
     config.trainer = "grid"
     config.data.update(source="npz", path=str(written / "same.npz"))
     grid = trainers.train_and_evaluate(config, tmp_path, progress=False)
-    for run in ("clean", "lsp"):  # the same victims, bit for bit (one device)
+    for run in ("clean", "lsp", "one_pixel"):  # the same victims, bit for bit (one device)
         want, got = grid["runs"][run]["history"], results["runs"][run]["history"]
         assert set(got) == set(want)
         for k in want:
@@ -80,7 +87,7 @@ def test_killed_streamed_run_resumes(written, streamed_run, tmp_path):
     shutil.rmtree(steps[-1])  # its epoch-1 checkpoint is the last one written
     resumed = trainers.train_and_evaluate(tiny(written), killed, progress=False)
     assert "lsp: resumed from epoch 1" in (killed / "log.txt").read_text()
-    for run in ("clean", "lsp"):
+    for run in ("clean", "lsp", "one_pixel"):
         assert resumed["runs"][run]["history"] == results["runs"][run]["history"]
 
 
