@@ -3,7 +3,8 @@ r"""Clean vs class-wise random noise and Regions-4, the training set streamed fr
   jaxpoison --config=configs/stream_tfds.py --workdir=/tmp/stream \
       --config.data.data_dir=DIR [--config.data.name=cifar10_npz]
   (append :tiny to the config path for a smoke run: the first 200 training and 100 test
-  records, 2 epochs, a CNN of width 0.125, batch 50)
+  records (data.num_train / num_test: the first records of a stream, not class-balanced),
+  2 epochs, a CNN of width 0.125, batch 50)
 
 The streamed trainer (``config.trainer='streamed'``, `jaxpoison.trainers.streamed`) reads the
 training split of a prepared tfds dataset (ArrayRecord files) batch by batch with Grain and
@@ -22,8 +23,10 @@ all of CIFAR-10 from shared/data/cifar10.npz as the dataset ``cifar10_npz`` (abo
 
 (``python benchmarks/streaming.py --data_dir=DIR`` writes the same), or any tfds
 image-classification dataset built as ArrayRecord (``tfds build --file_format=array_record``).
-Slice the splits with ``--config.data.train_split='train[:10000]'``; poisons crafted on a
-subset of records read into memory (class-wise ones) take ``--config.data.craft_subset=N``.
+Slice the splits with ``--config.stream.train_split='train[:10%]'`` (or
+``--config.data.num_train=N``); poisons crafted on a subset of records read into memory
+(class-wise ones) take ``--config.stream.craft_subset=N``; ``--config.stream.num_threads``
+sets Grain's readers.
 
 Expected: the in-memory grid's numbers for the same config (``--config.trainer=grid
 --config.data.source=npz --config.data.name=cifar10``); measured in
@@ -42,7 +45,7 @@ def get_config(arg=None):
     config.name = "streamed: random noise and Regions-4 vs clean (tfds ArrayRecord)"
     config.seed = 0
     config.data = config_lib.data("cifar10_npz", source="tfds", flip=True)
-    config.data.update(train_split="train", test_split="test", num_threads=8, craft_subset=0)
+    config.stream = dict(train_split="train", test_split="test", num_threads=8, craft_subset=0)
     config.threat = dict(norm="linf", epsilon=ml_collections.FieldReference(8 / 255))
     config.include_clean = True
     config.poisons = {
@@ -62,12 +65,4 @@ def get_config(arg=None):
     )
     if "tiny" in chosen:
         config_lib.tiny(config)
-        # A stream reads whole splits: the tiny sizes become slices of them.
-        sizes = {k: config.data[k] for k in ("num_train", "num_test")}
-        config.data.update(
-            num_train=0,
-            num_test=0,
-            train_split=f"train[:{sizes['num_train']}]",
-            test_split=f"test[:{sizes['num_test']}]",
-        )
     return config

@@ -18,7 +18,7 @@ from jaxpoison import config_lib, specs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.py"))
-TRAINERS = {"grid", "gaussian_theory", "simplicity_bias", "rotation_ssl", "score_model"}
+TRAINERS = {"grid", "streamed", "gaussian_theory", "simplicity_bias", "rotation_ssl", "score_model"}
 # The theory trainer draws its own Gaussian data: no data block, nothing for data overrides.
 NO_DATA = {"configs/gaussian_theory.py"}
 MNIST = ("--config.data.source=npz", "--config.data.name=mnist")

@@ -36,12 +36,12 @@ def written(tmp_path_factory):
 def tiny(root):
     """configs/stream_tfds.py:tiny on the written dataset: an MLP, 1 seed, clean + 2 poisons."""
     config = runpy.run_path(str(CONFIG))["get_config"]("tiny")
-    config.data.update(name=NAME, data_dir=str(root / "tfds"), num_threads=2)
+    config.data.update(name=NAME, data_dir=str(root / "tfds"), num_train=0, num_test=0)
+    config.stream.update(num_threads=2, craft_subset=200)  # every record: as the grid crafts
     config.poisons = {
         "lsp": dict(name="lsp"),  # a per-example δ, applied by index
         "one_pixel": dict(name="one_pixel", threat=dict(norm="l0", pixels=1)),  # crafted
     }
-    config.data.craft_subset = 200  # every record: the grid crafts on the same images
     config.victim.update(num_seeds=1, batch_size=25)
     config.victim.model.name = "mlp"  # compiles faster than the CNN
     return config
@@ -111,7 +111,8 @@ def _set(path, value):
         ),
         (_set("include_naive", True), "config.include_naive: the untrained victim"),
         (_set("victim.epochs", 0), "victim.epochs=0"),
-        (_set("data.num_train", 50), "config.data.num_train=50: a stream reads whole tfds splits"),
+        (_set("data.val_size", 20), "config.data.val_size=20: a stream has no validation split"),
+        (_set("stream.craft_subset", -1), r"config.stream.craft_subset=-1: give a whole number"),
     ],
 )
 def test_refusals_are_one_line_before_any_training(written, tmp_path, change, message):
@@ -151,3 +152,14 @@ def test_poison_kinds():
     }
     partial = poisons.make("random", threat=ball, fraction=0.5, **shape)
     assert streamed.poison_kind(partial, num_examples=40, image_shape=(8, 8, 3)) == streamed.LABELS
+
+
+def test_num_train_and_num_test_cut_the_stream_splits(written):
+    config = tiny(written)
+    assert streamed.stream_fields(config)["train_split"] == "train"
+    config.data.update(num_train=50, num_test=20)  # as :tiny sets them (200, 100)
+    fields = streamed.stream_fields(config)
+    assert (fields["train_split"], fields["test_split"]) == ("train[:50]", "test[:20]")
+    config.stream.train_split = "train[:10%]"
+    with pytest.raises(ValueError, match=r"num_train=50 and config.stream.train_split='train\["):
+        streamed.stream_fields(config)

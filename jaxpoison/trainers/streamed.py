@@ -5,15 +5,18 @@ not fit in host or device memory.
 The training split is never loaded: each epoch's batches are read by Grain's threads from its
 ArrayRecord files, and a poison is applied inside the compiled step by example index or label
 (`streaming.Stream.with_poison`), so the poisoned set is never materialised either. The test
-split is read into memory (`streaming.read_split`). With the same config, the clean victims have
-the histories of the in-memory grid trainer on the same images (bit for bit on one device).
+split is read into memory (`streaming.read_split`). With the same config on whole splits, the
+victims have the histories of the in-memory grid trainer on the same images (bit for bit on one
+device).
 
-Config fields: those of the grid (``seed``, ``threat``, ``poisons``, ``include_clean``,
-``objectives``, ``victim``, ``evals``, ``select``, ``loss_threshold``, ``surrogate``), and in
-``data``: ``source='tfds'``, ``name``, ``data_dir``, ``train_split`` / ``test_split`` (tfds
-split strings, slices included: ``'train[:256]'``), ``num_threads`` (Grain's readers),
-``craft_subset`` (training records read into memory to craft class-wise poisons on),
-``crop_padding`` and ``flip``.
+Config fields: those of the grid (``seed``, ``data``, ``threat``, ``poisons``,
+``include_clean``, ``objectives``, ``victim``, ``evals``, ``select``, ``loss_threshold``,
+``surrogate``), with ``data.source='tfds'`` (``name``, ``data_dir``, ``crop_padding``, ``flip``;
+``num_train`` / ``num_test`` keep the first records of the splits, not the in-memory grid's
+class-balanced subsets), and a ``stream`` block (`STREAM_FIELDS`): ``train_split`` /
+``test_split`` (tfds split strings, slices included: ``'train[:10%]'``), ``num_threads``
+(Grain's readers) and ``craft_subset`` (training records read into memory to craft class-wise
+poisons on).
 
 A poison runs here when it can be applied without the training set in memory, by the first of:
 
@@ -24,7 +27,7 @@ A poison runs here when it can be applied without the training set in memory, by
   and ``init`` draws a per-example table, held on the devices (float32: 4x the uint8 images);
 * *crafted on a subset* (class-wise states, e.g. ``error_minimizing`` with ``class_wise=True``,
   ``universal_adversarial``, ``one_pixel``): crafted as by the grid (its surrogate included) on
-  the first ``data.craft_subset`` training records read into memory, then applied by label to
+  the first ``stream.craft_subset`` training records read into memory, then applied by label to
   every record; the state does not depend on the number of examples.
 
 Every other poison (sample-wise crafting: adversarial, error-minimizing, L2C, ...) is refused
@@ -59,6 +62,9 @@ from jaxpoison.workdir import close_run, open_run, plain, results_header, run_ke
 
 # How a poison's state is made without the training set in memory (see the module docstring).
 KEY, LABELS, SUBSET = "key", "labels", "subset"
+
+# The ``config.stream`` block: field -> default.
+STREAM_FIELDS = {"train_split": "train", "test_split": "test", "num_threads": 8, "craft_subset": 0}
 
 # Grid features that need the training set in memory: config field -> why.
 _IN_MEMORY_FIELDS = {
@@ -101,6 +107,35 @@ def poison_kind(poison, *, num_examples, image_shape):
     return SUBSET if shapes[0] == shapes[1] else None
 
 
+def stream_fields(config):
+    """``config.stream`` with its defaults, and the splits read: ``train_split`` / ``test_split``
+    cut to their first ``data.num_train`` / ``data.num_test`` records when those are set.
+
+    Raises:
+      ValueError: an unknown field, a split cut twice, or a bad number.
+    """
+    given = plain(config.get("stream") or {})
+    unknown = sorted(set(given) - set(STREAM_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"config.stream has unknown fields {unknown}; it takes {sorted(STREAM_FIELDS)}."
+        )
+    out = {**STREAM_FIELDS, **given}
+    for which in ("train", "test"):
+        split, n = out[f"{which}_split"], config.data.get(f"num_{which}", 0) or 0
+        if n and "[" in split:
+            raise ValueError(
+                f"config.data.num_{which}={n} and config.stream.{which}_split={split!r} both cut "
+                "the split; set one of them."
+            )
+        out[f"{which}_split"] = f"{split}[:{n}]" if n else split
+    for field, least in (("num_threads", 1), ("craft_subset", 0)):
+        value = out[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"config.stream.{field}={value!r}: give a whole number >= {least}.")
+    return out
+
+
 def check(config, stream):
     """Refuses, with one line naming the fix, what this trainer cannot run on `stream`.
 
@@ -114,12 +149,11 @@ def check(config, stream):
             "datasets; write your arrays as one (data.streaming.write_tfds) or use "
             "config.trainer='grid'."
         )
-    for field in ("num_train", "num_test", "val_size"):
-        if fields.get(field):
-            raise ValueError(
-                f"config.data.{field}={fields[field]}: a stream reads whole tfds splits; set it "
-                "to 0 and slice the split instead (e.g. data.train_split='train[:1000]')."
-            )
+    if fields.get("val_size"):
+        raise ValueError(
+            f"config.data.val_size={fields['val_size']}: a stream has no validation split carved "
+            "from it; set it to 0, or use config.trainer='grid'."
+        )
     for field, why in _IN_MEMORY_FIELDS.items():
         if config.get(field):
             raise ValueError(
@@ -134,7 +168,7 @@ def check(config, stream):
             "streamed victims train for >= 1 epoch on one seed device group; use "
             "config.trainer='grid' for these."
         )
-    subset = int(fields.get("craft_subset", 0) or 0)
+    subset = stream_fields(config)["craft_subset"]
     out = {}
     for run in specs.selected(config, "poisons"):
         ps = specs.poison_spec(config, run, **shape)
@@ -154,23 +188,25 @@ def check(config, stream):
         if kind == SUBSET and subset < 1:
             raise ValueError(
                 f"poisons.{run} ({ps.name}) is crafted on training records read into memory; set "
-                "config.data.craft_subset (e.g. 5000) to how many."
+                "config.stream.craft_subset (e.g. 5000) to how many."
             )
         out[run] = (ps, kind)
     return out
 
 
 def _subset_dataset(config, stream, x_test, y_test):
-    """The first ``data.craft_subset`` training records as a `data.Dataset` (every class in it)."""
-    m = min(int(config.data.craft_subset), stream.num_examples)
+    """The first ``stream.craft_subset`` training records as a `data.Dataset` (every class in
+    it)."""
+    fields = stream_fields(config)
+    m = min(fields["craft_subset"], stream.num_examples)
     x, y = stream.examples(np.arange(m))
     missing = sorted(set(range(stream.num_classes)) - set(np.unique(y).tolist()))
     if missing:
         raise ValueError(
-            f"config.data.craft_subset={m}: the first {m} training records lack classes "
+            f"config.stream.craft_subset={m}: the first {m} training records lack classes "
             f"{missing[:10]}; raise craft_subset."
         )
-    name = f"{config.data.name}/{config.data.get('train_split', 'train')}[:{m}]"
+    name = f"{config.data.name}/{fields['train_split']} first {m}"
     return data.Dataset(name, x, y, x_test, y_test, stream.num_classes)
 
 
@@ -226,8 +262,8 @@ def train_and_evaluate(config, workdir, *, progress=True):
     t_start = time.time()
     root = jax.random.key(config.seed)
     name, data_dir = config.data.name, config.data.get("data_dir") or None
-    threads = int(config.data.get("num_threads", 8))
-    train_split = config.data.get("train_split", "train")
+    fields = stream_fields(config)
+    train_split, threads = fields["train_split"], fields["num_threads"]
     stream = streaming.open_tfds(name, split=train_split, data_dir=data_dir, num_threads=threads)
     planned = check(config, stream)
     shape = dict(image_shape=stream.image_shape, num_classes=stream.num_classes)
@@ -249,7 +285,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             )
     x_test, y_test = streaming.read_split(
         name,
-        split=config.data.get("test_split", "test"),
+        split=fields["test_split"],
         data_dir=data_dir,
         num_threads=threads,
     )
@@ -362,4 +398,14 @@ def train_and_evaluate(config, workdir, *, progress=True):
     return results
 
 
-__all__ = ["KEY", "LABELS", "SUBSET", "check", "make_poisons", "poison_kind", "train_and_evaluate"]
+__all__ = [
+    "KEY",
+    "LABELS",
+    "STREAM_FIELDS",
+    "SUBSET",
+    "check",
+    "make_poisons",
+    "poison_kind",
+    "stream_fields",
+    "train_and_evaluate",
+]
