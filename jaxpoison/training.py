@@ -45,7 +45,7 @@ def release_host_memory():
     nothing without glibc). Numbers do not change.
 
     XLA frees most of what a compilation allocates, but glibc keeps the pages of a fragmented
-    heap resident: about 0.1 GB per compiled program on full CIFAR-10, adding up over the
+    heap resident: 0.05-0.1 GB per compiled program on full CIFAR-10, adding up over the
     crafting, the victim's step, its evaluations and the checkpoint. `fit` calls it after each
     epoch's steps, the grid trainer after crafting and after each run.
     """
