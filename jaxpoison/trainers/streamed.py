@@ -70,8 +70,8 @@ STREAM_FIELDS = {"train_split": "train", "test_split": "test", "num_threads": 8,
 _IN_MEMORY_FIELDS = {
     "include_naive": "the untrained victim is evaluated on the whole training set",
     "victims": "the attack-transfer evaluation reads the whole training set",
-    "lambda_sweep": "not supported on streams",
-    "budget_sweep": "not supported on streams",
+    "lambda_sweep": "the sweep is not wired into the streamed trainer",
+    "budget_sweep": "the sweep is not wired into the streamed trainer",
 }
 
 
@@ -162,11 +162,15 @@ def check(config, stream):
     shape = dict(image_shape=stream.image_shape, num_classes=stream.num_classes)
     specs.check(config, **shape)
     victim = specs.victim(config, **shape)
-    if victim.epochs == 0 or victim.get("seed_devices", 1) > 1:
+    if victim.epochs == 0:
         raise ValueError(
-            f"victim.epochs={victim.epochs}, victim.seed_devices={victim.get('seed_devices', 1)}: "
-            "streamed victims train for >= 1 epoch on one seed device group; use "
-            "config.trainer='grid' for these."
+            "victim.epochs=0: an untrained victim is evaluated on the whole training set; use "
+            "config.trainer='grid' for it."
+        )
+    if victim.get("seed_devices", 1) > 1:
+        raise ValueError(
+            f"victim.seed_devices={victim.seed_devices}: streamed victims train on one group of "
+            "devices; set it to 1, or use config.trainer='grid'."
         )
     subset = stream_fields(config)["craft_subset"]
     out = {}
@@ -181,9 +185,9 @@ def check(config, stream):
         kind = poison_kind(poison, num_examples=stream.num_examples, image_shape=stream.image_shape)
         if kind is None:
             raise ValueError(
-                f"poisons.{run} ({ps.name}): sample-wise crafting needs the training set in "
-                "memory; use the in-memory grid (config.trainer='grid'), or deselect it "
-                "(config.select.poisons)."
+                f"poisons.{run} ({ps.name}): sample-wise crafting (a per-example state made from "
+                "the training images) needs the training set in memory; use the in-memory grid "
+                "(config.trainer='grid'), or deselect it (config.select.poisons)."
             )
         if kind == SUBSET and subset < 1:
             raise ValueError(
