@@ -29,8 +29,12 @@ Slice the splits with ``--config.stream.train_split='train[:10%]'`` (or
 sets Grain's readers.
 
 Expected: the in-memory grid's numbers for the same config (``--config.trainer=grid
---config.data.source=npz --config.data.name=cifar10``); measured in
-docs/results/2026-12-scale-out.md (Streaming).
+--config.data.source=npz --config.data.name=cifar10``). Measured 2026-12-07 (commit 3cfe88d) on
+all of CIFAR-10 with ``--config.victim.epochs=2 --config.select.poisons="('random',)"``: clean
+62.65 %, random noise 61.43 % final test accuracy (1 seed), the grid's histories exactly; 468 s
+and 867 MB peak RSS streamed vs 380 s and 1,724 MB in memory on 2 busy CPU cores
+(docs/results/2026-12-scale-out.md, Streaming). The full config (10 epochs, Regions-4 too) is
+not measured.
 """
 
 import ml_collections
