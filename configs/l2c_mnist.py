@@ -4,7 +4,8 @@ r"""Learning to Confuse (exact meta-gradient) on MNIST, ℓ∞ ε = 0.3, untarge
   (append :tiny to the config path for a smoke run; :cpu for the reduced run of docs/l2c.md;
   :label_specific for the label-specific attack; :transfer also trains victims of other
   architectures on the clean and the L2C set, every one of VICTIMS or some with
-  --config.select.victims="('cnn_mnist','mlp')": :cpu,transfer is the transfer study)
+  --config.select.victims="('cnn_mnist','mlp')": :cpu,transfer is the transfer study;
+  :released for the released code's crafting schedule)
 
 The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each way, output
 0.3·tanh) is trained by the exact hypergradient of the clean loss of the L2C MNIST CNN after
@@ -18,11 +19,22 @@ the poisoned training set and tested on clean MNIST; `python -m jaxpoison.traine
 after T steps instead. The run reports clean test accuracy (which should fall); the fraction of
 test images classified as η(y) is what the attack aims at.
 
+``released``: Algorithm 2 (a look-ahead generator step before every victim step) whose crafting
+victim trains on one frozen copy of the generator from its first step to its restart, the copy
+refreshed as the next victim starts: the released DeepConfuse code's loop (docs/l2c.md,
+"Against the reference implementation"). Its other settings (plain SGD, Adam 1e-4) are
+overrides: --config.poisons.l2c.inner_optimizer.momentum=0.0
+--config.poisons.l2c.meta_optimizer.learning_rate=1e-4.
+
 Expected (docs/l2c.md, 2 shared CPU cores): this full-size config 99.10% -> 69.06% (2 seeds;
 random forest 94.1% -> 12.8%); :cpu 95.05% -> 61.70%; the :cpu poison on other victims (the
 transfer study) 10-42 points lower than on clean data. :cpu,label_specific 95.05% -> 88.90%
 clean accuracy, 1.2% of test images predicted as y + 1 (0.2% on clean data); with twice the
 crafting epochs 90.80% and 0.95%; the full label-specific config is not measured.
+:cpu,released 95.10% -> 74.25%, with --config.poisons.l2c.num_epochs=16 67.75%, its noise read
+by the poisoned victim at 8.7% (docs/results/2026-12-l2c-fidelity.md); the released generator's
+own weights give 17.20% and 55% with the :cpu victims; :cpu with
+--config.poisons.l2c.method=algorithm2 59.40% (57.45% and noise-only 22.6% at num_epochs=16).
 """
 
 import ml_collections
