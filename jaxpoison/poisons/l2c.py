@@ -34,8 +34,9 @@ The generator's objective is the victim's loss on *clean* data after training:
 
 ``refresh_every=R'`` (Algorithms 1 and 2) keeps ξ0 for R' trials instead of one: with R' =
 ``victim_reset_every`` the victim trains on one fixed poison from its first step to its
-restart while the generator learns beside it, the released code's schedule (its frozen copy
-``atkmodel`` is refreshed and its classifier restarted once per generator epoch).
+restart while the generator learns beside it: a trial of the paper's Algorithm 2 is a
+victim's whole training, and the released code refreshes its frozen copy ``atkmodel`` and
+restarts its classifier once per generator epoch.
 
 Each `update` receives one batch of the crafting engine and splits it into T inner batches
 (``inner_batch_size`` = batch // T unless given, then sampled from the batch); the exact
@@ -339,8 +340,9 @@ def l2c(
         and stops at the trial's start.
       refresh_every: R', Algorithms 1 and 2 only; the victim's real steps use the noise of a
         frozen copy ξ0 of the generator taken every R' trials (at trials 0, R', 2R', ...).
-        R' = 1 (default) refreshes it every trial, the paper's Algorithms; R' =
-        ``victim_reset_every`` trains each victim on one fixed poison, as the released code.
+        R' = 1 (default) refreshes it every trial of T steps; R' = ``victim_reset_every``
+        trains each victim on one fixed poison, as the paper's Algorithm 2 (whose trial is a
+        victim's whole training) and its released code do.
       num_epochs: passes of the crafting engine over the training set.
 
     Returns:
