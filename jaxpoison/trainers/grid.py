@@ -238,40 +238,18 @@ def train_and_evaluate(config, workdir, *, progress=True):
                         attack_transfer.setdefault(poison, {})[victim_name] = cell
                 training.release_host_memory()  # before the next run's compilations
 
-    loss_threshold = config.get("loss_threshold", 0.5)
-    summary = {}
-    for name, r in runs.items():
-        summary[name] = summarize.run_summary(
-            r["history"], loss_threshold, untrained=r.get("untrained", False)
-        )
-        if "evals" in r:
-            summary[name]["evals"] = summarize.eval_summary(r["evals"])
-    trained = {n: s for n, s in summary.items() if not runs[n].get("untrained")}
+    summary, trained, outputs, figures = summarize_runs(
+        config,
+        runs,
+        workdir,
+        several_objectives=len(objectives) > 1,
+        class_names=dataset.class_names,
+    )
     results = {
         **results_header(config, t_start=t_start, dataset=dataset),
         "poisons": poisoning.artifacts(crafted, workdir),
-        "runs": runs,
-        "summary": summary,
-        "learning_speed": speed.diagnostics(trained),
+        **outputs,
     }
-    figures = [workdir / "curves.png", workdir / "confusion.png"]
-    plots.curves(runs, figures[0], title=config.get("name", ""))
-    plots.confusion_matrices(
-        {n: r["confusion"] for n, r in runs.items()},
-        figures[1],
-        class_names=dataset.class_names,
-        title="confusion matrices on the clean test set (rows: true class, % of the class)",
-    )
-    if len(trained) >= 3:
-        figures += speed.save_plots(results["learning_speed"]["runs"], workdir)
-    if len(objectives) > 1:  # run names then start with the objective's label
-        title = config.get("name", "")
-        bars = plots.objective_bars(trained, workdir / "objectives.png", title=title)
-        figures += [bars] if bars else []
-        grid = summarize.defense_grid(trained)
-        if grid is not None:
-            results["defense_grid"] = grid
-            figures.append(plots.defense_heatmap(grid, workdir / "defense_grid.png", title=title))
     sweep_cfg = config.get("lambda_sweep")
     if sweep_cfg:
         sweep_cfg = plain(sweep_cfg)
@@ -310,6 +288,53 @@ def train_and_evaluate(config, workdir, *, progress=True):
             "attack_transfer": attack_transfer,
         }
         figures += transfer.save_plots(results["transfer"], workdir)
+    say_tables(results, summary, trained)
+    if victims:
+        say(transfer.table(results["transfer"]))
+    close_run(results, workdir, plots=figures)
+    return results
+
+
+def summarize_runs(config, runs, workdir, *, several_objectives, class_names=None):
+    """What every grid-like trainer writes of its `runs`: ``(summary, trained, outputs,
+    figures)``, `trained` the summaries of trained (not ``untrained``) runs, `outputs` the
+    ``results.json`` fields ``runs``, ``summary``, ``learning_speed`` (and ``defense_grid`` with
+    `several_objectives`, whose run names start with the objective's label), `figures` the
+    plots drawn in `workdir` (curves, confusion matrices, learning speed, objectives, grid)."""
+    loss_threshold = config.get("loss_threshold", 0.5)
+    summary = {}
+    for name, r in runs.items():
+        summary[name] = summarize.run_summary(
+            r["history"], loss_threshold, untrained=r.get("untrained", False)
+        )
+        if "evals" in r:
+            summary[name]["evals"] = summarize.eval_summary(r["evals"])
+    trained = {n: s for n, s in summary.items() if not runs[n].get("untrained")}
+    outputs = {"runs": runs, "summary": summary, "learning_speed": speed.diagnostics(trained)}
+    figures = [workdir / "curves.png", workdir / "confusion.png"]
+    plots.curves(runs, figures[0], title=config.get("name", ""))
+    plots.confusion_matrices(
+        {n: r["confusion"] for n, r in runs.items()},
+        figures[1],
+        class_names=class_names,
+        title="confusion matrices on the clean test set (rows: true class, % of the class)",
+    )
+    if len(trained) >= 3:
+        figures += speed.save_plots(outputs["learning_speed"]["runs"], workdir)
+    if several_objectives:
+        title = config.get("name", "")
+        bars = plots.objective_bars(trained, workdir / "objectives.png", title=title)
+        figures += [bars] if bars else []
+        grid = summarize.defense_grid(trained)
+        if grid is not None:
+            outputs["defense_grid"] = grid
+            figures.append(plots.defense_heatmap(grid, workdir / "defense_grid.png", title=title))
+    return summary, trained, outputs, figures
+
+
+def say_tables(results, summary, trained):
+    """Prints the tables of `summarize_runs`' results: accuracies, the defense grid, the
+    evaluations and the learning-speed correlations."""
     say(summarize.table(summary))
     if "defense_grid" in results:
         say(summarize.defense_grid_markdown(results["defense_grid"]))
@@ -317,10 +342,6 @@ def train_and_evaluate(config, workdir, *, progress=True):
         say(summarize.eval_table(summary))
     if len(trained) >= speed.MIN_POINTS:  # fewer runs: no correlation to speak of
         say(speed.describe(results["learning_speed"]))
-    if victims:
-        say(transfer.table(results["transfer"]))
-    close_run(results, workdir, plots=figures)
-    return results
 
 
 def _crafting_architecture(config, run, image_shape):
@@ -348,4 +369,4 @@ def _attack_transfer(trainer, states, train_sets, train_idx, dataset):
     return out
 
 
-__all__ = ["make_evaluators", "run_evals", "train_and_evaluate"]
+__all__ = ["make_evaluators", "run_evals", "say_tables", "summarize_runs", "train_and_evaluate"]

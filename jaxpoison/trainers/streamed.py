@@ -51,13 +51,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxpoison import data, plots, sharding, specs, training
+from jaxpoison import data, sharding, specs, training
 from jaxpoison.data import streaming
-from jaxpoison.evaluation import risk, speed, summarize
+from jaxpoison.evaluation import risk
 from jaxpoison.poisons import storage
 from jaxpoison.progress import say
 from jaxpoison.trainers import poisoning
-from jaxpoison.trainers.grid import make_evaluators, run_evals
+from jaxpoison.trainers.grid import make_evaluators, run_evals, say_tables, summarize_runs
 from jaxpoison.workdir import close_run, open_run, plain, results_header, run_key
 
 # How a poison's state is made without the training set in memory (see the module docstring).
@@ -366,11 +366,9 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 )
             training.release_host_memory()  # before the next run's compilations
 
-    summary = {}
-    for run_name, r in runs.items():
-        summary[run_name] = summarize.run_summary(r["history"], config.get("loss_threshold", 0.5))
-        if "evals" in r:
-            summary[run_name]["evals"] = summarize.eval_summary(r["evals"])
+    summary, trained, outputs, figures = summarize_runs(
+        config, runs, workdir, several_objectives=len(objectives) > 1
+    )
     results = {
         **results_header(config, t_start=t_start),
         "stream": {
@@ -380,24 +378,9 @@ def train_and_evaluate(config, workdir, *, progress=True):
             "identity": stream.identity,
         },
         "poisons": {run: entry for run, (_, _, entry) in made.items()},
-        "runs": runs,
-        "summary": summary,
-        "learning_speed": speed.diagnostics(summary),
+        **outputs,
     }
-    figures = [workdir / "curves.png", workdir / "confusion.png"]
-    plots.curves(runs, figures[0], title=config.get("name", ""))
-    plots.confusion_matrices(
-        {n: r["confusion"] for n, r in runs.items()},
-        figures[1],
-        title="confusion matrices on the clean test set (rows: true class, % of the class)",
-    )
-    grid = summarize.defense_grid(summary) if len(objectives) > 1 else None
-    if grid is not None:
-        results["defense_grid"] = grid
-        figures.append(plots.defense_heatmap(grid, workdir / "defense_grid.png"))
-    say(summarize.table(summary))
-    if summarize.eval_table(summary):
-        say(summarize.eval_table(summary))
+    say_tables(results, summary, trained)
     close_run(results, workdir, plots=figures)
     return results
 
