@@ -10,7 +10,9 @@ Rows (``config.poisons``, APBench's names): em (error-minimizing, Huang et al.),
 sem (stable EM), tap (targeted adversarial poisoning), ar (autoregressive, ℓ2 ε = 1), lsp
 (linear-separable patches, ℓ2 1.30), ops (one-pixel shortcut, ℓ0), ntga, hypo (hypocritical,
 Tao et al.'s P2), dc (DeepConfuse = Learning to Confuse, ℓ∞ 0.032), cuda (class-wise blur),
-beside the clean training set; ℓ∞ ε = 8/255 otherwise.
+beside the clean training set; ℓ∞ ε = 8/255 otherwise. One row beyond APBench's: colour, a
+class-wise colour (Regions-1: one ±ε colour per class, 8 colours for 10 classes), the
+low-frequency pattern that ISS's grayscale is meant to defeat.
 
 Columns (``config.objectives``: an objective with optional data-side ``transforms``,
 see jaxpoison/transforms): erm (no defense), cutout (16 px), cutmix, mixup, gaussian (3x3 blur,
@@ -80,6 +82,7 @@ CPU_ATTACKS = {
     "ntga": "ntga",
     "hypo": "hypocritical",
     "cuda": "cuda",
+    "colour": "regions_1",
 }
 
 # APBench's defense settings; `at` is set per preset.
@@ -155,6 +158,7 @@ def _gpu_poisons():
         ),
         "dc": dict(config_lib.l2c_cifar10_poison(), threat=dict(norm="linf", epsilon=0.032)),
         "cuda": dict(name="cuda", kernel_size=3, blur_parameter=0.3, class_wise=True),
+        "colour": config_lib.family_poisons(("regions_1",))["regions_1"],
     }
 
 
