@@ -247,28 +247,23 @@ def load_digits(name="digits", **_):
 
 def load_tfds(name, *, data_dir=None, download=False, **_):
     """Reads a tensorflow-datasets image-classification dataset through `tfds.data_source` (no
-    TensorFlow needed): any one with an Image and a ClassLabel feature (`tfds_image_label`)."""
-    import tensorflow_datasets as tfds
+    TensorFlow needed; Grain's threads decode the records, as for `streaming.read_split`): any one
+    with an Image and a ClassLabel feature (`tfds_image_label`)."""
+    from jaxpoison.data import streaming
 
+    if download:
+        import tensorflow_datasets as tfds
+
+        tfds.data_source(name, split="train", data_dir=data_dir, download=True)
     try:
-        splits = tfds.data_source(
-            name, split=["train", "test"], data_dir=data_dir, download=download
-        )
-    except Exception as e:  # tfds raises several types for a dataset that is not prepared
+        streams = [streaming.open_tfds(name, split=s, data_dir=data_dir) for s in ("train", "test")]
+    except DataError as e:
         raise DataError(
-            f"tfds dataset {name!r} is not available in "
-            f"data_dir={data_dir or '~/tensorflow_datasets'}"
-            f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). With internet, set "
-            "data.download=True once; offline, use data.source='npz' with a local .npz file "
-            "or data.source='embedded'."
-        ) from e
-    info = tfds.builder(name, data_dir=data_dir).info
-    image, label, num_classes, _ = tfds_image_label(info.features, info.supervised_keys, name)
-    arrays = []
-    for source in splits:
-        records = [source[i] for i in range(len(source))]
-        arrays.append(np.stack([np.asarray(r[image], np.uint8) for r in records]))
-        arrays.append(np.asarray([int(r[label]) for r in records]))
+            f"{e} With internet, set data.download=True once; offline, use data.source='npz' "
+            "with a local .npz file or data.source='embedded'."
+        ) from None
+    arrays = [a for st in streams for a in st.examples(np.arange(st.num_examples))]
+    num_classes = streams[0].num_classes
     return _from_arrays(name, *arrays, num_classes=num_classes)
 
 
