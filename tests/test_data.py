@@ -1,3 +1,4 @@
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -126,3 +127,13 @@ def test_epoch_batches_and_augment():
     flipped = data.augment(jax.random.key(1), x, flip=True)
     for i in range(4):  # each image is either itself or its mirror
         assert np.allclose(flipped[i], x[i]) or np.allclose(flipped[i], x[i, :, ::-1])
+
+
+def test_loaded_images_are_placed_on_a_cpu_device_without_a_copy():
+    # 64-byte aligned host images are aliased by XLA's CPU client; numpy's own are copied.
+    ds = data.load(source="embedded", name="cifar10")
+    for x in (ds.x_train, ds.x_test):
+        placed = jax.device_put(x, jax.devices("cpu")[0])
+        assert placed.unsafe_buffer_pointer() == x.ctypes.data
+    empty = data.aligned_empty((3, 5), np.float32)
+    assert empty.ctypes.data % 64 == 0 and empty.shape == (3, 5) and empty.dtype == np.float32

@@ -18,13 +18,20 @@ from jaxpoison.data.pipeline import (
     epoch_batches,
     to_float,
 )
-from jaxpoison.data.sources import DataError, Dataset, check_image_shape, validate_arrays
+from jaxpoison.data.sources import (
+    DataError,
+    Dataset,
+    aligned_empty,
+    check_image_shape,
+    validate_arrays,
+)
 from jaxpoison.data.splits import SOURCES, balanced_indices, load, split_validation
 
 __all__ = [
     "SOURCES",
     "DataError",
     "Dataset",
+    "aligned_empty",
     "as_float_images",
     "augment",
     "balanced_indices",

@@ -146,6 +146,30 @@ def validate_arrays(x, y, what):
         raise DataError(f"{what}: labels must be >= 0, got min {y.min()}.")
 
 
+def aligned_empty(shape, dtype, alignment=64):
+    """An uninitialised array whose data starts on an `alignment`-byte boundary.
+
+    XLA's CPU client aliases such a host array when it is placed on a CPU device
+    (`jax.device_put`; `sharding.place_examples` too, whose blocks of rows are aligned when a
+    row is a multiple of 64 bytes, as uint8 32x32x3 and float32 28x28 images are), where numpy's
+    16-byte-aligned arrays are copied: loaded images and the poisoned set are made with it.
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(array):
+    """`array` itself when its data is 64-byte aligned, else an aligned copy."""
+    array = np.asarray(array)
+    if array.ctypes.data % 64 == 0:
+        return array
+    copy = aligned_empty(array.shape, array.dtype)
+    copy[...] = array
+    return copy
+
+
 def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     for split, y in (("train", y_train), ("test", y_test)):  # before labels become int32
@@ -166,9 +190,9 @@ def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
             )
     return Dataset(
         name=name,
-        x_train=np.asarray(x_train),
+        x_train=_aligned(x_train),
         y_train=y_train,
-        x_test=np.asarray(x_test),
+        x_test=_aligned(x_test),
         y_test=y_test,
         num_classes=num_classes,
         class_names=CLASS_NAMES.get(name, tuple(str(i) for i in range(num_classes))),

@@ -8,7 +8,6 @@ the data is an epoch; the state is checkpointed after every epoch so a killed cr
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -170,20 +169,6 @@ def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, me
     return state, history
 
 
-def _aligned_empty(shape, dtype, alignment=64):
-    """An uninitialised array whose data starts on an `alignment`-byte boundary.
-
-    XLA's CPU client aliases such a host array when it is placed on a CPU device
-    (`jax.device_put`; `sharding.place_examples` too, whose blocks of rows are aligned when a
-    row is a multiple of 64 bytes, as float32 28x28 and 32x32x3 images are), where numpy's
-    16-byte-aligned arrays are copied.
-    """
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):
     """The poisoned training set as numpy: (float32 images [N, H, W, C], int32 labels [N]).
 
@@ -199,7 +184,7 @@ def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):
         images, labels = _inputs(images, labels, "poisons.apply_all", mesh, poison.num_classes)
         n = labels.shape[0]
         fn = _compiled_apply(poison)
-        poisoned = _aligned_empty(images.shape, np.float32)  # filled in place: one host copy
+        poisoned = data.aligned_empty(images.shape, np.float32)  # filled in place: one host copy
         new_labels = np.empty((n,), np.int32)
         for i in range(0, n, batch_size):
             idx = jnp.arange(i, min(i + batch_size, n))
