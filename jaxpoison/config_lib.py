@@ -370,6 +370,7 @@ FAMILY_SPECS = {
     "meta_poison": dict(
         name="meta_poison",
         model=auto_model(0.5),
+        optimizer=dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.0),
         unroll_steps=2,
         num_models=4,
         stagger_steps=20,
