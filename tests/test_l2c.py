@@ -50,6 +50,19 @@ class TinyGenerator(nn.Module):
         return generators.bound_output(raw, epsilon=self.epsilon, norm="linf")
 
 
+class TinyBatchGenerator(nn.Module):
+    """TinyGenerator with BatchNorm before the bound, as the released generator normalises: in
+    training mode each example's noise depends on its whole batch through the statistics."""
+
+    epsilon: float = 0.3
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        raw = nn.Dense(x[0].size)(x.reshape(x.shape[0], -1))
+        raw = nn.BatchNorm(use_running_average=not train, momentum=0.9)(raw)
+        return generators.bound_output(raw.reshape(x.shape), epsilon=self.epsilon, norm="linf")
+
+
 @contextlib.contextmanager
 def logic_only(enable_x64=False):
     """float64 (optional) and XLA's optimisations off: these tests check values, not speed."""
@@ -123,8 +136,17 @@ def exact64():
             }.items()
         }
         base = problems["remat"]
+        batchnorm = l2c.meta_problem(**_kwargs(generator=TinyBatchGenerator()))
         batch = _data(T * B, np.float64)
         h = 1e-5
+
+        def along_direction(f, params, grad, key):
+            """A central finite difference of f and the gradient, along a random unit vector."""
+            flat, unravel = jax.flatten_util.ravel_pytree(params)
+            v = jax.random.normal(key, flat.shape, jnp.float64)
+            v = v / jnp.linalg.norm(v)
+            fd = (f(unravel(flat + h * v)) - f(unravel(flat - h * v))) / (2 * h)
+            return fd, jnp.dot(jax.flatten_util.ravel_pytree(grad)[0], v)
 
         @jax.jit
         def compute(batch):
@@ -138,21 +160,27 @@ def exact64():
             def objective(problem):
                 return lambda g: problem.meta_objective(g, victim0, inner, outer, keys)[0]
 
-            def reference(head):
-                return lambda g: _reference_objective(base, g, victim0, inner, outer, head)
+            def reference(head, problem=base):
+                return lambda g: _reference_objective(problem, g, victim0, inner, outer, head)
 
             out = {name: jax.grad(objective(p))(gen_params) for name, p in problems.items()}
             out["loop"] = jax.grad(reference(0))(gen_params)
             out["loop_truncated"] = jax.grad(reference(T - 2))(gen_params)
             out["loop_last_step"] = jax.grad(reference(T - 1))(gen_params)
             out["values"] = (objective(base)(gen_params), reference(0)(gen_params))
-            # Central finite difference along a random unit direction.
-            flat, unravel = jax.flatten_util.ravel_pytree(gen_params)
-            v = jax.random.normal(jax.random.key(5), flat.shape, jnp.float64)
-            v = v / jnp.linalg.norm(v)
-            f = lambda z: objective(base)(unravel(z))
-            out["fd"] = (f(flat + h * v) - f(flat - h * v)) / (2 * h)
-            out["directional"] = jnp.dot(jax.flatten_util.ravel_pytree(out["remat"])[0], v)
+            out["fd"], out["directional"] = along_direction(
+                objective(base), gen_params, out["remat"], jax.random.key(5)
+            )
+            # The BatchNorm generator: batch statistics inside the unrolled, differentiated trial.
+            bn_params = generators.init(batchnorm.gen_module, jax.random.key(6), SHAPE, jnp.float64)
+            out["bn"] = jax.grad(objective(batchnorm))(bn_params)
+            out["bn_loop"] = jax.grad(reference(0, batchnorm))(bn_params)
+            out["bn_fd"], out["bn_directional"] = along_direction(
+                objective(batchnorm), bn_params, out["bn"], jax.random.key(7)
+            )
+            x = inner["image"][0]
+            alone, together = batchnorm.delta_fn(bn_params, x[:2]), batchnorm.delta_fn(bn_params, x)
+            out["bn_batch_gap"] = jnp.max(jnp.abs(alone - together[:2]))
             return out
 
         return jax.device_get(compute(batch))
@@ -186,24 +214,89 @@ def test_meta_gradient_matches_finite_difference(exact64):
     assert abs(fd - directional) <= 1e-6 * max(1.0, abs(directional))
 
 
-@pytest.mark.parametrize("name,norm,epsilon", [("autoencoder", "linf", 0.1), ("unet", "l2", 0.5)])
-def test_generator_output_respects_epsilon(name, norm, epsilon):
+def test_batchnorm_meta_gradient_matches_loop_and_finite_difference(exact64):
+    """With BatchNorm in the generator the crafting noise of an example depends on its batch
+    (training mode), and the scan meta-gradient through those statistics is still exact."""
+    assert float(exact64["bn_batch_gap"]) > 1e-3
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(exact64["bn_loop"])) > 1e-6
+    _assert_tree_close(exact64["bn"], exact64["bn_loop"], 1e-10)
+    fd, directional = float(exact64["bn_fd"]), float(exact64["bn_directional"])
+    assert abs(directional) > 1e-6
+    assert abs(fd - directional) <= 1e-6 * max(1.0, abs(directional))
+
+
+@pytest.mark.parametrize(
+    "name,norm,epsilon,normalization,channels",
+    [
+        ("autoencoder", "linf", 0.1, "instance", 2),
+        ("unet", "l2", 0.5, "instance", 2),
+        ("autoencoder", "linf", 0.1, "batch", 1),
+        ("unet", "l2", 0.5, "batch", 3),
+    ],
+)
+def test_generator_output_respects_epsilon(name, norm, epsilon, normalization, channels):
     threat = LpBall(epsilon, norm=norm)
-    module = l2c.make_generator(dict(name=name, features=(2, 2), width=1.0), threat=threat)
+    spec = dict(name=name, features=(2, 2), width=1.0, normalization=normalization)
+    module = l2c.make_generator(spec, threat=threat)
 
     @jax.jit
-    def delta_of(x):
-        params = generators.init(module, jax.random.key(0), x.shape[1:])
+    def deltas_of(x):
+        variables = generators.init_variables(module, jax.random.key(0), x.shape[1:])
         # Scale the weights up so tanh saturates and the bound is actually tested.
-        params = jax.tree.map(lambda p: 50.0 * p, params)
-        return module.apply({"params": params}, x)
+        variables["params"] = jax.tree.map(lambda p: 50.0 * p, variables["params"])
+        train, _ = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return module.apply(variables, x), train
 
-    x = jax.random.uniform(jax.random.key(1), (5, 9, 10, 2))
+    x = jax.random.uniform(jax.random.key(1), (5, 9, 10, channels))
     with logic_only():
-        delta = delta_of(x)
-    assert delta.shape == x.shape
-    assert float(jnp.max(threat.norm_of(delta))) <= epsilon * (1 + 1e-6)
-    assert float(jnp.max(threat.norm_of(delta))) > 0.5 * epsilon
+        deltas = deltas_of(x)
+    for delta in deltas:
+        assert delta.shape == x.shape
+        assert float(jnp.max(threat.norm_of(delta))) <= epsilon * (1 + 1e-6)
+        assert float(jnp.max(threat.norm_of(delta))) > 0.5 * epsilon
+
+
+def test_batchnorm_generator_trains_on_batch_statistics_and_poisons_with_running_averages():
+    """normalization='batch' (the released generator's): in training mode an image's noise
+    depends on its batch and every pass moves the running averages with PyTorch's momentum
+    (0.1 of the batch's statistics); in evaluation mode (the poison as applied) the noise is
+    per image, from the running averages. A name outside NORMALIZATIONS is one error line."""
+    threat = LpBall(0.3)
+    spec = dict(name="autoencoder", features=(4, 4), normalization="batch")
+    module = l2c.make_generator(spec, threat=threat)
+    x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
+
+    @jax.jit
+    def run(x):
+        start = generators.init_variables(module, jax.random.key(0), x.shape[1:])
+
+        def train(variables, images):
+            delta, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
+            return delta, {**variables, **updates}
+
+        full, once = train(start, x)
+        half, _ = train(start, x[:3])
+        _, twice = train(once, x)
+        stats = [v["batch_stats"] for v in (start, once, twice)]
+        return full, half, module.apply(once, x), module.apply(once, x[:3]), stats
+
+    with logic_only():
+        full, half, applied, applied_half, (s0, s1, s2) = run(x)
+    assert float(jnp.max(jnp.abs(full[:3] - half))) > 1e-3
+    np.testing.assert_allclose(applied[:3], applied_half, atol=1e-6)
+    assert float(jnp.max(jnp.abs(applied - full))) > 1e-3
+    assert len(s0) == 2 * len(spec["features"])  # every convolution, the output one too
+    for layer in s0:
+        np.testing.assert_array_equal(s0[layer]["mean"], 0.0)
+        np.testing.assert_array_equal(s0[layer]["var"], 1.0)
+        # From mean 0 / var 1, two passes over one batch (statistics μ, σ²) give 0.1 μ then
+        # 0.19 μ, and 0.9 + 0.1 σ² then 0.81 + 0.19 σ².
+        np.testing.assert_allclose(s2[layer]["mean"], 1.9 * s1[layer]["mean"], rtol=1e-4)
+        sigma2 = (s1[layer]["var"] - 0.9) / 0.1
+        np.testing.assert_allclose((s2[layer]["var"] - 0.81) / 0.19, sigma2, rtol=1e-3, atol=1e-5)
+        assert float(jnp.max(jnp.abs(s1[layer]["mean"]))) > 0
+    with pytest.raises(ValueError, match=r"normalization='layer' is not one of \('instance'"):
+        l2c.make_generator(dict(spec, normalization="layer"), threat=threat)
 
 
 def test_normalized_generator_does_not_saturate_when_its_weights_grow():
@@ -385,6 +478,117 @@ def test_algorithms_1_and_2_compute_the_same_updates(updated):
     a1, a2 = out["algorithm1"][1].params, out["algorithm2"][1].params
     for x, y in zip(jax.tree.leaves(a1), jax.tree.leaves(a2), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batchnorm_updated():
+    """One trial of every method with the BatchNorm generator (SGD 0.1 on ξ, so it moves)."""
+    batch = _data(T * B, np.float32)
+    out = {}
+    with logic_only():
+        for method in l2c.METHODS:
+            kwargs = _kwargs(
+                generator=TinyBatchGenerator(),
+                method=method,
+                meta_optimizer=dict(name="sgd", learning_rate=0.1),
+            )
+            poison = l2c.l2c(**kwargs)
+            start = jax.jit(poison.init)(jax.random.key(0), batch)
+            state, _ = jax.jit(poison.update)(start, batch, jax.random.key(1))
+            out[method] = (poison, start, state)
+        problem = l2c.meta_problem(**_kwargs(generator=TinyBatchGenerator()))
+
+        @jax.jit
+        def by_hand(start, batch, key):
+            """The trial's inner batches, the running averages after training-mode passes over
+            them with ξ at its start, and the victim trained on ξ's noise with either statistics
+            (the update's own key schedule: victim, split and steps folded from its key)."""
+            victim0 = problem.victim_init(jax.random.fold_in(key, 0), jnp.float32)
+            inner, _ = problem.split(batch, jax.random.fold_in(key, 1))
+            keys = jax.random.split(jax.random.fold_in(key, 2), T)
+            stats, victims = start.stats, {}
+            for t in range(T):
+                stats = problem.generate(start.params, inner["image"][t], stats)[1]
+            for train in (False, True):
+                vstate = victim0
+                for t in range(T):
+                    x = inner["image"][t]
+                    noise = problem.generate(start.params, x, start.stats, train=train)[0]
+                    b = {"image": x + noise, "label": inner["label"][t]}
+                    vstate = problem.inner_step(vstate, b, keys[t])[0]
+                victims[train] = vstate.params
+            return stats, victims
+
+        out["by_hand"] = by_hand(out["exact"][1], batch, jax.random.key(1))
+    return out, batch
+
+
+def test_batchnorm_generator_crafting_keeps_running_averages(batchnorm_updated):
+    """The exact method leaves the running averages of T training-mode passes of ξ over the
+    trial's inner batches; in Algorithm 2 the victim trains on the frozen copy's noise from the
+    running averages (evaluation mode, as the released code's atkmodel.eval()), not from batch
+    statistics; Algorithms 1 and 2 still compute the same generator and statistics."""
+    out, _ = batchnorm_updated
+    stats, victims = out["by_hand"]
+    start, exact = out["exact"][1:]
+    chex.assert_trees_all_close(exact.stats, stats, rtol=1e-5, atol=1e-6)
+    gap = lambda a, b: max(
+        jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b))
+    )
+    assert gap(exact.stats, start.stats) > 1e-3
+    chex.assert_trees_all_close(out["algorithm2"][2].victim.params, victims[False], atol=1e-6)
+    assert gap(victims[True], victims[False]) > 1e-4
+    a1, a2 = out["algorithm1"][2], out["algorithm2"][2]
+    for x, y in zip(
+        jax.tree.leaves((a1.params, a1.stats)), jax.tree.leaves((a2.params, a2.stats)), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert gap(a2.params, start.params) > 1e-6 and gap(a2.stats, start.stats) > 1e-3
+
+
+@pytest.mark.parametrize("method", l2c.METHODS)
+def test_batchnorm_poison_is_per_image_and_bounded(batchnorm_updated, method):
+    out, batch = batchnorm_updated
+    poison, _, state = out[method]
+    apply = jax.jit(poison.apply)
+    with logic_only():
+        poisoned, first = apply(state, batch), apply(state, {k: v[:3] for k, v in batch.items()})
+    np.testing.assert_allclose(poisoned["image"][:3], first["image"], atol=1e-6)
+    np.testing.assert_array_equal(poisoned["label"], batch["label"])
+    delta = poisoned["image"] - batch["image"]
+    assert 0.05 < float(jnp.max(jnp.abs(delta))) <= 0.3 + 1e-6
+    assert float(jnp.min(poisoned["image"])) >= 0.0 and float(jnp.max(poisoned["image"])) <= 1.0
+
+
+def test_batchnorm_crafting_resumes_to_the_same_state(tmp_path):
+    """A craft killed after its first epoch resumes, through its orbax checkpoint, to the state
+    of an uninterrupted one: running averages and the frozen copy's included."""
+    data = _data(2 * T * B, np.float32)
+    x, y = np.asarray(data["image"]), np.asarray(data["label"])
+
+    def make(num_epochs):
+        kwargs = _kwargs(
+            generator=TinyBatchGenerator(),
+            method="algorithm2",
+            victim_reset_every=2,
+            refresh_every=2,
+            meta_optimizer=dict(name="adam", learning_rate=1e-2),
+            num_epochs=num_epochs,
+        )
+        return l2c.l2c(**kwargs)
+
+    def craft(poison, **kwargs):
+        key = jax.random.key(0)
+        return poisons.craft(poison, x, y, key=key, batch_size=T * B, progress=False, **kwargs)
+
+    poison = make(3)
+    with logic_only():
+        whole, _ = craft(poison)
+        craft(make(1), ckpt_dir=tmp_path)
+        resumed, history = craft(poison, ckpt_dir=tmp_path)
+    assert len(history["meta/objective"]) == 3
+    assert whole.stats is not None and whole.frozen_stats is not None
+    jax.tree.map(np.testing.assert_array_equal, whole, resumed)
 
 
 def test_label_specific_objective_targets_next_class():

@@ -14,7 +14,11 @@ pre-tanh activations; Adam grows them until the tanh saturates and the meta-grad
 magnitude 164 and every pixel sat at ±ε; docs/l2c.md). ``normalization='instance'`` (default)
 normalises each example's channels over space, with a learned scale and bias, so g(x) depends on
 x alone: no batch statistics to carry through the unrolled victim, and poisoning a dataset in
-batches gives the same noise as one example at a time. ``'none'`` is the bare network.
+batches gives the same noise as one example at a time. ``'batch'`` is the released DeepConfuse
+code's BatchNorm: called with ``train=True`` (crafting) it normalises by the batch's statistics
+and updates running averages in the ``batch_stats`` collection (momentum 0.9, PyTorch's default
+0.1; ε 1e-5); with ``train=False`` (the poison as applied) by those running averages, so each
+image's noise keeps the offset and scale the batch gave it. ``'none'`` is the bare network.
 
 The convolutions go through `jaxpoison.models.layers.Conv` (the CPU-friendly GEMM kernel
 gradient). The decoders upsample by nearest-neighbour repetition followed by a convolution
@@ -54,15 +58,28 @@ def _upsample(x):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
-NORMALIZATIONS = ("instance", "none")
+NORMALIZATIONS = ("instance", "batch", "none")
 
 
-def _normalize(h, kind, dtype):
-    """Instance normalization (per example and channel, over space) or nothing."""
+def check_normalization(kind):
+    """Raises one clear error line unless `kind` is one of `NORMALIZATIONS`."""
+    if kind not in NORMALIZATIONS:
+        raise ValueError(
+            f"generator normalization={kind!r} is not one of {NORMALIZATIONS}; use 'instance' "
+            "(per image, the default), 'batch' (BatchNorm, the released code's) or 'none'."
+        )
+
+
+def _normalize(h, kind, dtype, train):
+    """Instance normalization (per example and channel, over space), BatchNorm, or nothing."""
+    check_normalization(kind)
     if kind == "instance":
         return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype)(h)
-    if kind != "none":
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {kind!r}.")
+    if kind == "batch":
+        # PyTorch's BatchNorm2d defaults: running = 0.9 running + 0.1 batch, ε = 1e-5.
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)(
+            h
+        )
     return h
 
 
@@ -90,7 +107,7 @@ class ConfuseAutoencoder(nn.Module):
     Attributes:
       epsilon: the perturbation bound.
       norm: ``'linf'`` or ``'l2'`` (see `bound_output`).
-      normalization: ``'instance'`` or ``'none'`` (see the module docstring).
+      normalization: ``'instance'``, ``'batch'`` or ``'none'`` (see the module docstring).
       features: encoder channels; the decoder mirrors them.
       width: channel multiplier (tests and CPU runs shrink it).
       dtype: computation dtype (None: inferred from inputs and parameters).
@@ -105,20 +122,20 @@ class ConfuseAutoencoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        del train
         channels = x.shape[-1]
         feats = [_c(f, self.width) for f in self.features]
+        normalize = lambda h: _normalize(h, self.normalization, self.dtype, train)
         h, (height, wid) = _pad_to_multiple(x, 2 ** len(feats))
         for f in feats:
             h = Conv(f, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype)(h)
-            h = nn.leaky_relu(_normalize(h, self.normalization, self.dtype), 0.2)
+            h = nn.leaky_relu(normalize(h), 0.2)
         decoder = [*feats[-2::-1], channels]
         for i, f in enumerate(decoder):
             h = Conv(f, (4, 4), padding="SAME", dtype=self.dtype)(_upsample(h))
             if i < len(decoder) - 1:
-                h = nn.leaky_relu(_normalize(h, self.normalization, self.dtype), 0.2)
+                h = nn.leaky_relu(normalize(h), 0.2)
         # The padded border is cropped before the output normalization sees it.
-        raw = _normalize(h[:, :height, :wid, :], self.normalization, self.dtype)
+        raw = normalize(h[:, :height, :wid, :])
         return bound_output(raw, epsilon=self.epsilon, norm=self.norm)
 
 
@@ -139,29 +156,28 @@ class UNet(nn.Module):
     normalization: str = "instance"
     dtype: jnp.dtype | None = None
 
-    def _block(self, h, f):
+    def _block(self, h, f, train):
         for _ in range(2):
             h = Conv(f, (3, 3), padding="SAME", dtype=self.dtype)(h)
-            h = nn.relu(_normalize(h, self.normalization, self.dtype))
+            h = nn.relu(_normalize(h, self.normalization, self.dtype, train))
         return h
 
     @nn.compact
     def __call__(self, x, train=False):
-        del train
         channels = x.shape[-1]
         feats = [_c(f, self.width) for f in self.features]
         h, (height, wid) = _pad_to_multiple(x, 2 ** (len(feats) - 1))
         skips = []
         for f in feats[:-1]:
-            h = self._block(h, f)
+            h = self._block(h, f, train)
             skips.append(h)
             h = max_pool(h, (2, 2), (2, 2))
-        h = self._block(h, feats[-1])
+        h = self._block(h, feats[-1], train)
         for f, skip in zip(feats[-2::-1], skips[::-1], strict=True):
             h = Conv(f, (3, 3), padding="SAME", dtype=self.dtype)(_upsample(h))
-            h = self._block(jnp.concatenate([nn.relu(h), skip], axis=-1), f)
+            h = self._block(jnp.concatenate([nn.relu(h), skip], axis=-1), f, train)
         raw = Conv(channels, (1, 1), dtype=self.dtype)(h)[:, :height, :wid, :]
-        raw = _normalize(raw, self.normalization, self.dtype)
+        raw = _normalize(raw, self.normalization, self.dtype, train)
         return bound_output(raw, epsilon=self.epsilon, norm=self.norm)
 
 
@@ -176,14 +192,20 @@ def make(name, *, epsilon, norm="linf", **kwargs):
     if name not in GENERATORS:
         raise ValueError(f"Unknown generator {name!r}; use one of {sorted(GENERATORS)}.")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    check_normalization(kwargs.get("normalization", "instance"))
     return GENERATORS[name](epsilon=epsilon, norm=norm, **kwargs)
 
 
+def init_variables(module, key, image_shape, dtype=jnp.float32):
+    """The generator's variables for one image shape, in `dtype` (float64 for exactness tests):
+    ``{'params': ...}``, with ``'batch_stats'`` (running averages) for BatchNorm."""
+    variables = module.init(key, jnp.zeros((1, *image_shape), dtype))
+    return jax.tree.map(lambda p: p.astype(dtype), dict(variables))
+
+
 def init(module, key, image_shape, dtype=jnp.float32):
-    """The generator's ``params`` for one image shape, in `dtype` (float64 for exactness tests)."""
-    x = jnp.zeros((1, *image_shape), dtype)
-    params = module.init(key, x)["params"]
-    return jax.tree.map(lambda p: p.astype(dtype), params)
+    """The generator's ``params`` for one image shape, in `dtype` (see `init_variables`)."""
+    return init_variables(module, key, image_shape, dtype)["params"]
 
 
 __all__ = [
@@ -192,6 +214,8 @@ __all__ = [
     "ConfuseAutoencoder",
     "UNet",
     "bound_output",
+    "check_normalization",
     "init",
+    "init_variables",
     "make",
 ]

@@ -38,6 +38,13 @@ restart while the generator learns beside it: a trial of the paper's Algorithm 2
 victim's whole training, and the released code refreshes its frozen copy ``atkmodel`` and
 restarts its classifier once per generator epoch.
 
+A generator with BatchNorm (``generator=dict(..., normalization='batch')``, the released
+code's) is run as the released code runs it: in training mode (each batch's own statistics,
+differentiated through) wherever ξ is differentiated or trained, its running averages
+(``L2CState.stats``) updated by each such pass in order; in evaluation mode (the running
+averages) for the frozen copy ξ0 whose noise the victim trains on in Algorithms 1 and 2, and in
+`apply`. The exact method's victim trains on the differentiated, training-mode noise.
+
 Each `update` receives one batch of the crafting engine and splits it into T inner batches
 (``inner_batch_size`` = batch // T unless given, then sampled from the batch); the exact
 method's outer loss uses ``outer_batch_size`` clean examples of the same batch. Keys: the
@@ -84,14 +91,18 @@ METHODS = ("exact", "algorithm1", "algorithm2")
 @flax.struct.dataclass
 class L2CState:
     """The crafting state: generator parameters ξ, the generator optimizer's state, the victim
-    at the end of the last trial (where the next trial starts unless it restarts), and with
-    ``refresh_every`` > 1 the frozen copy ξ0 whose noise the victim trains on (else None)."""
+    at the end of the last trial (where the next trial starts unless it restarts), with
+    ``refresh_every`` > 1 the frozen copy ξ0 whose noise the victim trains on (else None), and
+    for a BatchNorm generator its running averages ``stats`` (and ``frozen_stats``, ξ0's, with
+    ``refresh_every`` > 1); None otherwise, so other generators save the same leaves as before."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     victim: Any
     frozen: Any = None
+    stats: Any = None
+    frozen_stats: Any = None
 
 
 def make_generator(generator, *, threat):
@@ -127,7 +138,12 @@ class MetaProblem:
     """The pieces of one L2C trial as pure functions (built by `meta_problem`).
 
     Attributes:
-      delta_fn: ``(gen_params, x) -> delta``, inside the threat model, x + delta in [0, 1].
+      generate: ``(gen_params, x, stats=None, *, train=True) -> (delta, stats)``, g_ξ(x) inside
+        the threat model (x + delta in [0, 1]) and the generator's BatchNorm running averages:
+        ``train=True`` normalises by the batch's statistics and returns `stats` updated by this
+        pass; ``train=False`` uses `stats` and returns them unchanged. None for a generator
+        without BatchNorm (then `train` changes nothing).
+      delta_fn: ``(gen_params, x) -> delta``, `generate` in training mode.
       victim_init: ``key -> TrainState`` of a fresh victim (params in the data's dtype).
       inner_step: ``(state, batch, key) -> (state, metrics)``, one real optimizer step on
         `batch` (already poisoned).
@@ -138,6 +154,7 @@ class MetaProblem:
         step).
     """
 
+    generate: Callable
     delta_fn: Callable
     victim_init: Callable
     inner_step: Callable
@@ -193,9 +210,17 @@ def meta_problem(
     tx = make_optimizer(schedule="constant", epochs=1, steps_per_epoch=num_steps, **opt_kwargs)
     eta = make_target(target, num_classes)
 
+    def generate(gen_params, x, stats=None, *, train=True):
+        variables = {"params": gen_params}
+        if stats is not None:
+            variables["batch_stats"] = stats
+        if not train:
+            return threat.project(gen_module.apply(variables, x, train=False), x), stats
+        delta, updated = gen_module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return threat.project(delta, x), None if stats is None else updated["batch_stats"]
+
     def delta_fn(gen_params, x):
-        delta = gen_module.apply({"params": gen_params}, x)
-        return threat.project(delta, x)
+        return generate(gen_params, x)[0]
 
     def victim_init(key, dtype=jnp.float32):
         variables = models.init(victim_module, key, image_shape)
@@ -254,6 +279,7 @@ def meta_problem(
         return outer_objective(state, outer), {"state": state, "inner_loss": inner_loss}
 
     return MetaProblem(
+        generate=generate,
         delta_fn=delta_fn,
         victim_init=victim_init,
         inner_step=inner_step,
@@ -385,10 +411,19 @@ def l2c(
 
     def init(key, dataset):
         dtype = dataset["image"].dtype
-        params = generators.init(problem.gen_module, key, image_shape, dtype)
+        variables = generators.init_variables(problem.gen_module, key, image_shape, dtype)
+        params, stats = variables["params"], variables.get("batch_stats")
         victim = problem.victim_init(jax.random.fold_in(key, 1), dtype)
-        frozen = params if refresh > 1 else None
-        return L2CState(jnp.zeros((), jnp.int32), params, meta_tx.init(params), victim, frozen)
+        frozen, frozen_stats = (params, stats) if refresh > 1 else (None, None)
+        return L2CState(
+            jnp.zeros((), jnp.int32),
+            params,
+            meta_tx.init(params),
+            victim,
+            frozen,
+            stats,
+            frozen_stats,
+        )
 
     def victim_metrics(state, outer):
         logits = problem.victim_module.apply(
@@ -403,13 +438,22 @@ def l2c(
         updates, opt_state = meta_tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def lookahead_objective(gen_params, vstate, clean, key):
-        """J after the one-step pseudo-update θ' of Algorithms 1 and 2, on the clean batch."""
-        noisy = dict(clean, image=clean["image"] + problem.delta_fn(gen_params, clean["image"]))
-        new_state, _ = problem.inner_step(vstate, noisy, key)
-        return problem.outer_objective(new_state, clean)
+    def lookahead_objective(gen_params, stats, vstate, clean, key):
+        """J after the one-step pseudo-update θ' of Algorithms 1 and 2, on the clean batch, and
+        the generator's running averages updated by its pass over the batch."""
+        delta, stats = problem.generate(gen_params, clean["image"], stats)
+        new_state, _ = problem.inner_step(vstate, dict(clean, image=clean["image"] + delta), key)
+        return problem.outer_objective(new_state, clean), stats
 
-    lookahead_grad = jax.value_and_grad(lookahead_objective)
+    lookahead_grad = jax.value_and_grad(lookahead_objective, has_aux=True)
+
+    def running_stats(gen_params, stats, images):
+        """The running averages after training-mode passes over the T inner batches, in order
+        (the exact method's generator sees them inside its differentiated unroll)."""
+        if stats is None:
+            return None
+        body = lambda s, x: (problem.generate(gen_params, x, s)[1], None)
+        return jax.lax.scan(body, stats, images)[0]
 
     def update(state, batch, key):
         dtype = batch["image"].dtype
@@ -421,29 +465,32 @@ def l2c(
             victim0 = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, state.victim)
         inner, outer = problem.split(batch, jax.random.fold_in(key, 1))
         keys = jax.random.split(jax.random.fold_in(key, 2), num_steps)
-        params, opt_state = state.params, state.opt_state
+        params, opt_state, stats = state.params, state.opt_state, state.stats
 
         if method == "exact":
             (objective, aux), grads = jax.value_and_grad(problem.meta_objective, has_aux=True)(
                 params, victim0, inner, outer, keys
             )
+            stats = running_stats(params, stats, inner["image"])
             params, opt_state = generator_step(params, opt_state, grads)
             final, inner_loss, grad_norm = aux["state"], aux["inner_loss"], _global_norm(grads)
         else:
-            frozen = params
+            frozen, frozen_stats = params, stats
             if refresh > 1:
                 take = state.step % refresh == 0
-                frozen = jax.tree.map(lambda a, b: jnp.where(take, a, b), params, state.frozen)
-            frozen = jax.lax.stop_gradient(frozen)
+                pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(take, a, b), new, old)
+                frozen = pick(params, state.frozen)
+                frozen_stats = pick(stats, state.frozen_stats)
+            frozen, frozen_stats = jax.lax.stop_gradient((frozen, frozen_stats))
 
             def real_step(vstate, b, k):
-                noisy = dict(b, image=b["image"] + problem.delta_fn(frozen, b["image"]))
-                return problem.inner_step(vstate, noisy, k)
+                noise = problem.generate(frozen, b["image"], frozen_stats, train=False)[0]
+                return problem.inner_step(vstate, dict(b, image=b["image"] + noise), k)
 
-            def meta_step(params, opt_state, vstate, b, k):
-                j, grads = lookahead_grad(params, vstate, b, k)
+            def meta_step(params, opt_state, stats, vstate, b, k):
+                (j, stats), grads = lookahead_grad(params, stats, vstate, b, k)
                 params, opt_state = generator_step(params, opt_state, grads)
-                return params, opt_state, j, _global_norm(grads)
+                return params, opt_state, stats, j, _global_norm(grads)
 
             if method == "algorithm1":
 
@@ -456,23 +503,25 @@ def l2c(
 
                 def replay(carry, inputs):
                     vstate, b, k = inputs
-                    params, opt_state, j, g = meta_step(*carry, vstate, b, k)
-                    return (params, opt_state), (j, g)
+                    params, opt_state, stats, j, g = meta_step(*carry, vstate, b, k)
+                    return (params, opt_state, stats), (j, g)
 
-                (params, opt_state), (js, gs) = jax.lax.scan(
-                    replay, (params, opt_state), (trajectory, inner, keys)
+                (params, opt_state, stats), (js, gs) = jax.lax.scan(
+                    replay, (params, opt_state, stats), (trajectory, inner, keys)
                 )
             else:
 
                 def single_loop(carry, inputs):
-                    params, opt_state, vstate = carry
+                    params, opt_state, stats, vstate = carry
                     b, k = inputs
-                    params, opt_state, j, g = meta_step(params, opt_state, vstate, b, k)
+                    params, opt_state, stats, j, g = meta_step(
+                        params, opt_state, stats, vstate, b, k
+                    )
                     vstate, metrics = real_step(vstate, b, k)
-                    return (params, opt_state, vstate), (j, g, metrics["loss"])
+                    return (params, opt_state, stats, vstate), (j, g, metrics["loss"])
 
-                (params, opt_state, final), (js, gs, inner_loss) = jax.lax.scan(
-                    single_loop, (params, opt_state, victim0), (inner, keys)
+                (params, opt_state, stats, final), (js, gs, inner_loss) = jax.lax.scan(
+                    single_loop, (params, opt_state, stats, victim0), (inner, keys)
                 )
             objective, grad_norm = jnp.mean(js), jnp.mean(gs)
 
@@ -483,12 +532,14 @@ def l2c(
             **victim_metrics(final, outer),
         }
         final = jax.lax.stop_gradient(final)
-        kept = frozen if refresh > 1 else None
-        return L2CState(state.step + 1, params, opt_state, final, kept), metrics
+        kept, kept_stats = (frozen, frozen_stats) if refresh > 1 else (None, None)
+        new_state = L2CState(state.step + 1, params, opt_state, final, kept, stats, kept_stats)
+        return new_state, metrics
 
     def apply(state, batch):
         x = batch["image"]
-        return dict(batch, image=x + problem.delta_fn(state.params, x))
+        noise = problem.generate(state.params, x, state.stats, train=False)[0]
+        return dict(batch, image=x + noise)
 
     return Poison(init=init, update=update, apply=apply, num_epochs=int(num_epochs))
 
@@ -496,18 +547,23 @@ def l2c(
 def perturbations(state, images, *, generator, threat, batch_size=1000):
     """g_ξ(x) for a whole array of images, in jitted batches (numpy float32 [N, H, W, C]).
 
+    The noise `apply` adds: a BatchNorm generator normalises by its running averages.
+
     Args:
-      state: an `L2CState` (or anything with ``.params``) of a crafted L2C poison.
+      state: an `L2CState` (or anything with ``.params`` and optionally ``.stats``) of a
+        crafted L2C poison.
       images: float images in [0, 1].
       generator: the generator spec the poison was crafted with.
       threat: the poison's `LpBall`.
       batch_size: images per jitted call.
     """
     module = make_generator(generator, threat=threat)
-    fn = jax.jit(lambda p, x: threat.project(module.apply({"params": p}, x), x))
+    stats = getattr(state, "stats", None)
+    variables = {"params": state.params} | ({} if stats is None else {"batch_stats": stats})
+    fn = jax.jit(lambda v, x: threat.project(module.apply(v, x, train=False), x))
     images = np.asarray(images, np.float32)
     parts = [
-        np.asarray(fn(state.params, images[i : i + batch_size]))
+        np.asarray(fn(variables, images[i : i + batch_size]))
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(parts)
