@@ -66,7 +66,9 @@ def get_config(arg=None):
         "l2c": dict(
             name="l2c",
             method="exact",
-            generator=dict(name="autoencoder", width=1.0),
+            # normalization: "instance" (per image) or "batch" (the released code's BatchNorm:
+            # batch statistics while crafting, running averages when poisoning).
+            generator=dict(name="autoencoder", width=1.0, normalization="instance"),
             victim=dict(name="cnn_mnist", width=1.0),
             inner_optimizer=dict(learning_rate=0.01, momentum=0.9, weight_decay=0.0),
             unroll_steps=unroll_steps,
