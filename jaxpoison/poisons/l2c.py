@@ -337,7 +337,9 @@ def l2c(
       num_classes: K.
       image_shape: (H, W, C).
       generator: ``'autoencoder'`` / ``'unet'``, a ``dict(name=..., width=..., ...)`` spec of
-        `jaxpoison.models.generators`, or a flax module.
+        `jaxpoison.models.generators` (``normalization='batch'``: the released code's
+        BatchNorm, see the module docstring), or a flax module whose ``__call__(x, train)``
+        may keep running averages in a ``batch_stats`` collection.
       victim: the crafting victim: ``dict(name=..., width=..., ...)`` of `jaxpoison.models`
         (default ``cnn_mnist``) or a flax module; restarted from a fresh init every trial.
       inner_optimizer: keyword arguments of `train_state.make_optimizer` for the victim's inner
@@ -448,8 +450,9 @@ def l2c(
     lookahead_grad = jax.value_and_grad(lookahead_objective, has_aux=True)
 
     def running_stats(gen_params, stats, images):
-        """The running averages after training-mode passes over the T inner batches, in order
-        (the exact method's generator sees them inside its differentiated unroll)."""
+        """The running averages after training-mode passes of ξ over the T inner batches, in
+        order: the passes of the exact method's unroll, replayed outside the differentiated
+        program."""
         if stats is None:
             return None
         body = lambda s, x: (problem.generate(gen_params, x, s)[1], None)
