@@ -376,6 +376,7 @@ FAMILY_SPECS = {
         stagger_steps=20,
         step_size=8 / 255 / 5,
         num_epochs=4,
+        class_wise=False,
         batch_size=128,
     ),
     # Functional poisons (jaxpoison.poisons.functional) against the family's crafting model, P1's

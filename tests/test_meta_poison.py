@@ -2,7 +2,8 @@
 
 A 1/16-width MLP ensemble of two victims staggered by two steps, K = 2 unrolled steps, 8x8
 images: the poison invariants in ℓ∞ (3 channels) and ℓ2 (1 channel), same key => same poison,
-the ensemble's staggered ages, a killed craft resuming to the same state, the config errors.
+the class-wise patterns, the ensemble's staggered ages, a killed craft resuming to the same
+state, the config errors.
 """
 
 import jax
@@ -88,6 +89,27 @@ def test_invariants_and_same_key_same_poison(crafted, norm, channels):
     assert not np.array_equal(np.asarray(other.delta), np.asarray(state.delta))
 
 
+def test_class_wise_patterns():
+    """class_wise=True: one pattern per class in the ball, every image of a class moved by it
+    (clipped to the box), labels kept, same key => same patterns; with the victims' real steps
+    on the poisoned batch (trajectory='poison')."""
+    x, y = dataset(3)
+    poison = make("linf", 3, class_wise=True, trajectory="poison")
+    state, history = craft(poison, x, y)
+    table = np.asarray(state.delta)
+    assert table.shape == (NUM_CLASSES, 8, 8, 3)
+    assert np.abs(table).max() <= EPS["linf"] * (1 + 1e-6)
+    assert np.abs(table).reshape(NUM_CLASSES, -1).max(1).min() > 0.1 * EPS["linf"]
+    images, labels = poisons.apply_all(poison, state, x, y)
+    np.testing.assert_allclose(
+        images, np.clip(np.asarray(x) + table[np.asarray(y)], 0, 1), atol=1e-6
+    )
+    np.testing.assert_array_equal(labels, y)
+    assert np.isfinite(history["meta/objective"]).all()
+    again, _ = craft(poison, x, y)
+    jax.tree.map(np.testing.assert_array_equal, state, again)
+
+
 def test_victims_are_staggered_and_restart(crafted):
     """Victim m starts m·S steps into training, every update trains each one step, and a victim
     reaching M·S steps restarts: its step counter always equals its age."""
@@ -122,6 +144,7 @@ def test_registry_and_bad_settings():
         (dict(stagger_steps=0), "stagger_steps=0 must be >= 1"),
         (dict(trajectory="mixed"), "trajectory='mixed'"),
         (dict(step_size=0.0), "step_size=0.0 must be > 0"),
+        (dict(class_wise="yes"), "class_wise='yes' must be True or False"),
     ]:
         with pytest.raises(ValueError, match=message):
             make("linf", 3, **kwargs)

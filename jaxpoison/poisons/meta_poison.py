@@ -22,6 +22,11 @@ training (MetaPoison's "staggered" surrogate models). One `update` on a crafting
 The hypergradient is exact through the K unrolled steps (the K steps differentiated as one
 scan, with `remat`), with respect to the batch's rows of δ only.
 
+With ``class_wise=True`` δ is one pattern per class (a table δ[K, H, W, C], as class-wise
+error-minimizing noise), x_B + δ_{y_B} clipped to the [0, 1] box: the same objective J, its
+hypergradient summed over the batch's examples of each class, and every update steps the
+patterns of the classes in the batch (projected into the ball).
+
 Differences from the reference (TensorFlow, clean-label targeted): the objective is the
 untargeted availability one above; δ takes signed steps of ``step_size`` instead of Adam steps
 with a decaying crafting rate; no ReColor perturbation; the staggered pretraining runs inside
@@ -49,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpoison import bilevel, losses, models, objectives
-from jaxpoison.poisons.base import Poison, SampleWiseState, apply_sample_wise
+from jaxpoison.poisons.base import Poison, SampleWiseState, perturb, project_pattern
 from jaxpoison.poisons.l2c import make_victim
 from jaxpoison.train_state import TrainState, make_optimizer, over_seeds, train_step
 
@@ -80,6 +85,7 @@ def meta_poison(
     trajectory="clean",
     remat=True,
     num_epochs=10,
+    class_wise=False,
 ):
     """MetaPoison-style per-example δ as a `Poison` (see the module docstring).
 
@@ -101,6 +107,10 @@ def meta_poison(
       trajectory: ``'clean'`` or ``'poison'``: the batch the victims' real steps train on.
       remat: `jax.checkpoint` the unrolled steps (`bilevel.unroll`).
       num_epochs: passes of the crafting engine over the training set.
+      class_wise: one δ per class, added to every example of the class, instead of one per
+        example: the state's ``delta`` is then [K, H, W, C] and every update steps the patterns
+        of the batch's classes with the hypergradient summed over their examples (the same
+        availability objective; see the module docstring).
 
     Returns:
       A `Poison` with a `SampleWiseState` (``extra`` an `EnsembleState`); `update` returns
@@ -118,6 +128,8 @@ def meta_poison(
         raise ValueError(f"pretrain_batch_size={pretrain_batch_size} must be >= 1.")
     if trajectory not in TRAJECTORIES:
         raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES}.")
+    if not isinstance(class_wise, bool):
+        raise ValueError(f"class_wise={class_wise!r} must be True or False.")
     alpha = threat.epsilon / 5 if step_size is None else float(step_size)
     if not alpha > 0:
         raise ValueError(f"step_size={step_size} must be > 0 (or None for epsilon / 5).")
@@ -140,10 +152,16 @@ def meta_poison(
     def inner_step(state, batch, key):
         return train_step(state, batch, key, apply_fn=apply_fn, objective=objective, tx=tx)
 
-    def noisy_step(rows, state, batch, key):
-        # The rows are in the ball already (projected after every step); projecting them here
-        # too would differentiate the ℓ2 norm at δ = 0, whose gradient is NaN.
-        state, metrics = inner_step(state, bilevel.perturb(rows, batch), key)
+    def poisoned(table, batch):
+        # The table is in the ball already (projected after every step); projecting it here
+        # too would differentiate the ℓ2 norm at δ = 0, whose gradient is NaN. A class pattern
+        # can leave the [0, 1] box on some images: clipped, as `apply` does.
+        if class_wise:
+            return dict(batch, image=jnp.clip(batch["image"] + table[batch["label"]], 0.0, 1.0))
+        return bilevel.perturb(table, batch)
+
+    def noisy_step(table, state, batch, key):
+        state, metrics = inner_step(state, poisoned(table, batch), key)
         return state, metrics["loss"]
 
     def fresh_victims(key, dtype):
@@ -173,13 +191,15 @@ def meta_poison(
             xs = (jnp.arange(length), stream, keys)
             victims, _ = jax.lax.scan(pretrain, victims, xs)
         extra = EnsembleState(victims, ages, jnp.zeros((), jnp.int32))
-        return SampleWiseState(delta=jnp.zeros_like(x), extra=extra)
+        shape = (num_classes, *x.shape[1:]) if class_wise else x.shape
+        return SampleWiseState(delta=jnp.zeros(shape, x.dtype), extra=extra)
 
     def update(state, batch, key):
         x, y = batch["image"], batch["label"]
         size = y.shape[0]
-        rows = state.delta[batch["index"]]
-        # The rows are a table of the batch alone: index them 0..B-1.
+        # The outer variables: the K class patterns, or the batch's rows of the δ table (a table
+        # of the batch alone, indexed 0..B-1).
+        table = state.delta if class_wise else state.delta[batch["index"]]
         local = {"image": x, "label": y, "index": jnp.arange(size)}
         stream = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_steps, *a.shape)), local)
         ensemble = state.extra
@@ -187,9 +207,9 @@ def meta_poison(
         def member(victim, member_key):
             unroll_keys = jax.random.split(jax.random.fold_in(member_key, 0), num_steps)
 
-            def objective_of(rows):
+            def objective_of(table):
                 final, inner_loss = bilevel.unroll(
-                    noisy_step, rows, victim, stream, unroll_keys, remat=remat
+                    noisy_step, table, victim, stream, unroll_keys, remat=remat
                 )
                 variables = {"params": final.params, **final.model_state}
                 # Training mode, as L2C's look-ahead: BatchNorm uses the clean batch's statistics.
@@ -198,17 +218,20 @@ def meta_poison(
                 return j, (inner_loss, jnp.mean(losses.accuracy(logits, y)))
 
             (j, (inner_loss, accuracy)), grads = jax.value_and_grad(objective_of, has_aux=True)(
-                rows
+                table
             )
-            real = local if trajectory == "clean" else bilevel.perturb(rows, local)
+            real = local if trajectory == "clean" else poisoned(table, local)
             victim, _ = inner_step(victim, real, jax.random.fold_in(member_key, 1))
             return victim, grads, j, jnp.mean(inner_loss), accuracy
 
         member_keys = jax.random.split(jax.random.fold_in(key, 0), members)
         victims, grads, js, inner_loss, accuracy = over_seeds(member)(ensemble.victims, member_keys)
-        rows = rows - alpha * jnp.sign(jnp.mean(grads, axis=0))
-        rows = threat.project(rows, x)
-        delta = state.delta.at[batch["index"]].set(rows)
+        # Classes absent from the batch have a zero gradient: their patterns stay put.
+        table = table - alpha * jnp.sign(jnp.mean(grads, axis=0))
+        if class_wise:
+            delta = project_pattern(threat, table)
+        else:
+            delta = state.delta.at[batch["index"]].set(threat.project(table, x))
         # Age the victims; the oldest restarts from a fresh initialisation.
         ages = ensemble.ages + 1
         restart = ages >= lifetime
@@ -224,9 +247,11 @@ def meta_poison(
         }
         return SampleWiseState(delta=delta, extra=extra), metrics
 
-    return Poison(
-        init=init, update=update, apply=apply_sample_wise(threat), num_epochs=int(num_epochs)
-    )
+    def apply(state, batch):
+        delta = state.delta[batch["label"] if class_wise else batch["index"]]
+        return dict(batch, image=perturb(threat, batch["image"], delta))
+
+    return Poison(init=init, update=update, apply=apply, num_epochs=int(num_epochs))
 
 
 __all__ = ["EnsembleState", "TRAJECTORIES", "meta_poison"]
