@@ -34,7 +34,10 @@ crafting epochs 90.80% and 0.95%; the full label-specific config is not measured
 :cpu,released 95.10% -> 74.25%, with --config.poisons.l2c.num_epochs=16 67.75%, its noise read
 by the poisoned victim at 8.7% (docs/results/2026-12-l2c-fidelity.md); the released generator's
 own weights give 17.20% and 55% with the :cpu victims; :cpu with
---config.poisons.l2c.method=algorithm2 59.40% (57.45% and noise-only 22.6% at num_epochs=16).
+--config.poisons.l2c.method=algorithm2 59.40% (57.45% and noise-only 22.6% at num_epochs=16);
+adding --config.poisons.l2c.generator.normalization=batch (the released BatchNorm generator)
+57.00% (50.45% at num_epochs=16), adding --config.poisons.l2c.meta_optimizer.learning_rate=1e-4
+instead 61.40% (1 seed each, 2026-12-07).
 """
 
 import ml_collections
