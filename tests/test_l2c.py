@@ -500,9 +500,10 @@ def batchnorm_updated():
 
         @jax.jit
         def by_hand(start, batch, key):
-            """The trial's inner batches, the running averages after training-mode passes over
-            them with ξ at its start, and the victim trained on ξ's noise with either statistics
-            (the update's own key schedule: victim, split and steps folded from its key)."""
+            """The running averages after training-mode passes of ξ (as the trial starts) over
+            the trial's inner batches, and the victim trained on ξ's noise with either
+            statistics (the update's own key schedule: victim, split and steps folded from its
+            key)."""
             victim0 = problem.victim_init(jax.random.fold_in(key, 0), jnp.float32)
             inner, _ = problem.split(batch, jax.random.fold_in(key, 1))
             keys = jax.random.split(jax.random.fold_in(key, 2), T)
