@@ -87,7 +87,7 @@ def meta_poison(
     num_epochs=10,
     class_wise=False,
 ):
-    """MetaPoison-style per-example δ as a `Poison` (see the module docstring).
+    """MetaPoison-style per-example (or per-class) δ as a `Poison` (see the module docstring).
 
     Args:
       threat: an `LpBall`.
