@@ -233,7 +233,8 @@ def get_config(arg=None):
             name="erm", transforms=dict(diffusion_purification=purification)
         )
     if "transfer" in chosen:
-        config.select.objectives = ("erm",)
+        # erm only, declared alone: its runs are named by victim and poison, not by objective.
+        config.objectives = ml_collections.ConfigDict({"erm": config.objectives.erm.to_dict()})
         config.victims = {
             name: dict(model=model)
             for name, model in (TRANSFER_CPU if cpu else TRANSFER_GPU).items()

@@ -141,6 +141,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             f"lambda_sweep.eval={sweep_eval!r} must name a 'risk' evaluator of config.evals "
             f"(labels: {sorted(evals)}); add one, e.g. evals.{sweep_eval}=dict(name='risk')."
         )
+    named = names_objectives(config)
     runs, attack_transfer = {}, {}
     for obj_label, obj_spec in objectives.items():
         for victim_name, victim_overrides in (victims or {"": {}}).items():
@@ -162,7 +163,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 seed_strategy=victim_cfg.get("seed_strategy", "auto"),
             )
             for set_name, (x_train, y_train) in train_sets.items():
-                parts = [obj_label] if len(objectives) > 1 else []
+                parts = [obj_label] if named else []
                 run_name = "/".join(parts + ([victim_name] if victims else []) + [set_name])
                 # The whole set without a validation split: no copy of (float) poisoned images.
                 x_fit, y_fit = (
@@ -242,7 +243,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
         config,
         runs,
         workdir,
-        several_objectives=len(objectives) > 1,
+        several_objectives=named,
         class_names=dataset.class_names,
     )
     results = {
@@ -293,6 +294,13 @@ def train_and_evaluate(config, workdir, *, progress=True):
         say(transfer.table(results["transfer"]))
     close_run(results, workdir, plots=figures)
     return results
+
+
+def names_objectives(config):
+    """Whether run names start with the objective's label: when the config declares several
+    objectives, even if ``select.objectives`` picks one, so a cell's name (hence its victim key
+    and checkpoint) is the same however many columns a run selects."""
+    return len(plain(config.get("objectives") or {})) > 1
 
 
 def summarize_runs(config, runs, workdir, *, several_objectives, class_names=None):
@@ -369,4 +377,11 @@ def _attack_transfer(trainer, states, train_sets, train_idx, dataset):
     return out
 
 
-__all__ = ["make_evaluators", "run_evals", "say_tables", "summarize_runs", "train_and_evaluate"]
+__all__ = [
+    "make_evaluators",
+    "names_objectives",
+    "run_evals",
+    "say_tables",
+    "summarize_runs",
+    "train_and_evaluate",
+]

@@ -57,7 +57,13 @@ from jaxpoison.evaluation import risk
 from jaxpoison.poisons import storage
 from jaxpoison.progress import say
 from jaxpoison.trainers import poisoning
-from jaxpoison.trainers.grid import make_evaluators, run_evals, say_tables, summarize_runs
+from jaxpoison.trainers.grid import (
+    make_evaluators,
+    names_objectives,
+    run_evals,
+    say_tables,
+    summarize_runs,
+)
 from jaxpoison.workdir import close_run, open_run, plain, results_header, run_key
 
 # How a poison's state is made without the training set in memory (see the module docstring).
@@ -277,6 +283,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             specs.selected(config, "objectives") or {"erm": {"name": "erm"}}
         ).items()
     }
+    named = names_objectives(config)
     trainers = {}
     for label, spec in objectives.items():
         victim_cfg = specs.victim(config, **shape)
@@ -318,7 +325,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             for run, (poison, state, _) in made.items()
         }
         for set_name, train_stream in {**train_sets, **poisoned}.items():
-            run_name = f"{obj_label}/{set_name}" if len(objectives) > 1 else set_name
+            run_name = f"{obj_label}/{set_name}" if named else set_name
             td = training.TrainData.create(
                 None,
                 None,
@@ -367,7 +374,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
             training.release_host_memory()  # before the next run's compilations
 
     summary, trained, outputs, figures = summarize_runs(
-        config, runs, workdir, several_objectives=len(objectives) > 1
+        config, runs, workdir, several_objectives=named
     )
     results = {
         **results_header(config, t_start=t_start),
