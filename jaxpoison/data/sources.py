@@ -170,7 +170,9 @@ def _aligned(array):
     return copy
 
 
-def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
+def from_arrays(name, x_train, y_train, x_test, y_test, num_classes=None):
+    """A `Dataset` of loaded arrays: labels checked and made int32, the class count taken from
+    `num_classes`, the dataset's name or the labels, images in 64-byte aligned memory."""
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     for split, y in (("train", y_train), ("test", y_test)):  # before labels become int32
         _check_whole(y, f"{name}/{split}")
@@ -247,7 +249,7 @@ def load_npz(name, *, path=None, data_dir=None):
         ) from None
     if arrays[0].ndim == 3:
         arrays[0], arrays[2] = arrays[0][..., None], arrays[2][..., None]
-    return _from_arrays(name, *arrays)
+    return from_arrays(name, *arrays)
 
 
 def load_embedded(name="cifar10", **_):
@@ -266,29 +268,7 @@ def load_digits(name="digits", **_):
     y = d.target
     perm = np.random.default_rng(0).permutation(len(y))
     x, y = x[perm], y[perm]
-    return _from_arrays("digits", x[400:], y[400:], x[:400], y[:400], num_classes=10)
-
-
-def load_tfds(name, *, data_dir=None, download=False, **_):
-    """Reads a tensorflow-datasets image-classification dataset through `tfds.data_source` (no
-    TensorFlow needed; Grain's threads decode the records, as for `streaming.read_split`): any one
-    with an Image and a ClassLabel feature (`tfds_image_label`)."""
-    from jaxpoison.data import streaming
-
-    if download:
-        import tensorflow_datasets as tfds
-
-        tfds.data_source(name, split="train", data_dir=data_dir, download=True)
-    try:
-        streams = [streaming.open_tfds(name, split=s, data_dir=data_dir) for s in ("train", "test")]
-    except DataError as e:
-        raise DataError(
-            f"{e} With internet, set data.download=True once; offline, use data.source='npz' "
-            "with a local .npz file or data.source='embedded'."
-        ) from None
-    arrays = [a for st in streams for a in st.examples(np.arange(st.num_examples))]
-    num_classes = streams[0].num_classes
-    return _from_arrays(name, *arrays, num_classes=num_classes)
+    return from_arrays("digits", x[400:], y[400:], x[:400], y[:400], num_classes=10)
 
 
 def tfds_image_label(features, supervised_keys, name):

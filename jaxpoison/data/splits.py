@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxpoison.data import mnist_cifar, sources
+from jaxpoison.data import mnist_cifar, sources, streaming
 from jaxpoison.data.sources import DataError
 
 # data.source -> loader ``fn(name, **fields) -> Dataset``.
@@ -14,7 +14,7 @@ SOURCES = {
     "npz": sources.load_npz,
     "embedded": sources.load_embedded,
     "digits": sources.load_digits,
-    "tfds": sources.load_tfds,
+    "tfds": streaming.load_tfds,
     "mnist_cifar": mnist_cifar.load,
 }
 

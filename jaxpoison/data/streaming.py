@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpoison.data.sources import DataError, tfds_image_label
+from jaxpoison.data.sources import DataError, from_arrays, tfds_image_label
 
 _DATA = "data"  # the mesh axis of `jaxpoison.sharding` (data cannot import it: it sits above)
 
@@ -239,6 +239,26 @@ def read_split(name, *, split="test", data_dir=None, num_threads=8):
     return stream.examples(np.arange(stream.num_examples, dtype=np.int32))
 
 
+def load_tfds(name, *, data_dir=None, download=False, **_):
+    """Reads a tensorflow-datasets image-classification dataset through `tfds.data_source` (no
+    TensorFlow needed; Grain's threads decode the records, as `read_split`): any one
+    with an Image and a ClassLabel feature (`tfds_image_label`)."""
+    if download:
+        import tensorflow_datasets as tfds
+
+        tfds.data_source(name, split="train", data_dir=data_dir, download=True)
+    try:
+        streams = [open_tfds(name, split=s, data_dir=data_dir) for s in ("train", "test")]
+    except DataError as e:
+        raise DataError(
+            f"{e} With internet, set data.download=True once; offline, use data.source='npz' "
+            "with a local .npz file or data.source='embedded'."
+        ) from None
+    arrays = [a for st in streams for a in st.examples(np.arange(st.num_examples))]
+    num_classes = streams[0].num_classes
+    return from_arrays(name, *arrays, num_classes=num_classes)
+
+
 def write_tfds(data_dir, name, splits, *, num_classes, version="1.0.0", shard_size=10_000):
     """Writes arrays as a tfds dataset of ArrayRecord files that ``tfds.data_source(name,
     data_dir=data_dir)`` and `open_tfds` read (images PNG-encoded, losslessly; no TensorFlow).
@@ -307,4 +327,4 @@ def write_tfds(data_dir, name, splits, *, num_classes, version="1.0.0", shard_si
     return directory
 
 
-__all__ = ["Stream", "open_tfds", "process_rows", "read_split", "write_tfds"]
+__all__ = ["Stream", "load_tfds", "open_tfds", "process_rows", "read_split", "write_tfds"]
