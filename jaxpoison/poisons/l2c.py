@@ -210,7 +210,14 @@ def meta_problem(
     tx = make_optimizer(schedule="constant", epochs=1, steps_per_epoch=num_steps, **opt_kwargs)
     eta = make_target(target, num_classes)
 
+    # Only a generator with running averages is called with `train` (a user's own module may
+    # take the images alone).
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    keeps_stats = "batch_stats" in jax.eval_shape(gen_module.init, jax.random.key(0), images)
+
     def generate(gen_params, x, stats=None, *, train=True):
+        if not keeps_stats:
+            return threat.project(gen_module.apply({"params": gen_params}, x), x), None
         variables = {"params": gen_params}
         if stats is not None:
             variables["batch_stats"] = stats
@@ -338,8 +345,8 @@ def l2c(
       image_shape: (H, W, C).
       generator: ``'autoencoder'`` / ``'unet'``, a ``dict(name=..., width=..., ...)`` spec of
         `jaxpoison.models.generators` (``normalization='batch'``: the released code's
-        BatchNorm, see the module docstring), or a flax module whose ``__call__(x, train)``
-        may keep running averages in a ``batch_stats`` collection.
+        BatchNorm, see the module docstring), or a flax module called as ``(x)``; one that
+        keeps running averages in a ``batch_stats`` collection is called as ``(x, train)``.
       victim: the crafting victim: ``dict(name=..., width=..., ...)`` of `jaxpoison.models`
         (default ``cnn_mnist``) or a flax module; restarted from a fresh init every trial.
       inner_optimizer: keyword arguments of `train_state.make_optimizer` for the victim's inner
