@@ -561,6 +561,30 @@ def test_batchnorm_poison_is_per_image_and_bounded(batchnorm_updated, method):
     assert float(jnp.min(poisoned["image"])) >= 0.0 and float(jnp.max(poisoned["image"])) <= 1.0
 
 
+class ImagesOnly(nn.Module):
+    """A user's generator of the images alone, no `train` argument (as docs/guide.md's)."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(0.1), x.shape[1:])
+        return generators.bound_output(jnp.broadcast_to(w, x.shape), epsilon=0.3, norm="linf")
+
+
+@pytest.mark.parametrize("generator", [ImagesOnly(), TinyBatchGenerator()], ids=["own", "bn"])
+def test_perturbations_are_the_noise_apply_adds(generator):
+    data = _data(T * B, np.float32)
+    poison = l2c.l2c(**_kwargs(generator=generator, method="algorithm2"))
+    with logic_only():
+        state = poison.init(jax.random.key(0), data)
+        state, _ = jax.jit(poison.update)(state, data, jax.random.key(1))
+        delta = poison.apply(state, data)["image"] - data["image"]
+        noise = l2c.perturbations(
+            state, np.asarray(data["image"]), generator=generator, threat=LpBall(0.3)
+        )
+    assert float(jnp.max(jnp.abs(delta))) > 0.0
+    np.testing.assert_allclose(noise, delta, atol=1e-6)
+
+
 def test_batchnorm_crafting_resumes_to_the_same_state(tmp_path):
     """A craft killed after its first epoch resumes, through its orbax checkpoint, to the state
     of an uninterrupted one: running averages and the frozen copy's included."""

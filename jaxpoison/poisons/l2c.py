@@ -105,6 +105,20 @@ class L2CState:
     frozen_stats: Any = None
 
 
+def _generate(module, threat, params, x, stats, train, keeps_stats):
+    """g_ξ(x) projected into `threat`, and the running averages after this pass. Only a
+    generator that `keeps_stats` (a ``batch_stats`` collection) is called with `train`: a user's
+    own module may take the images alone. In training mode it normalises by the batch's
+    statistics and returns `stats` updated (None stays None); in evaluation mode it uses them."""
+    if not keeps_stats:
+        return threat.project(module.apply({"params": params}, x), x), None
+    variables = {"params": params} | ({} if stats is None else {"batch_stats": stats})
+    if not train:
+        return threat.project(module.apply(variables, x, train=False), x), stats
+    delta, updated = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return threat.project(delta, x), None if stats is None else updated["batch_stats"]
+
+
 def make_generator(generator, *, threat):
     """A generator module from a name, a ``dict(name=..., **fields)`` spec, or a module."""
     if isinstance(generator, nn.Module):
@@ -210,21 +224,11 @@ def meta_problem(
     tx = make_optimizer(schedule="constant", epochs=1, steps_per_epoch=num_steps, **opt_kwargs)
     eta = make_target(target, num_classes)
 
-    # Only a generator with running averages is called with `train` (a user's own module may
-    # take the images alone).
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     keeps_stats = "batch_stats" in jax.eval_shape(gen_module.init, jax.random.key(0), images)
 
     def generate(gen_params, x, stats=None, *, train=True):
-        if not keeps_stats:
-            return threat.project(gen_module.apply({"params": gen_params}, x), x), None
-        variables = {"params": gen_params}
-        if stats is not None:
-            variables["batch_stats"] = stats
-        if not train:
-            return threat.project(gen_module.apply(variables, x, train=False), x), stats
-        delta, updated = gen_module.apply(variables, x, train=True, mutable=["batch_stats"])
-        return threat.project(delta, x), None if stats is None else updated["batch_stats"]
+        return _generate(gen_module, threat, gen_params, x, stats, train, keeps_stats)
 
     def delta_fn(gen_params, x):
         return generate(gen_params, x)[0]
@@ -568,12 +572,13 @@ def perturbations(state, images, *, generator, threat, batch_size=1000):
       batch_size: images per jitted call.
     """
     module = make_generator(generator, threat=threat)
-    stats = getattr(state, "stats", None)
-    variables = {"params": state.params} | ({} if stats is None else {"batch_stats": stats})
-    fn = jax.jit(lambda v, x: threat.project(module.apply(v, x, train=False), x))
+    stats = getattr(state, "stats", None)  # a crafted BatchNorm generator always has them
+    fn = jax.jit(
+        lambda p, s, x: _generate(module, threat, p, x, s, False, keeps_stats=s is not None)[0]
+    )
     images = np.asarray(images, np.float32)
     parts = [
-        np.asarray(fn(variables, images[i : i + batch_size]))
+        np.asarray(fn(state.params, stats, images[i : i + batch_size]))
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(parts)
