@@ -113,9 +113,10 @@ def meta_poison(
         availability objective; see the module docstring).
 
     Returns:
-      A `Poison` with a `SampleWiseState` (``extra`` an `EnsembleState`); `update` returns
-      metrics ``meta/objective`` (mean J over the ensemble), ``victim/poisoned_loss`` (the
-      unrolled steps' mean loss) and ``victim/clean_accuracy`` (of the look-ahead victims).
+      A `Poison` with a `SampleWiseState` (``delta`` [K, H, W, C] with `class_wise`, ``extra``
+      an `EnsembleState`); `update` returns metrics ``meta/objective`` (mean J over the
+      ensemble), ``victim/poisoned_loss`` (the unrolled steps' mean loss) and
+      ``victim/clean_accuracy`` (of the look-ahead victims).
     """
     num_steps, members, stagger = int(unroll_steps), int(num_models), int(stagger_steps)
     if num_steps < 1:

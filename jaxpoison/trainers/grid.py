@@ -31,9 +31,10 @@ Optional fields, all off by default:
 * ``evals``: ``{label: {name, **kwargs}}`` of `risk.EVALUATORS`, run on the clean test set after
   training; per seed in ``runs[run]['evals']``, mean ± std in ``summary[run]['evals']``.
 * ``victims``: ``{name: fields of config.victim}``, several victim architectures each trained on
-  every training set; runs are then named ``<victim>/<set>`` (``<objective>/<victim>/<set>`` with
-  several objectives) and ``results['transfer']`` holds the victim-accuracy matrix and the attack
-  transfer (`jaxpoison.evaluation.transfer`), drawn in ``transfer.png`` / ``attack_transfer.png``.
+  every training set; runs are then named ``<victim>/<set>`` (``<objective>/<victim>/<set>``
+  when several objectives are declared) and ``results['transfer']`` holds the victim-accuracy
+  matrix and the attack transfer (`jaxpoison.evaluation.transfer`), drawn in ``transfer.png`` /
+  ``attack_transfer.png``.
 * ``lambda_sweep``: ``{eval: <label of a risk evaluator>, train_set: 'clean'}``: the THRM / TRADES
   sweep of `jaxpoison.evaluation.tradeoff` in ``results['lambda_sweep']`` and ``lambda_sweep.png``.
 * ``budget_sweep``: ``{objective: 'pgd_at'}``: clean accuracy against the defender's ε over the
@@ -240,11 +241,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 training.release_host_memory()  # before the next run's compilations
 
     summary, trained, outputs, figures = summarize_runs(
-        config,
-        runs,
-        workdir,
-        several_objectives=named,
-        class_names=dataset.class_names,
+        config, runs, workdir, class_names=dataset.class_names
     )
     results = {
         **results_header(config, t_start=t_start, dataset=dataset),
@@ -303,12 +300,12 @@ def names_objectives(config):
     return len(plain(config.get("objectives") or {})) > 1
 
 
-def summarize_runs(config, runs, workdir, *, several_objectives, class_names=None):
+def summarize_runs(config, runs, workdir, *, class_names=None):
     """What every grid-like trainer writes of its `runs`: ``(summary, trained, outputs,
     figures)``, `trained` the summaries of trained (not ``untrained``) runs, `outputs` the
-    ``results.json`` fields ``runs``, ``summary``, ``learning_speed`` (and ``defense_grid`` with
-    `several_objectives`, whose run names start with the objective's label), `figures` the
-    plots drawn in `workdir` (curves, confusion matrices, learning speed, objectives, grid)."""
+    ``results.json`` fields ``runs``, ``summary``, ``learning_speed`` (and ``defense_grid`` when
+    run names start with the objective's label, `names_objectives`), `figures` the plots drawn
+    in `workdir` (curves, confusion matrices, learning speed, objectives, grid)."""
     loss_threshold = config.get("loss_threshold", 0.5)
     summary = {}
     for name, r in runs.items():
@@ -329,7 +326,7 @@ def summarize_runs(config, runs, workdir, *, several_objectives, class_names=Non
     )
     if len(trained) >= 3:
         figures += speed.save_plots(outputs["learning_speed"]["runs"], workdir)
-    if several_objectives:
+    if names_objectives(config):
         title = config.get("name", "")
         bars = plots.objective_bars(trained, workdir / "objectives.png", title=title)
         figures += [bars] if bars else []

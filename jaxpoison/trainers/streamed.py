@@ -373,9 +373,7 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 )
             training.release_host_memory()  # before the next run's compilations
 
-    summary, trained, outputs, figures = summarize_runs(
-        config, runs, workdir, several_objectives=named
-    )
+    summary, trained, outputs, figures = summarize_runs(config, runs, workdir)
     results = {
         **results_header(config, t_start=t_start),
         "stream": {
