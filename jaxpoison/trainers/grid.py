@@ -94,6 +94,69 @@ def run_evals(evals, trainer, states, td, *, num_classes, key, evaluators=None):
     return out
 
 
+def train_cell(
+    trainer,
+    td,
+    *,
+    root,
+    run_name,
+    num_seeds,
+    num_classes,
+    num_examples,
+    workdir,
+    confusion,
+    evals,
+    evaluators,
+    progress=True,
+    untrained=False,
+):
+    """Trains one cell of a grid, or resumes it from its checkpoint, and returns ``(states,
+    entry)``: `entry` the run's ``results.json`` record (``history``, ``wall_time_s``,
+    ``checkpoint``, ``confusion``; ``privacy``, ``untrained`` and ``evals`` where they apply).
+
+    The victim key and the checkpoint folder come from `run_name` alone, so a cell is the same
+    cell whichever other cells a run trains. `untrained`: zero epochs (the ``naive`` run).
+    `num_examples`: the training set's size, for DP-SGD's accountant; `evals` / `evaluators`:
+    `make_evaluators`' inputs and output, `confusion`: `risk.make_confusion`'s evaluator.
+    """
+    t0 = time.time()
+    victim_key = run_key(root, f"victim/{run_name}")
+    ckpt_root = workdir / "checkpoints" / run_name.replace("/", "__")
+    states, history = trainer.fit(
+        td,
+        key=victim_key,
+        num_seeds=num_seeds,
+        ckpt_dir=ckpt_root,
+        name=run_name,
+        progress=progress,
+        epochs=0 if untrained else None,
+    )
+    checkpoint = trainer.checkpoint_dir(ckpt_root, td, key=victim_key, num_seeds=num_seeds)
+    entry = {
+        "history": history,
+        "wall_time_s": time.time() - t0,
+        "checkpoint": str(checkpoint.relative_to(workdir)),
+    }
+    if trainer.privacy is not None and not untrained:
+        entry["privacy"] = trainer.privacy_spent(num_examples)
+    if untrained:
+        entry["untrained"] = True
+    counts = confusion(states, td.x_test, td.y_test, key=root)["confusion"]
+    entry["confusion"] = np.rint(jax.device_get(counts)).astype(int).tolist()
+    if evals:
+        entry["evals"] = run_evals(
+            evals,
+            trainer,
+            states,
+            td,
+            num_classes=num_classes,
+            key=run_key(root, f"evals/{run_name}"),
+            evaluators=evaluators,
+        )
+    training.release_host_memory()  # before the next run's compilations
+    return states, entry
+
+
 def train_and_evaluate(config, workdir, *, progress=True):
     """Runs the grid `config` in `workdir` and returns the results dict."""
     done = open_run(config, workdir)
@@ -193,52 +256,29 @@ def train_and_evaluate(config, workdir, *, progress=True):
                     x_clean=x_clean,
                 )
                 untrained = set_name == "naive" and "naive" not in crafted
-                t0 = time.time()
-                victim_key = run_key(root, f"victim/{run_name}")
-                ckpt_root = workdir / "checkpoints" / run_name.replace("/", "__")
-                states, history = trainer.fit(
+                states, entry = train_cell(
+                    trainer,
                     td,
-                    key=victim_key,
+                    root=root,
+                    run_name=run_name,
                     num_seeds=victim_cfg.num_seeds,
-                    ckpt_dir=ckpt_root,
-                    name=run_name,
+                    num_classes=dataset.num_classes,
+                    num_examples=len(y_fit),
+                    workdir=workdir,
+                    confusion=confusion,
+                    evals=evals,
+                    evaluators=evaluators,
                     progress=progress,
-                    epochs=0 if untrained else None,
+                    untrained=untrained,
                 )
-                runs[run_name] = {
-                    "poison": set_name,
-                    "objective": obj_label,
-                    "history": history,
-                    "wall_time_s": time.time() - t0,
-                    "checkpoint": str(
-                        trainer.checkpoint_dir(
-                            ckpt_root, td, key=victim_key, num_seeds=victim_cfg.num_seeds
-                        ).relative_to(workdir)
-                    ),
-                }
+                runs[run_name] = {"poison": set_name, "objective": obj_label}
                 if victims:
                     runs[run_name]["victim"] = victim_name
-                if trainer.privacy is not None and not untrained:
-                    runs[run_name]["privacy"] = trainer.privacy_spent(len(y_fit))
-                if untrained:
-                    runs[run_name]["untrained"] = True
-                counts = confusion(states, td.x_test, td.y_test, key=root)["confusion"]
-                runs[run_name]["confusion"] = np.rint(jax.device_get(counts)).astype(int).tolist()
-                if evals:
-                    runs[run_name]["evals"] = run_evals(
-                        evals,
-                        trainer,
-                        states,
-                        td,
-                        num_classes=dataset.num_classes,
-                        key=run_key(root, f"evals/{run_name}"),
-                        evaluators=evaluators,
-                    )
+                runs[run_name].update(entry)
                 if victims and set_name == "clean":
                     errors = _attack_transfer(trainer, states, train_sets, train_idx, dataset)
                     for poison, cell in errors.items():
                         attack_transfer.setdefault(poison, {})[victim_name] = cell
-                training.release_host_memory()  # before the next run's compilations
 
     summary, trained, outputs, figures = summarize_runs(
         config, runs, workdir, class_names=dataset.class_names
@@ -381,4 +421,5 @@ __all__ = [
     "say_tables",
     "summarize_runs",
     "train_and_evaluate",
+    "train_cell",
 ]

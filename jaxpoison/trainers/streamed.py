@@ -60,9 +60,9 @@ from jaxpoison.trainers import poisoning
 from jaxpoison.trainers.grid import (
     make_evaluators,
     names_objectives,
-    run_evals,
     say_tables,
     summarize_runs,
+    train_cell,
 )
 from jaxpoison.workdir import close_run, open_run, plain, results_header, run_key
 
@@ -336,42 +336,21 @@ def train_and_evaluate(config, workdir, *, progress=True):
                 mesh=trainer.mesh,
                 stream=train_stream,
             )
-            t0 = time.time()
-            victim_key = run_key(root, f"victim/{run_name}")
-            ckpt_root = workdir / "checkpoints" / run_name.replace("/", "__")
-            states, history = trainer.fit(
+            _, entry = train_cell(
+                trainer,
                 td,
-                key=victim_key,
+                root=root,
+                run_name=run_name,
                 num_seeds=victim_cfg.num_seeds,
-                ckpt_dir=ckpt_root,
-                name=run_name,
+                num_classes=stream.num_classes,
+                num_examples=stream.num_examples,
+                workdir=workdir,
+                confusion=confusion,
+                evals=evals,
+                evaluators=evaluators,
                 progress=progress,
             )
-            checkpoint = trainer.checkpoint_dir(
-                ckpt_root, td, key=victim_key, num_seeds=victim_cfg.num_seeds
-            )
-            runs[run_name] = {
-                "poison": set_name,
-                "objective": obj_label,
-                "history": history,
-                "wall_time_s": time.time() - t0,
-                "checkpoint": str(checkpoint.relative_to(workdir)),
-            }
-            if trainer.privacy is not None:
-                runs[run_name]["privacy"] = trainer.privacy_spent(stream.num_examples)
-            counts = confusion(states, td.x_test, td.y_test, key=root)["confusion"]
-            runs[run_name]["confusion"] = np.rint(jax.device_get(counts)).astype(int).tolist()
-            if evals:
-                runs[run_name]["evals"] = run_evals(
-                    evals,
-                    trainer,
-                    states,
-                    td,
-                    num_classes=stream.num_classes,
-                    key=run_key(root, f"evals/{run_name}"),
-                    evaluators=evaluators,
-                )
-            training.release_host_memory()  # before the next run's compilations
+            runs[run_name] = {"poison": set_name, "objective": obj_label, **entry}
 
     summary, trained, outputs, figures = summarize_runs(config, runs, workdir)
     results = {
