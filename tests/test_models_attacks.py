@@ -35,6 +35,37 @@ def test_cifar_cnn_has_the_papers_size():
     assert 385_000 < sum(p.size for p in jax.tree.leaves(params)) < 395_000
 
 
+def test_released_l2c_victim_has_the_released_layers():
+    """cnn_mnist with BatchNorm and average pools is DeepConfuse's MNIST/models.py create_net.
+
+    By hand, at width 1 on 28x28x1: conv 1*20*25 + 20 = 520, conv 20*50*25 + 50 = 25,050,
+    FC 800*500 + 500 = 400,500, FC 500*10 + 10 = 5,010 (431,080, the plain CNN's count), plus
+    a scale and a bias per BatchNorm channel 2*(20 + 50 + 500 + 10) = 1,160; as many running
+    statistics (a mean and a variance per channel).
+    """
+    plain = models.make("cnn_mnist", num_classes=10)
+    module = models.make("cnn_mnist", num_classes=10, normalization="batch", pool="avg")
+    count = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
+    base = jax.eval_shape(lambda k: models.init(plain, k, (28, 28, 1)), jax.random.key(0))
+    variables = models.init(module, jax.random.key(0), (28, 28, 1))
+    assert count(base["params"]) == 431_080 and set(base) == {"params"}
+    assert count(variables["params"]) == 432_240 and count(variables["batch_stats"]) == 1_160
+    widths = {k: v["mean"].shape for k, v in variables["batch_stats"].items()}
+    assert widths == {f"BatchNorm_{i}": (c,) for i, c in enumerate((20, 50, 500, 10))}
+    assert variables["params"]["Dense_0"]["kernel"].shape == (4 * 4 * 50, 500)
+    # BatchNorm on the logits: in training mode (scale 1, bias 0 at init) every logit has mean 0
+    # and variance 1 over the batch.
+    x = jax.random.uniform(jax.random.key(1), (64, 28, 28, 1))
+    logits, _ = models.make_apply_fn(module)(variables, x, train=True)
+    np.testing.assert_allclose(jnp.mean(logits, 0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.var(logits, 0), 1.0, atol=1e-3)
+    # A bad option fails in one line that names it.
+    with pytest.raises(ValueError, match="pool='mean'"):
+        models.make("cnn_mnist", num_classes=10, pool="mean").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="normalization='layer'"):
+        models.make("cnn_mnist", num_classes=10, normalization="layer").init(jax.random.key(0), x)
+
+
 @pytest.mark.parametrize("width,size", [(1.0, 36.5e6), (0.1, 0.37e6)])
 def test_wide_resnet_has_the_papers_size(width, size):
     """WRN-28-10 has 36.5M parameters (Zagoruyko & Komodakis, Table 5); width 0.1 is WRN-28-1."""

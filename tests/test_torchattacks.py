@@ -65,18 +65,19 @@ def test_exported_cnn_computes_the_same_logits(trained):
 
 
 @pytest.mark.parametrize(
-    "name,width,shape",
+    "name,width,shape,options",
     [
-        ("resnet18", 0.0625, (32, 32, 3)),
-        ("vgg11", 0.0625, (32, 32, 1)),
-        ("cnn_mnist", 0.25, (28, 28, 1)),
+        ("resnet18", 0.0625, (32, 32, 3), {}),
+        ("vgg11", 0.0625, (32, 32, 1), {}),
+        ("cnn_mnist", 0.25, (28, 28, 1), {}),
+        ("cnn_mnist", 0.25, (28, 28, 1), dict(normalization="batch", pool="avg")),
     ],
 )
-def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape):
+def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape, options):
     # Random weights and running statistics far from (0, 1), so a BatchNorm field copied to the
     # wrong place, or an NHWC/NCHW mix-up of a flattening layer, shows in the logits.
     rng = np.random.default_rng(0)
-    module = models.make(name, num_classes=10, width=width)
+    module = models.make(name, num_classes=10, width=width, **options)
     variables = models.init(module, jax.random.key(0), shape)
     if "batch_stats" in variables:
         variables["batch_stats"] = jax.tree.map(

@@ -13,7 +13,8 @@ channels):
 
 - `CifarCNN` (``cnn_cifar``, both heads), `MnistCNN` (``cnn_mnist``) and `MLP` (``mlp``):
   convolutions with bias, ReLU, 2x2 max-pools; a flattening head flattens in NHWC order, as the
-  flax model does, so the first linear layer takes the flax kernel as it is;
+  flax model does, so the first linear layer takes the flax kernel as it is; ``cnn_mnist`` with
+  ``normalization='batch'`` and ``pool='avg'`` (the released L2C victim) adds its BatchNorms;
 - `VGG` (``vgg11`` / ``vgg16`` / ``vgg19``, BatchNorm, one linear classifier) and `ResNet18`
   (``resnet18``: the CIFAR stem, BasicBlocks, 1x1-conv + BN shortcuts). BatchNorm: flax momentum
   0.9 on the running average is PyTorch momentum 0.1; epsilon 1e-5 in both.
@@ -100,20 +101,40 @@ class CifarCNN(nn.Module):
 
 
 class MnistCNN(nn.Module):
-    """`jaxpoison.models.cnn.MnistCNN`: conv5x5(20)-pool-conv5x5(50)-pool-FC(500)-FC(K)."""
+    """`jaxpoison.models.cnn.MnistCNN`: conv5x5(20)-pool-conv5x5(50)-pool-FC(500)-FC(K).
 
-    def __init__(self, num_classes=10, width=1.0, in_channels=1, in_features=None):
+    With ``normalization='batch'`` BatchNorm follows both convolutions, the hidden FC layer (each
+    before its ReLU) and the logits; ``pool`` is ``max`` or ``avg``.
+    """
+
+    def __init__(
+        self,
+        num_classes=10,
+        width=1.0,
+        in_channels=1,
+        in_features=None,
+        normalization="none",
+        pool="max",
+    ):
         super().__init__()
-        c1, c2 = _round(20, width), _round(50, width)
+        c1, c2, hidden = _round(20, width), _round(50, width), _round(500, width)
         self.conv1 = nn.Conv2d(in_channels, c1, 5)
         self.conv2 = nn.Conv2d(c1, c2, 5)
-        self.fc1 = nn.Linear(in_features, _round(500, width))
-        self.fc2 = nn.Linear(_round(500, width), num_classes)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        if normalization == "batch":
+            norms = [nn.BatchNorm2d(c1), nn.BatchNorm2d(c2), nn.BatchNorm1d(hidden)]
+            norms.append(nn.BatchNorm1d(num_classes))
+        else:
+            norms = [nn.Identity() for _ in range(4)]
+        self.norms = nn.ModuleList(norms)
+        self.pool = F.avg_pool2d if pool == "avg" else F.max_pool2d
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(_flatten_nhwc(x))))
+        x = self.pool(F.relu(self.norms[0](self.conv1(x))), 2)
+        x = self.pool(F.relu(self.norms[1](self.conv2(x))), 2)
+        x = F.relu(self.norms[2](self.fc1(_flatten_nhwc(x))))
+        return self.norms[3](self.fc2(x))
 
 
 class MLP(nn.Module):
@@ -284,6 +305,8 @@ def _twin(module, params):
             module.width,
             in_channels=params["Conv_0"]["kernel"].shape[2],
             in_features=params["Dense_0"]["kernel"].shape[0],
+            normalization=module.normalization,
+            pool=module.pool,
         )
 
         def copy(net, p, s):
@@ -291,6 +314,9 @@ def _twin(module, params):
             _conv(net.conv2, p["Conv_1"])
             _dense(net.fc1, p["Dense_0"])
             _dense(net.fc2, p["Dense_1"])
+            if module.normalization == "batch":
+                for i, bn in enumerate(net.norms):
+                    _bn(bn, p[f"BatchNorm_{i}"], s[f"BatchNorm_{i}"])
 
     elif isinstance(module, mlp.MLP):
         net = MLP(
