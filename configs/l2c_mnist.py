@@ -5,7 +5,8 @@ r"""Learning to Confuse (exact meta-gradient) on MNIST, ℓ∞ ε = 0.3, untarge
   :label_specific for the label-specific attack; :transfer also trains victims of other
   architectures on the clean and the L2C set, every one of VICTIMS or some with
   --config.select.victims="('cnn_mnist','mlp')": :cpu,transfer is the transfer study;
-  :released for the released code's crafting schedule)
+  :released for the released code's crafting schedule; :released_victim for its evaluation
+  victim)
 
 The generator (the paper's encoder-decoder, 4x4 convolutions 16/32/64/128 each way, output
 0.3·tanh) is trained by the exact hypergradient of the clean loss of the L2C MNIST CNN after
@@ -26,6 +27,12 @@ refreshed as the next victim starts: the released DeepConfuse code's loop (docs/
 overrides: --config.poisons.l2c.inner_optimizer.momentum=0.0
 --config.poisons.l2c.meta_optimizer.learning_rate=1e-4.
 
+``released_victim``: the victims trained on the clean and the poisoned set are the released
+code's evaluation victim (its MNIST/test_model.py): ``cnn_mnist`` with
+``normalization='batch'`` and ``pool='avg'`` (BatchNorm after every layer, the logits
+included; average pools), Adam 0.01 without weight decay at a constant rate, 2 epochs of
+batch 64, tested in eval mode (running averages). The crafting victim stays ``cnn_mnist``.
+
 Expected (docs/l2c.md, 2 shared CPU cores): this full-size config 99.10% -> 69.06% (2 seeds;
 random forest 94.1% -> 12.8%); :cpu 95.05% -> 61.70%; the :cpu poison on other victims (the
 transfer study) 10-42 points lower than on clean data. :cpu,label_specific 95.05% -> 88.90%
@@ -38,6 +45,11 @@ own weights give 17.20% and 55% with the :cpu victims; :cpu with
 adding --config.poisons.l2c.generator.normalization=batch (the released BatchNorm generator)
 57.00% (50.45% at num_epochs=16; with --config.seed=1 50.20% against the control's 59.55%),
 adding --config.poisons.l2c.meta_optimizer.learning_rate=1e-4 instead 61.40% (2026-12-07).
+:released_victim (2 seeds): the released generator's own weights 99.00% -> 0.55% on all 60k
+images (:cpu,released_victim 97.78% -> 0.90%), their noise read by the poisoned victim at 95%
+with BatchNorm on batch statistics, 44-66% on running averages; our BatchNorm generator at 504
+trials (:cpu,released_victim with the algorithm2 and normalization=batch overrides) 91.75%
+(docs/results/2026-12-l2c-fidelity.md, "The released victim").
 """
 
 import ml_collections
@@ -56,7 +68,9 @@ VICTIMS = {
 
 
 def get_config(arg=None):
-    chosen = config_lib.preset(arg, ("cpu", "label_specific", "transfer", "released"))
+    chosen = config_lib.preset(
+        arg, ("cpu", "label_specific", "transfer", "released", "released_victim")
+    )
     config = ml_collections.ConfigDict()
     config.trainer = "grid"
     config.name = "L2C exact, MNIST, linf 0.3"
@@ -118,6 +132,19 @@ def get_config(arg=None):
         config.name = "L2C Algorithm 2, one frozen generator per victim, MNIST, linf 0.3"
         l2c.method = "algorithm2"
         l2c.refresh_every = l2c.victim_reset_every
+    if "released_victim" in chosen:
+        # The released code's evaluation victim (MNIST/test_model.py): the BatchNorm CNN with
+        # average pools, Adam 0.01 (no weight decay, constant rate), 2 epochs of batch 64.
+        config.victim = config_lib.victim(
+            dict(name="cnn_mnist", width=1.0, normalization="batch", pool="avg"),
+            epochs=2,
+            batch_size=64,
+            num_seeds=config.victim.num_seeds,
+            optimizer=config_lib.optimizer(
+                "adam", learning_rate=0.01, weight_decay=0.0, schedule="constant"
+            ),
+            eval_batch_size=1000,
+        )
     if "label_specific" in chosen:
         config.name = "L2C exact, label-specific (y+1), MNIST, linf 0.3"
         l2c.label_specific = True

@@ -439,6 +439,38 @@ def test_released_preset_trains_each_crafting_victim_on_one_frozen_poison():
     assert "refresh_every" not in l2c_mnist.get_config("cpu").poisons.l2c
 
 
+def test_released_victim_preset_trains_the_released_evaluation_victim():
+    """configs/l2c_mnist.py:released_victim: the victims are the released test_model.py's (the
+    BatchNorm CNN with average pools, Adam 0.01 at a constant rate, 2 epochs of 64) on either
+    size; the crafting victim and the other presets keep theirs."""
+    from functools import partial
+
+    from jaxpoison import models, training
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "l2c_mnist.py"
+    loader = importlib.util.spec_from_file_location("l2c_mnist_config", path)
+    l2c_mnist = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(l2c_mnist)
+    key = jax.random.key(0)
+    for base, seeds in ((None, 2), ("cpu", 1)):
+        config = l2c_mnist.get_config(f"{base},released_victim" if base else "released_victim")
+        victim = config.victim
+        assert (victim.model.normalization, victim.model.pool) == ("batch", "avg")
+        assert (victim.epochs, victim.batch_size, victim.num_seeds) == (2, 64, seeds)
+        opt = victim.optimizer
+        assert (opt.name, opt.learning_rate, opt.weight_decay, opt.schedule) == (
+            "adam",
+            0.01,
+            0.0,
+            "constant",
+        )
+        assert config.poisons.l2c == l2c_mnist.get_config(base).poisons.l2c
+        trainer = training.Trainer.from_config(victim, num_classes=10, image_shape=(28, 28, 1))
+        shapes = jax.eval_shape(partial(models.init, trainer.module, image_shape=(28, 28, 1)), key)
+        assert set(shapes) == {"params", "batch_stats"}
+    assert "normalization" not in l2c_mnist.get_config("cpu").victim.model
+
+
 @pytest.fixture(scope="module")
 def updated():
     """One jitted update per method, run twice (a retrace would fail assert_max_traces)."""
