@@ -674,6 +674,48 @@ def test_registry_and_noise_accuracy():
     assert l2c.noise_accuracy(apply_fn, {}, noise, labels) == 1.0
 
 
+def test_noise_accuracy_with_batch_statistics_reads_batchnorm_as_the_released_code():
+    """A BatchNorm classifier whose running averages (mean 0, variance 1) miss an offset of 5
+    on the first feature predicts class 0 for every noise image in evaluation mode (1/3 right);
+    normalised by the batch's own statistics it reads every label. A classifier without
+    BatchNorm reads the same either way, and noise_diagnostic's batch-statistics reading skips
+    it."""
+    from jaxpoison import models
+    from jaxpoison.trainers import l2c_victims
+
+    class Identity(nn.Module):
+        normalize: bool
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            eye = lambda key, shape, dtype=jnp.float32: jnp.eye(3, dtype=dtype)
+            h = nn.Dense(3, use_bias=False, kernel_init=eye)(x)
+            if self.normalize:
+                h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+            return h
+
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(3), 10))
+    noise = np.eye(3, dtype=np.float32)[labels] + np.array([5.0, 0.0, 0.0], np.float32)
+    classifiers = {}
+    for normalize in (True, False):
+        module = Identity(normalize)
+        variables = dict(module.init(jax.random.key(0), noise[:1]))
+        classifiers[normalize] = (models.make_apply_fn(module), variables)
+    bn_fn, bn_vars = classifiers[True]
+    assert l2c.noise_accuracy(bn_fn, bn_vars, noise, labels, batch_size=30) == pytest.approx(1 / 3)
+    assert (
+        l2c.noise_accuracy(bn_fn, bn_vars, noise, labels, batch_size=30, batch_statistics=True)
+        == 1.0
+    )
+    plain = [
+        l2c.noise_accuracy(*classifiers[False], noise, labels, batch_statistics=b)
+        for b in (False, True)
+    ]
+    assert plain == [pytest.approx(1 / 3)] * 2
+    read = l2c_victims.noise_diagnostic(classifiers, noise, labels, batch_statistics=True)
+    assert read == {True: 1.0}
+
+
 def test_noise_structure_tells_class_wise_from_label_free_noise():
     """Class-wise noise: all its variance between classes, read perfectly by the nearest class
     mean; noise independent of the label: a share near K/N and chance accuracy; noise that is

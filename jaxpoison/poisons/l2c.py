@@ -584,23 +584,33 @@ def perturbations(state, images, *, generator, threat, batch_size=1000):
     return np.concatenate(parts)
 
 
-def noise_accuracy(apply_fn, variables, noise, labels, *, batch_size=1000):
+def noise_accuracy(apply_fn, variables, noise, labels, *, batch_size=1000, batch_statistics=False):
     """The paper's diagnostic: accuracy of a classifier f on the perturbations g(x) alone.
 
     A victim trained on L2C data that labels the bare noise correctly has learned the noise as
     a shortcut; a clean model doing so means the noise carries class-like features.
+
+    A BatchNorm classifier can be read two ways. By default (evaluation mode) its running
+    averages normalise the noise, statistics of the images it was trained on.
+    ``batch_statistics=True`` runs it in training mode instead: each batch of `batch_size`
+    noise images is normalised by its own statistics (the running averages returned are
+    dropped), as the released DeepConfuse test script reads its victims (it never calls
+    ``.eval()``). The released generator's noise gives the paper's 95% that way and 44-66% in
+    evaluation mode (docs/l2c.md). The batches follow the given order, so shuffle noise sorted
+    by label first; a model with dropout needs the default.
 
     Args:
       apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)``.
       variables: the classifier's variables.
       noise: perturbations [N, H, W, C] (e.g. from `perturbations`), fed as images.
       labels: int labels [N].
-      batch_size: images per jitted call.
+      batch_size: images per jitted call (and per batch of statistics).
+      batch_statistics: read BatchNorm layers with each batch's statistics.
 
     Returns:
       The accuracy as a Python float.
     """
-    fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x, train=False)[0], -1))
+    fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x, train=batch_statistics)[0], -1))
     noise, labels = np.asarray(noise), np.asarray(labels)
     correct = sum(
         int(

@@ -3,7 +3,9 @@
 The paper trains a random forest and an RBF SVM on the poisoned MNIST training set and tests
 them on clean MNIST; `sklearn_victims` does that for any (float image) training set. The
 diagnostic `noise_diagnostic` measures how well classifiers predict the labels from the
-perturbation g(x) alone, and `noise_structure` how much label information the perturbations
+perturbation g(x) alone (victims with BatchNorm are read twice: on their running averages, and
+on each noise batch's statistics as the released DeepConfuse code reads them, the paper's
+Table 2 reading), and `noise_structure` how much label information the perturbations
 carry without any trained network (between-class share of their variance, nearest class mean
 accuracy, correlation with the image). `evaluate_workdir` runs them on a finished `jaxpoison`
 run (the scikit-learn victims and the noise structure on the first ``max_train`` training
@@ -78,17 +80,23 @@ def sklearn_victims(x_train, y_train, x_test, y_test, *, victims=SKLEARN_VICTIMS
     return out
 
 
-def noise_diagnostic(classifiers, noise, labels):
+def noise_diagnostic(classifiers, noise, labels, *, batch_statistics=False):
     """Accuracy of each classifier on the perturbations alone: ``{name: acc of f(g(x))}``.
 
     Args:
       classifiers: ``{name: (apply_fn, variables)}``.
       noise: g(x) [N, H, W, C] (see `l2c.perturbations`).
       labels: int labels [N].
+      batch_statistics: BatchNorm on the statistics of each batch of 1,000 noise images, as the
+        released DeepConfuse code reads its victims (`l2c.noise_accuracy`); only the
+        classifiers with BatchNorm (a ``batch_stats`` collection) are read then.
     """
     return {
-        name: l2c.noise_accuracy(apply_fn, variables, noise, labels)
+        name: l2c.noise_accuracy(
+            apply_fn, variables, noise, labels, batch_statistics=batch_statistics
+        )
         for name, (apply_fn, variables) in classifiers.items()
+        if not batch_statistics or "batch_stats" in variables
     }
 
 
@@ -235,6 +243,9 @@ def evaluate_workdir(workdir, *, run="l2c", max_train=None, victims=SKLEARN_VICT
             if restored is not None:
                 classifiers[label] = restored
         result["noise_only_test_accuracy"] = noise_diagnostic(classifiers, noise, dataset.y_test)
+        result["noise_only_test_accuracy_batch_statistics"] = noise_diagnostic(
+            classifiers, noise, dataset.y_test, batch_statistics=True
+        )
         noise_train = l2c.perturbations(
             state, x_clean[:n], generator=ps.kwargs["generator"], threat=ps.threat
         )
