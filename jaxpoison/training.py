@@ -65,6 +65,19 @@ def _determining(config):
     return spec
 
 
+# Module fields added after checkpoints were first keyed by the module's repr, with the defaults
+# that build the earlier module: at those defaults they are left out of the key, so adding them
+# kept every earlier checkpoint's key (and the keys of the poisons crafted with such surrogates).
+_ADDED_MODULE_FIELDS = {models.MnistCNN: {"normalization": "none", "pool": "max"}}
+
+
+def _module_key(module):
+    """``repr(module)`` without the fields of `_ADDED_MODULE_FIELDS` at their defaults."""
+    added = _ADDED_MODULE_FIELDS.get(type(module), {})
+    at_default = {f"    {name} = {value!r}" for name, value in added.items()}
+    return "\n".join(line for line in repr(module).splitlines() if line not in at_default)
+
+
 def _on_mesh(method):
     """Runs a `Trainer` method under its mesh (`jax.set_mesh`), where `sharding` finds it."""
 
@@ -472,7 +485,7 @@ class Trainer:
             "kind": "victim",
             "version": ARTIFACT_VERSION,
             "trainer": self.spec,
-            "module": repr(self.module),
+            "module": _module_key(self.module),
             "image_shape": list(self.image_shape),
             "data": train_data.digest,
             "key": key,

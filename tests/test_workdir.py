@@ -110,6 +110,30 @@ def test_trainer_checkpoints_are_keyed_by_spec_data_and_key(tmp_path):
         hand_built.fit(td, key=key, ckpt_dir=tmp_path / "h", progress=False)
 
 
+def test_fields_added_to_a_model_keep_the_earlier_checkpoint_keys():
+    """cnn_mnist's normalization and pool came after checkpoints were keyed by the module's
+    repr: at their defaults the record holds the earlier text, so earlier checkpoints (and the
+    poisons crafted with such surrogates) keep their keys; the released victim gets its own."""
+    config = ml_collections.ConfigDict(
+        dict(model=dict(name="cnn_mnist", width=0.5), epochs=1, batch_size=8, optimizer={})
+    )
+    x = np.zeros((8, 28, 28, 1), np.uint8)
+    td = training.TrainData.create(x, np.arange(8) % 2, x, np.arange(8) % 2)
+    key = jax.random.key(0)
+
+    def record(config):
+        trainer = training.Trainer.from_config(config, num_classes=10, image_shape=(28, 28, 1))
+        return trainer.record(td, key=key, num_seeds=1)
+
+    earlier = (
+        "MnistCNN(\n    # attributes\n    num_classes = 10\n    width = 0.5\n    dtype = float32\n)"
+    )
+    assert record(config)["module"] == earlier
+    config.model.update(normalization="batch", pool="avg")
+    assert "normalization = 'batch'" in record(config)["module"]
+    assert "pool = 'avg'" in record(config)["module"]
+
+
 def test_auto_model_follows_the_data_and_a_bad_shape_is_refused():
     assert specs.model_spec({"name": "auto"}, (28, 28, 1), num_classes=10)["name"] == "cnn_mnist"
     assert specs.model_spec({"name": "auto"}, (32, 32, 3), num_classes=10)["name"] == "cnn_cifar"
