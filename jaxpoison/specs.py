@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -80,10 +81,19 @@ def selected(config, field):
 
 
 @functools.lru_cache(maxsize=64)
-def _check_builds(name, width, image_shape, num_classes):
-    module = models.make(name, num_classes=num_classes, width=width)
+def _check_builds(name, width, image_shape, num_classes, options="{}"):
+    """Traces the model `name` on `image_shape`; `options`: its other fields, as JSON."""
+    module = models.make(name, num_classes=num_classes, width=width, **json.loads(options))
     x = jnp.zeros((1, *image_shape), jnp.float32)
     jax.eval_shape(lambda: module.apply(module.init(jax.random.key(0), x), x, train=False))
+
+
+def _builds(*args):
+    try:
+        _check_builds(*args)
+    except Exception:  # any failure: the model cannot take the shape
+        return False
+    return True
 
 
 def model_spec(spec, image_shape, *, num_classes, what="model"):
@@ -112,9 +122,15 @@ def model_spec(spec, image_shape, *, num_classes, what="model"):
         raise ValueError(
             f"{what}: unknown model {name!r}; use 'auto' or one of {sorted(models.MODELS)}."
         )
+    # The model's own fields (normalization, pool, dtype, ...), as the trainer passes them: a bad
+    # one is refused here, before any work, in its own line (not after hours of crafting).
+    options = {k: v for k, v in spec.items() if k not in ("name", "width")}
+    args = (name, float(spec.get("width", 1.0)), image_shape, int(num_classes))
     try:
-        _check_builds(name, float(spec.get("width", 1.0)), image_shape, int(num_classes))
+        _check_builds(*args, json.dumps(options, sort_keys=True))
     except Exception as e:  # flax/XLA raise many types for a shape a model cannot take
+        if options and isinstance(e, ValueError) and _builds(*args):  # the options are at fault
+            raise ValueError(f"{what}: {str(e).splitlines()[0]}") from e
         raise ValueError(
             f"{what}: model {name!r} cannot take {image_shape} images "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); choose another model.name "

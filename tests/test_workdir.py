@@ -144,6 +144,15 @@ def test_auto_model_follows_the_data_and_a_bad_shape_is_refused():
     # Two VALID 5x5 convolutions and pools leave nothing of a 6x6 image.
     with pytest.raises(ValueError, match="cannot take \\(6, 6, 1\\) images"):
         specs.model_spec({"name": "cnn_mnist", "width": 0.1}, (6, 6, 1), num_classes=10)
+    # The model's own fields are checked as the trainer passes them, each bad one in its line.
+    for field, message in (
+        ({"pool": "mean"}, "config.victim: MnistCNN pool='mean'; use 'max' or 'avg'"),
+        ({"pools": "avg"}, "config.victim: model 'cnn_mnist' does not take .*'pools'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            specs.model_spec(
+                {"name": "cnn_mnist", **field}, (28, 28, 1), num_classes=10, what="config.victim"
+            )
 
 
 def test_selected_keeps_all_or_the_named_and_refuses_unknown_names():
