@@ -110,14 +110,30 @@ def train_cell(
     progress=True,
     untrained=False,
 ):
-    """Trains one cell of a grid, or resumes it from its checkpoint, and returns ``(states,
-    entry)``: `entry` the run's ``results.json`` record (``history``, ``wall_time_s``,
-    ``checkpoint``, ``confusion``; ``privacy``, ``untrained`` and ``evals`` where they apply).
+    """Trains one cell of a grid, or resumes it from its checkpoint.
 
     The victim key and the checkpoint folder come from `run_name` alone, so a cell is the same
-    cell whichever other cells a run trains. `untrained`: zero epochs (the ``naive`` run).
-    `num_examples`: the training set's size, for DP-SGD's accountant; `evals` / `evaluators`:
-    `make_evaluators`' inputs and output, `confusion`: `risk.make_confusion`'s evaluator.
+    cell whichever other cells a run trains.
+
+    Args:
+      trainer: the cell's `training.Trainer` (its objective and victim).
+      td: the cell's `training.TrainData`.
+      root: the run's root key (``config.seed``).
+      run_name: the cell's name, e.g. ``jpeg/ops``.
+      num_seeds: victims trained side by side.
+      num_classes: the dataset's number of classes.
+      num_examples: the training set's size, for DP-SGD's accountant.
+      workdir: the run's workdir (a `Path`).
+      confusion: `risk.make_confusion`'s evaluator for `trainer`.
+      evals: ``config.evals`` ({label: spec}); empty for none.
+      evaluators: `make_evaluators`' output for `evals` and `trainer`.
+      progress: show progress bars.
+      untrained: zero epochs (the ``naive`` run).
+
+    Returns:
+      ``(states, entry)``: the trained victims and the run's ``results.json`` record
+      (``history``, ``wall_time_s``, ``checkpoint``, ``confusion``; ``privacy``, ``untrained``
+      and ``evals`` where they apply).
     """
     t0 = time.time()
     victim_key = run_key(root, f"victim/{run_name}")
