@@ -74,11 +74,19 @@ def test_exported_cnn_computes_the_same_logits(trained):
     ],
 )
 def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape, options):
-    # Random weights and running statistics far from (0, 1), so a BatchNorm field copied to the
-    # wrong place, or an NHWC/NCHW mix-up of a flattening layer, shows in the logits.
+    # Random weights, BatchNorm scales and biases, and running statistics far from (0, 1), so a
+    # BatchNorm field copied to the wrong place (a scale taken for a bias, a mean for a
+    # variance), or an NHWC/NCHW mix-up of a flattening layer, shows in the logits.
     rng = np.random.default_rng(0)
     module = models.make(name, num_classes=10, width=width, **options)
     variables = models.init(module, jax.random.key(0), shape)
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda path, a: {
+            "scale": lambda: rng.uniform(0.5, 1.5, a.shape).astype(np.float32),
+            "bias": lambda: rng.uniform(-0.5, 0.5, a.shape).astype(np.float32),
+        }.get(path[-1].key, lambda: a)(),
+        variables["params"],
+    )
     if "batch_stats" in variables:
         variables["batch_stats"] = jax.tree.map(
             lambda a: rng.uniform(0.2, 1.5, a.shape).astype(np.float32), variables["batch_stats"]
