@@ -141,7 +141,9 @@ def claim(directory, record):
     """Makes `directory` the home of the state that `record` determines.
 
     Writes ``spec.json`` (the record) into a new directory; accepts a directory whose
-    ``spec.json`` holds the same record.
+    ``spec.json`` holds the same record. With several processes every one checks the directory
+    before the writing one writes (a barrier between), so all see the same state and agree:
+    none can mistake the writer's half-made ``spec.json`` for state of unknown origin.
 
     Raises:
       StaleArtifactError: when `directory` holds state of another record, or files but no record
@@ -164,7 +166,9 @@ def claim(directory, record):
             f"{directory} holds state of unknown origin (no spec.json: made before artifacts "
             "were keyed); delete that directory or use another one."
         )
+    distributed.barrier(f"claim {directory}")  # every process has looked: now it may change
     write_json_atomic(spec_path, wanted)
+    distributed.barrier(f"claimed {directory}")  # written before anyone looks again
     return directory
 
 

@@ -53,6 +53,44 @@ def test_claim_refuses_another_record_naming_the_fields(tmp_path):
         checkpointing.Manager(d, record=other)
 
 
+def test_claim_on_two_processes_never_sees_the_writers_half_made_spec(tmp_path, monkeypatch):
+    """Two processes claim one directory (threads, `distributed` patched): the other process
+    looks while the writer's ``spec.json`` is half-made (its temporary file written slowly). It
+    must not take that file for state of unknown origin, which left the two processes apart."""
+    import threading
+    import time
+
+    from jaxpoison import distributed
+
+    process = threading.local()
+    barrier = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
+    monkeypatch.setattr(distributed, "barrier", lambda name: barrier.wait())
+    dump = json.dump
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (time.sleep(1.0), dump(*a, **k)))
+    d, record, errors = tmp_path / "ckpt", {"epochs": 3}, []
+
+    def claim(index):
+        process.index = index
+        if index == 1:  # looks once the writer's temporary file is there (or after 0.5 s)
+            deadline = time.time() + 0.5
+            while time.time() < deadline and not (d.is_dir() and any(d.iterdir())):
+                time.sleep(0.01)
+        try:
+            workdir.claim(d, record)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"process {index}: {e}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads((d / "spec.json").read_text()) == record
+
+
 def test_poison_artifact_loads_only_for_its_record(tmp_path):
     from jaxpoison import threat
 
