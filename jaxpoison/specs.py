@@ -420,11 +420,27 @@ def check(config, *, image_shape, num_classes, victims=True):
             ) from e
 
 
+def _keyed_specs(value):
+    """`value` with every model spec in it (a dict whose ``name`` is in `models.MODELS`) as
+    `models.keyed_fields` keys it: fields added to the model later, at their defaults, left out."""
+    if isinstance(value, dict):
+        value = {k: _keyed_specs(v) for k, v in value.items()}
+        name = value.get("name")
+        return models.keyed_fields(
+            models.MODELS.get(name) if isinstance(name, str) else None, value
+        )
+    if isinstance(value, (list, tuple)):
+        return [_keyed_specs(v) for v in value]
+    return value
+
+
 def poison_record(ps, *, fingerprint, image_shape, num_classes, key, surrogate_key=None):
     """What determines a crafted poison: the content-key record of its artifact.
 
     A factory argument named ``path`` (a file the poison reads, e.g. ``from_file``'s) enters
-    with the sha256 of the file's bytes, so a file changed on disk is read afresh.
+    with the sha256 of the file's bytes, so a file changed on disk is read afresh. A model spec
+    among the arguments (L2C's ``victim``) enters without the fields added to its model later
+    at their defaults (`models.keyed_fields`), so the poisons crafted before keep their keys.
     """
     files = {}
     if isinstance(ps.kwargs.get("path"), str) and Path(ps.kwargs["path"]).is_file():
@@ -434,7 +450,7 @@ def poison_record(ps, *, fingerprint, image_shape, num_classes, key, surrogate_k
         "kind": "poison",
         "version": ARTIFACT_VERSION,
         "name": ps.name,
-        "kwargs": ps.kwargs,
+        "kwargs": _keyed_specs(ps.kwargs),
         "threat": ps.threat_fields,
         "craft": ps.craft,
         "data": fingerprint,

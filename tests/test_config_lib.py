@@ -321,3 +321,33 @@ def test_study_presets():
     theory = parse("configs/gaussian_theory.py:tiny", "--config.theory.epsilon=0.03")
     assert theory.theory.epsilon == 0.03 and theory.theory.mc_dims == (10, 10000)
     assert load("gaussian_theory").theory.epsilon is None
+
+
+def test_l2c_crafting_victim_takes_the_released_network_on_the_command_line():
+    """``--config.poisons.l2c.victim.normalization=batch ...pool=avg`` crafts against the
+    released network; at the defaults the :cpu poison's record keeps the key it had before the
+    config held these fields (computed on d93265f), so no earlier poison is crafted again."""
+    import jax
+
+    from jaxpoison import workdir
+    from jaxpoison.poisons import l2c
+
+    shape = dict(image_shape=(28, 28, 1), num_classes=10)
+
+    def key(config):
+        ps = specs.poison_spec(config, "l2c", **shape)
+        record = specs.poison_record(ps, fingerprint="d", key=jax.random.key(0), **shape)
+        return workdir.content_key(record)
+
+    default = load("l2c_mnist", "cpu")
+    assert key(default) == "4bf163fdc2f34334b69577c091efbf21676fd0c9ba87d45ffc9b9a10f9911faf"
+    released = parse(
+        "configs/l2c_mnist.py:cpu",
+        "--config.poisons.l2c.victim.normalization=batch",
+        "--config.poisons.l2c.victim.pool=avg",
+    )
+    victim = released.poisons.l2c.victim.to_dict()
+    assert victim == dict(name="cnn_mnist", width=0.5, normalization="batch", pool="avg")
+    module = l2c.make_victim(victim, num_classes=10)
+    assert (module.normalization, module.pool) == ("batch", "avg")
+    assert key(released) != key(default)

@@ -69,6 +69,20 @@ def register(name, module_factory, *, overwrite=False):
     _registry.add(MODELS, name, module_factory, kind="model", overwrite=overwrite)
 
 
+# Fields added to a model after artifacts were first keyed by it, with the defaults that build the
+# earlier model: a victim's checkpoints are keyed by its module's repr, a poison's record holds the
+# model specs it names (L2C's crafting victim, error-minimizing noise's model). `keyed_fields`
+# leaves these fields out at their defaults, so adding them kept every earlier key.
+ADDED_FIELDS = {MnistCNN: {"normalization": "none", "pool": "max"}}
+
+
+def keyed_fields(factory, fields):
+    """`fields` (a model's hyperparameters by name) without the `ADDED_FIELDS` of `factory` (a
+    class of `MODELS`) that hold their defaults: what an artifact's key records of the model."""
+    added = ADDED_FIELDS.get(factory, {})
+    return {k: v for k, v in fields.items() if k not in added or added[k] != v}
+
+
 # A model spec's ``dtype`` (the computation's precision; parameters, optimizer state and logits
 # stay float32): mixed precision with ``bfloat16`` halves activation memory on GPU/TPU.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -142,4 +156,13 @@ def init(module, key, image_shape):
     return dict(module.init(key, x, train=False))
 
 
-__all__ = ["MODELS", "init", "make", "make_apply_fn", "make_features_fn", "register"]
+__all__ = [
+    "ADDED_FIELDS",
+    "MODELS",
+    "init",
+    "keyed_fields",
+    "make",
+    "make_apply_fn",
+    "make_features_fn",
+    "register",
+]
