@@ -716,6 +716,28 @@ def test_noise_accuracy_with_batch_statistics_reads_batchnorm_as_the_released_co
     assert read == {True: 1.0}
 
 
+def test_noise_accuracy_with_batch_statistics_refuses_dropout_in_one_line():
+    """Training mode would draw dropout masks, for which the batch-statistics reading has no
+    key: one ValueError line naming the fix, not flax's error; the default reading works."""
+    from jaxpoison import models
+
+    class WithDropout(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+            return nn.Dropout(0.5, deterministic=not train)(h)
+
+    noise, labels = np.zeros((6, 3), np.float32), np.zeros(6, np.int32)
+    module = WithDropout()
+    apply_fn = models.make_apply_fn(module)
+    variables = dict(module.init(jax.random.key(0), noise[:1]))
+    assert 0.0 <= l2c.noise_accuracy(apply_fn, variables, noise, labels) <= 1.0
+    with pytest.raises(ValueError) as error:
+        l2c.noise_accuracy(apply_fn, variables, noise, labels, batch_statistics=True)
+    message = str(error.value)
+    assert "\n" not in message and "dropout" in message and "batch_statistics=False" in message
+
+
 def test_noise_structure_tells_class_wise_from_label_free_noise():
     """Class-wise noise: all its variance between classes, read perfectly by the nearest class
     mean; noise independent of the label: a share near K/N and chance accuracy; noise that is

@@ -73,6 +73,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import flax.struct
 import jax
@@ -597,7 +598,8 @@ def noise_accuracy(apply_fn, variables, noise, labels, *, batch_size=1000, batch
     dropped), as the released DeepConfuse test script reads its victims (it never calls
     ``.eval()``). The released generator's noise gives the paper's 95% that way and 44-66% in
     evaluation mode (docs/l2c.md). The batches follow the given order, so shuffle noise sorted
-    by label first; a model with dropout needs the default.
+    by label first. A model with dropout needs the default: training mode would draw dropout
+    masks, for which this reading has no key (it says so in one line).
 
     Args:
       apply_fn: ``apply_fn(variables, x, *, train) -> (logits, state)``.
@@ -609,17 +611,32 @@ def noise_accuracy(apply_fn, variables, noise, labels, *, batch_size=1000, batch
 
     Returns:
       The accuracy as a Python float.
+
+    Raises:
+      ValueError: with ``batch_statistics=True``, when the classifier's training mode needs a
+        PRNG key (dropout): the message names the fix.
     """
     fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x, train=batch_statistics)[0], -1))
     noise, labels = np.asarray(noise), np.asarray(labels)
-    correct = sum(
-        int(
-            np.sum(
-                np.asarray(fn(variables, noise[i : i + batch_size])) == labels[i : i + batch_size]
+    try:
+        correct = sum(
+            int(
+                np.sum(
+                    np.asarray(fn(variables, noise[i : i + batch_size]))
+                    == labels[i : i + batch_size]
+                )
             )
+            for i in range(0, len(labels), batch_size)
         )
-        for i in range(0, len(labels), batch_size)
-    )
+    except flax.errors.InvalidRngError as e:
+        if not batch_statistics:
+            raise
+        raise ValueError(
+            "noise_accuracy(batch_statistics=True): the classifier in training mode needs a "
+            f"PRNG key this reading does not draw ({str(e).split(' (')[0]}); read a model with "
+            "dropout with batch_statistics=False (its running averages), or pass an apply_fn "
+            "whose training mode keeps dropout off."
+        ) from e
     return correct / max(1, len(labels))
 
 
