@@ -768,6 +768,42 @@ def test_noise_structure_tells_class_wise_from_label_free_noise():
     assert erase["mean_abs"] == pytest.approx(0.3 * np.mean(images), rel=1e-5)
 
 
+def test_l2c_victims_reads_batchnorm_victims_of_a_run(tmp_path):
+    """configs/l2c_mnist.py:released_victim,tiny end to end on random 16x16 images (clean and
+    poisoned victims: the BatchNorm cnn_mnist), then `evaluate_workdir`: both victims are read
+    on their running averages and on each noise batch's statistics, every number in [0, 1].
+    The crafting victim is a small MLP and the method Algorithm 2, which compile fastest."""
+    import math
+
+    from jaxpoison import trainers
+    from jaxpoison.trainers import l2c_victims
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (120, 16, 16, 1), dtype=np.uint8)
+    y = np.arange(120) % 10
+    np.savez(tmp_path / "mnist.npz", x_train=x[:80], y_train=y[:80], x_test=x[80:], y_test=y[80:])
+    path = Path(__file__).resolve().parents[1] / "configs" / "l2c_mnist.py"
+    loader = importlib.util.spec_from_file_location("l2c_mnist_config", path)
+    l2c_mnist = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(l2c_mnist)
+    config = l2c_mnist.get_config("released_victim,tiny")
+    config.data.update(source="npz", data_dir=str(tmp_path), num_train=80, num_test=40)
+    config.victim.update(epochs=1, num_seeds=1, batch_size=20, eval_batch_size=40)
+    config.poisons.l2c.update(method="algorithm2", batch_size=20, outer_batch_size=20)
+    config.poisons.l2c.victim = dict(name="mlp", width=0.125)
+    assert config.victim.model.normalization == "batch"
+    with logic_only():
+        results = trainers.train_and_evaluate(config, tmp_path / "run", progress=False)
+        out = l2c_victims.evaluate_workdir(tmp_path / "run", max_train=40, victims=())
+    assert set(results["summary"]) == {"clean", "l2c"}
+    for key in ("noise_only_test_accuracy", "noise_only_test_accuracy_batch_statistics"):
+        assert set(out[key]) == {"victim_clean", "victim_l2c"}, key
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in out[key].values()), out[key]
+    assert (
+        math.isfinite(out["noise_structure"]["mean_abs"]) and out["noise_structure"]["mean_abs"] > 0
+    )
+
+
 @pytest.mark.slow  # 2 minutes: the U-Net generator's meta-step compiles
 def test_l2c_victims_of_a_transfer_run(tmp_path):
     """The CIFAR-10 config's transfer study end to end on the embedded subset, then the
