@@ -97,6 +97,31 @@ def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape, opt
     assert pytorch.max_logit_difference(net, module, variables, x) <= 1e-5 * max(1.0, scale)
 
 
+def test_export_refuses_an_option_the_twin_does_not_build():
+    """cnn_mnist's twin refuses an unknown pool or normalization, and a field it does not build
+    (here one a subclass adds) away from its default, each in one line naming the option and
+    the values it takes; at the default the field is no obstacle."""
+    from jaxpoison.models import cnn
+
+    class Activated(cnn.MnistCNN):
+        activation: str = "relu"
+
+    variables = models.init(cnn.MnistCNN(10, 0.25), jax.random.key(0), (28, 28, 1))
+    for module, message in (
+        (cnn.MnistCNN(10, 0.25, pool="mean"), "pool='mean'; use 'max' or 'avg'"),
+        (cnn.MnistCNN(10, 0.25, normalization="layer"), "normalization='layer'; use 'none' or"),
+        (Activated(10, 0.25, activation="tanh"), "activation='tanh'; it takes only activation="),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            pytorch.to_torch(module, variables)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="pool='mean'"):
+        pytorch.MnistCNN(10, 0.25, in_features=200, pool="mean")
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    net = pytorch.to_torch(Activated(10, 0.25), variables)
+    assert pytorch.max_logit_difference(net, Activated(10, 0.25), variables, x) <= 1e-5
+
+
 @pytest.mark.parametrize("norm,epsilon", [("linf", 2 / 255), ("l2", 0.25)])
 def test_apgd_ce_robust_accuracy_matches_torchattacks(trained, norm, epsilon):
     module, variables, x, y = trained

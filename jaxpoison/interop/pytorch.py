@@ -19,6 +19,10 @@ channels):
   (``resnet18``: the CIFAR stem, BasicBlocks, 1x1-conv + BN shortcuts). BatchNorm: flax momentum
   0.9 on the running average is PyTorch momentum 0.1; epsilon 1e-5 in both.
 
+A twin computes in float32 whatever the module's ``dtype``. An option it does not build (a
+``pool`` other than max or avg, a field added to the flax model or to a subclass, away from its
+default) is refused in one line naming the option and the values it takes, never ignored.
+
 The benchmarks' PyTorch workloads (`benchmarks/torch_reference.py`) use these twins too.
 
 torch is an optional dependency (``pip install -e '.[torch]'``); this module imports it when it
@@ -35,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -116,6 +121,12 @@ class MnistCNN(nn.Module):
         normalization="none",
         pool="max",
     ):
+        if normalization not in ("none", "batch"):
+            raise ValueError(
+                f"MnistCNN twin: normalization={normalization!r}; use 'none' or 'batch'."
+            )
+        if pool not in ("max", "avg"):
+            raise ValueError(f"MnistCNN twin: pool={pool!r}; use 'max' or 'avg'.")
         super().__init__()
         c1, c2, hidden = _round(20, width), _round(50, width), _round(500, width)
         self.conv1 = nn.Conv2d(in_channels, c1, 5)
@@ -279,8 +290,38 @@ def _bn(dst, p, stats):
     _put(dst.running_var, stats["var"], "a BatchNorm variance")
 
 
+# The fields of each flax model its twin builds, besides num_classes, width and dtype (a twin
+# computes in float32) and flax's parent and name: a module with any other field away from its
+# default (a field added to the flax model, or to a subclass of it) is refused, not exported as
+# another network.
+_TWIN_FIELDS = {
+    cnn.CifarCNN: ("channels", "head"),
+    cnn.MnistCNN: ("normalization", "pool"),
+    mlp.MLP: ("hidden",),
+    vgg.VGG: ("depth",),
+    resnet.ResNet: ("block", "stage_sizes"),
+}
+
+
+def _refuse_unbuilt_fields(module):
+    """Raises ValueError naming a field of `module` that its twin does not build."""
+    base = next((c for c in _TWIN_FIELDS if isinstance(module, c)), None)
+    if base is None:
+        return  # no twin at all: `_twin` says so
+    builds = {"num_classes", "width", "dtype", "parent", "name", *_TWIN_FIELDS[base]}
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        if field.name not in builds and value != field.default:
+            raise ValueError(
+                f"The PyTorch twin of {type(module).__name__} does not build "
+                f"{field.name}={value!r}; it takes only {field.name}={field.default!r} (it builds "
+                f"{', '.join(sorted(builds - {'parent', 'name'}))})."
+            )
+
+
 def _twin(module, params):
     """The torch twin of the flax `module` and its copy function ``(twin, params, stats)``."""
+    _refuse_unbuilt_fields(module)
     k = module.num_classes
     if isinstance(module, cnn.CifarCNN):
         if module.head not in ("mean", "flatten"):
