@@ -166,9 +166,12 @@ def claim(directory, record):
             f"{directory} holds state of unknown origin (no spec.json: made before artifacts "
             "were keyed); delete that directory or use another one."
         )
-    distributed.barrier(f"claim {directory}")  # every process has looked: now it may change
+    # Named by the record, not the path: the processes of a run may see the shared workdir under
+    # other absolute paths (a relative --workdir, another mount point); barrier names must agree.
+    key = content_key(wanted)[:KEY_LENGTH]
+    distributed.barrier(f"claim {key}")  # every process has looked: now it may change
     write_json_atomic(spec_path, wanted)
-    distributed.barrier(f"claimed {directory}")  # written before anyone looks again
+    distributed.barrier(f"claimed {key}")  # written before anyone looks again
     return directory
 
 

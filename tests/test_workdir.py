@@ -91,6 +91,71 @@ def test_claim_on_two_processes_never_sees_the_writers_half_made_spec(tmp_path, 
     assert json.loads((d / "spec.json").read_text()) == record
 
 
+def test_claim_names_its_barriers_alike_on_processes_that_see_other_paths(tmp_path, monkeypatch):
+    """The processes of a run may see the shared workdir under other absolute paths (a relative
+    --workdir, another mount point): claim's barrier names must still agree, as
+    ``sync_global_devices`` asserts equal names on every process."""
+    import threading
+
+    from jaxpoison import distributed
+
+    process, names = threading.local(), {0: [], 1: []}
+    barrier = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
+    monkeypatch.setattr(
+        distributed, "barrier", lambda name: (names[process.index].append(name), barrier.wait())
+    )
+    (tmp_path / "mount").symlink_to(tmp_path, target_is_directory=True)
+    paths = (tmp_path / "ckpt", tmp_path / "mount" / "ckpt")
+
+    def claim(index):
+        process.index = index
+        workdir.claim(paths[index], {"epochs": 3})
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(names[0]) == 2 and names[0] == names[1], names
+
+
+def test_poison_save_on_two_processes_returns_once_the_artifact_is_there(tmp_path, monkeypatch):
+    """Every process calls `storage.save` and may `load` the artifact right after (the streamed
+    trainer reads a crafted poison back): the other process must find it written, however
+    slowly the writer writes (threads, `distributed` patched)."""
+    import threading
+    import time
+
+    from jaxpoison import distributed, threat
+
+    process, errors = threading.local(), []
+    barrier = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
+    monkeypatch.setattr(distributed, "barrier", lambda name: barrier.wait())
+    savez = np.savez_compressed
+    monkeypatch.setattr(np, "savez_compressed", lambda *a, **k: (time.sleep(1.0), savez(*a, **k)))
+    state = {"delta": np.full((4, 2, 2, 1), 0.01, np.float32)}
+    kw = dict(name="regions", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
+
+    def save_and_load(index):
+        process.index = index
+        try:
+            storage.save(tmp_path / "a", state, fingerprint="f", **kw)
+            loaded, _ = storage.load(tmp_path / "a", state, fingerprint="f")
+            np.testing.assert_array_equal(loaded["delta"], state["delta"])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"process {index}: {e}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=save_and_load, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def test_poison_artifact_loads_only_for_its_record(tmp_path):
     from jaxpoison import threat
 

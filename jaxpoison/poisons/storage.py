@@ -60,8 +60,9 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     """Saves a poison state and its metadata atomically into `directory` (replacing it).
 
     Every process of a multi-process run calls it (a state split over them is gathered); the
-    writing one writes. `record` (optional) is everything that determined the state
-    (`jaxpoison.workdir`); it is stored with its content key, which `load` can require.
+    writing one writes, and none returns before the artifact is there to `load` (a barrier).
+    `record` (optional) is everything that determined the state (`jaxpoison.workdir`); it is
+    stored with its content key, which `load` can require.
 
     Raises:
       PoisonFileError: when a leaf holds NaN or infinite values (nothing is written).
@@ -70,7 +71,9 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     leaves = _leaves_with_keys(state)  # every process: a state split over them is gathered
     for key, value in leaves.items():
         _check_finite(directory, key, value)
+    saved = f"poison saved {directory.name}"  # the keyed name: alike on every process
     if not distributed.is_writer():
+        distributed.barrier(saved)  # the writer has written before this one reads it back
         return
     directory.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -100,6 +103,7 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     except BaseException:  # disk full, an interrupt: nothing half-written is left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    distributed.barrier(saved)
 
 
 def load(directory, template, *, fingerprint=None, record=None):
