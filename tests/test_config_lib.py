@@ -351,3 +351,28 @@ def test_l2c_crafting_victim_takes_the_released_network_on_the_command_line():
     module = l2c.make_victim(victim, num_classes=10)
     assert (module.normalization, module.pool) == ("batch", "avg")
     assert key(released) != key(default)
+
+
+def test_l2c_crafting_victim_takes_another_model_on_the_command_line():
+    """``--config.poisons.l2c.victim.name=mlp`` crafts against an MLP: the config's cnn_mnist
+    normalization and pool, at their defaults, are left out (an MLP takes neither), so the poison
+    builds and keeps the key it had before the config held them (computed on d93265f); away
+    from their defaults they are refused, naming them."""
+    import jax
+
+    from jaxpoison import workdir
+
+    shape = dict(image_shape=(28, 28, 1), num_classes=10)
+    config = parse("configs/l2c_mnist.py:cpu", "--config.poisons.l2c.victim.name=mlp")
+    specs.check(config, **shape)
+    ps = specs.poison_spec(config, "l2c", **shape)
+    record = specs.poison_record(ps, fingerprint="d", key=jax.random.key(0), **shape)
+    key = "ca89683e538df2e4a0c4fe99312f5ab47a778279a57e196da9c99cd006f0d48e"
+    assert workdir.content_key(record) == key
+    batch = parse(
+        "configs/l2c_mnist.py:cpu",
+        "--config.poisons.l2c.victim.name=mlp",
+        "--config.poisons.l2c.victim.normalization=batch",
+    )
+    with pytest.raises(ValueError, match=r"does not take argument\(s\) \['normalization'\]"):
+        specs.check(batch, **shape)

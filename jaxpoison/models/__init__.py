@@ -78,8 +78,20 @@ ADDED_FIELDS = {MnistCNN: {"normalization": "none", "pool": "max"}}
 
 def keyed_fields(factory, fields):
     """`fields` (a model's hyperparameters by name) without the `ADDED_FIELDS` of `factory` (a
-    class of `MODELS`) that hold their defaults: what an artifact's key records of the model."""
-    added = ADDED_FIELDS.get(factory, {})
+    class of `MODELS`) that hold their defaults: what an artifact's key records of the model.
+
+    Nor those of another model, at their defaults, that `factory` does not take: a config that
+    holds cnn_mnist's ``normalization='none', pool='max'`` may name another model
+    (``--config.poisons.l2c.victim.name=mlp``), which is then built and keyed as without them.
+    """
+    added = dict(ADDED_FIELDS.get(factory, {}))
+    if factory is not None:
+        for other, defaults in ADDED_FIELDS.items():
+            added |= {
+                k: v
+                for k, v in defaults.items()
+                if other is not factory and not _registry.accepts(factory, k)
+            }
     return {k: v for k, v in fields.items() if k not in added or added[k] != v}
 
 

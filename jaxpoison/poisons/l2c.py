@@ -129,12 +129,19 @@ def make_generator(generator, *, threat):
 
 
 def make_victim(victim, *, num_classes):
-    """A victim module from a ``dict(name=..., width=..., **fields)`` spec or a module."""
+    """A victim module from a ``dict(name=..., width=..., **fields)`` spec or a module.
+
+    Fields added to another model later, at their defaults, that the named model does not take
+    are left out (`models.keyed_fields`): l2c_mnist's victim holds cnn_mnist's normalization and
+    pool, and ``--config.poisons.l2c.victim.name=mlp`` builds an MLP.
+    """
     if isinstance(victim, nn.Module):
         return victim
     spec = {"name": victim} if isinstance(victim, str) else dict(victim)
     spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    return models.make(spec.pop("name"), num_classes=num_classes, **spec)
+    name = spec.pop("name")
+    spec = models.keyed_fields(models.MODELS.get(name), spec)
+    return models.make(name, num_classes=num_classes, **spec)
 
 
 def make_target(target, num_classes):
