@@ -103,7 +103,8 @@ def get_config(arg=None):
         config.select.objectives = ("erm", "pgd_at", *(f"pgd_at_eps{k}" for k in SWEEP_EPSILONS))
         config.budget_sweep = dict(objective="pgd_at")
         # The sweep measures clean accuracy; AutoAttack on each of its AT victims costs more.
-        del config.evals
+        if "evals" in config:  # only the family preset has evaluators
+            del config.evals
     if "tiny" in chosen:
         config_lib.tiny(config)
     return config

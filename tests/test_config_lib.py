@@ -222,6 +222,9 @@ def test_defenses_presets():
         assert eps4.epsilon == pytest.approx(k / 255) and eps4.step_size == pytest.approx(k / 1020)
         assert eps4.num_steps == family.objectives.pgd_at.num_steps
     assert set(sweep.objectives) > set(family.objectives)  # every spec stays
+    own = load("defenses_cifar10", "sweep")  # the sweep on the config's own settings too
+    assert own.budget_sweep.objective == "pgd_at" and "evals" not in own
+    assert set(own.select.objectives) == set(sweep.select.objectives)
 
 
 def test_family_presets_share_the_poison_family_settings():
