@@ -53,40 +53,55 @@ def test_claim_refuses_another_record_naming_the_fields(tmp_path):
         checkpointing.Manager(d, record=other)
 
 
-def test_claim_on_two_processes_never_sees_the_writers_half_made_spec(tmp_path, monkeypatch):
-    """Two processes claim one directory (threads, `distributed` patched): the other process
-    looks while the writer's ``spec.json`` is half-made (its temporary file written slowly). It
-    must not take that file for state of unknown origin, which left the two processes apart."""
+def _on_two_processes(monkeypatch, work):
+    """Runs ``work(index)`` as processes 0 (the writer) and 1 of a run, on two threads with
+    `distributed`'s writer test and barrier patched; returns the barrier names each passed and
+    the errors raised (an error releases the other thread's barrier)."""
     import threading
-    import time
 
     from jaxpoison import distributed
 
-    process = threading.local()
+    process, names, errors = threading.local(), {0: [], 1: []}, []
     barrier = threading.Barrier(2, timeout=30)
     monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
-    monkeypatch.setattr(distributed, "barrier", lambda name: barrier.wait())
-    dump = json.dump
-    monkeypatch.setattr(json, "dump", lambda *a, **k: (time.sleep(1.0), dump(*a, **k)))
-    d, record, errors = tmp_path / "ckpt", {"epochs": 3}, []
+    monkeypatch.setattr(
+        distributed, "barrier", lambda name: (names[process.index].append(name), barrier.wait())
+    )
 
-    def claim(index):
+    def run(index):
         process.index = index
-        if index == 1:  # looks once the writer's temporary file is there (or after 0.5 s)
-            deadline = time.time() + 0.5
-            while time.time() < deadline and not (d.is_dir() and any(d.iterdir())):
-                time.sleep(0.01)
         try:
-            workdir.claim(d, record)
-        except Exception as e:  # noqa: BLE001 (reported below)
+            work(index)
+        except Exception as e:  # noqa: BLE001 (returned to the test)
             errors.append(f"process {index}: {e}")
             barrier.abort()
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return names, errors
+
+
+def test_claim_on_two_processes_never_sees_the_writers_half_made_spec(tmp_path, monkeypatch):
+    """Two processes claim one directory: the other process looks while the writer's
+    ``spec.json`` is half-made (its temporary file written slowly). It must not take that file
+    for state of unknown origin, which left the two processes apart."""
+    import time
+
+    dump = json.dump
+    monkeypatch.setattr(json, "dump", lambda *a, **k: (time.sleep(1.0), dump(*a, **k)))
+    d, record = tmp_path / "ckpt", {"epochs": 3}
+
+    def claim(index):
+        if index == 1:  # looks once the writer's temporary file is there (or after 0.5 s)
+            deadline = time.time() + 0.5
+            while time.time() < deadline and not (d.is_dir() and any(d.iterdir())):
+                time.sleep(0.01)
+        workdir.claim(d, record)
+
+    _, errors = _on_two_processes(monkeypatch, claim)
     assert errors == []
     assert json.loads((d / "spec.json").read_text()) == record
 
@@ -95,64 +110,34 @@ def test_claim_names_its_barriers_alike_on_processes_that_see_other_paths(tmp_pa
     """The processes of a run may see the shared workdir under other absolute paths (a relative
     --workdir, another mount point): claim's barrier names must still agree, as
     ``sync_global_devices`` asserts equal names on every process."""
-    import threading
-
-    from jaxpoison import distributed
-
-    process, names = threading.local(), {0: [], 1: []}
-    barrier = threading.Barrier(2, timeout=30)
-    monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
-    monkeypatch.setattr(
-        distributed, "barrier", lambda name: (names[process.index].append(name), barrier.wait())
-    )
     (tmp_path / "mount").symlink_to(tmp_path, target_is_directory=True)
     paths = (tmp_path / "ckpt", tmp_path / "mount" / "ckpt")
-
-    def claim(index):
-        process.index = index
-        workdir.claim(paths[index], {"epochs": 3})
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    names, errors = _on_two_processes(
+        monkeypatch, lambda index: workdir.claim(paths[index], {"epochs": 3})
+    )
+    assert errors == []
     assert len(names[0]) == 2 and names[0] == names[1], names
 
 
 def test_poison_save_on_two_processes_returns_once_the_artifact_is_there(tmp_path, monkeypatch):
     """Every process calls `storage.save` and may `load` the artifact right after (the streamed
     trainer reads a crafted poison back): the other process must find it written, however
-    slowly the writer writes (threads, `distributed` patched)."""
-    import threading
+    slowly the writer writes."""
     import time
 
-    from jaxpoison import distributed, threat
+    from jaxpoison import threat
 
-    process, errors = threading.local(), []
-    barrier = threading.Barrier(2, timeout=30)
-    monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
-    monkeypatch.setattr(distributed, "barrier", lambda name: barrier.wait())
     savez = np.savez_compressed
     monkeypatch.setattr(np, "savez_compressed", lambda *a, **k: (time.sleep(1.0), savez(*a, **k)))
     state = {"delta": np.full((4, 2, 2, 1), 0.01, np.float32)}
     kw = dict(name="regions", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
 
     def save_and_load(index):
-        process.index = index
-        try:
-            storage.save(tmp_path / "a", state, fingerprint="f", **kw)
-            loaded, _ = storage.load(tmp_path / "a", state, fingerprint="f")
-            np.testing.assert_array_equal(loaded["delta"], state["delta"])
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(f"process {index}: {e}")
-            barrier.abort()
+        storage.save(tmp_path / "a", state, fingerprint="f", **kw)
+        loaded, _ = storage.load(tmp_path / "a", state, fingerprint="f")
+        np.testing.assert_array_equal(loaded["delta"], state["delta"])
 
-    threads = [threading.Thread(target=save_and_load, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _, errors = _on_two_processes(monkeypatch, save_and_load)
     assert errors == []
 
 
