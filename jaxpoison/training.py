@@ -66,13 +66,12 @@ def _determining(config):
 
 
 def _module_key(module):
-    """``repr(module)`` without the fields that `models.keyed_fields` leaves out (fields added
-    after checkpoints were first keyed by the module's repr, at the defaults that build the
-    earlier module), so adding them kept every earlier checkpoint's key (and the keys of the
-    poisons crafted with such surrogates)."""
-    added = {name: getattr(module, name) for name in models.ADDED_FIELDS.get(type(module), {})}
-    dropped = added.keys() - models.keyed_fields(type(module), added).keys()
-    at_default = {f"    {name} = {added[name]!r}" for name in dropped}
+    """``repr(module)`` without its `models.ADDED_FIELDS` at their defaults (fields added after
+    checkpoints were first keyed by the module's repr; a field away from its default keeps its
+    line), so adding them kept every earlier checkpoint's key (and the keys of the poisons
+    crafted with such surrogates)."""
+    added = models.ADDED_FIELDS.get(type(module), {})
+    at_default = {f"    {name} = {value!r}" for name, value in added.items()}
     return "\n".join(line for line in repr(module).splitlines() if line not in at_default)
 
 
