@@ -2,6 +2,8 @@
 (`jaxpoison.interop.pytorch`) computes the same logits, and torchattacks' APGD finds the same
 robust accuracy on it as ours. Skipped without torch and torchattacks (the ``[torch]`` extra)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,18 +101,26 @@ def test_exported_batchnorm_and_one_channel_models_agree(name, width, shape, opt
 
 def test_export_refuses_an_option_the_twin_does_not_build():
     """cnn_mnist's twin refuses an unknown pool or normalization, and a field it does not build
-    (here one a subclass adds) away from its default, each in one line naming the option and
-    the values it takes; at the default the field is no obstacle."""
+    (here ones a subclass adds) away from its default, or without a default, each in one line
+    naming the option and the values it takes; at the default the field is no obstacle."""
     from jaxpoison.models import cnn
 
     class Activated(cnn.MnistCNN):
         activation: str = "relu"
+
+    class Tapped(cnn.MnistCNN):  # a default made by a factory
+        taps: tuple = dataclasses.field(default_factory=lambda: (1, 2))
+
+    class Gated(cnn.MnistCNN):  # no default at all: every value is another network
+        gate: float = dataclasses.field(kw_only=True)
 
     variables = models.init(cnn.MnistCNN(10, 0.25), jax.random.key(0), (28, 28, 1))
     for module, message in (
         (cnn.MnistCNN(10, 0.25, pool="mean"), "pool='mean'; use 'max' or 'avg'"),
         (cnn.MnistCNN(10, 0.25, normalization="layer"), "normalization='layer'; use 'none' or"),
         (Activated(10, 0.25, activation="tanh"), "activation='tanh'; it takes only activation="),
+        (Tapped(10, 0.25, taps=(3,)), r"taps=\(3,\); it takes only taps=\(1, 2\)"),
+        (Gated(10, 0.25, gate=0.5), "gate=0.5, a field without a default"),
     ):
         with pytest.raises(ValueError, match=message) as error:
             pytorch.to_torch(module, variables)
@@ -118,8 +128,9 @@ def test_export_refuses_an_option_the_twin_does_not_build():
     with pytest.raises(ValueError, match="pool='mean'"):
         pytorch.MnistCNN(10, 0.25, in_features=200, pool="mean")
     x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
-    net = pytorch.to_torch(Activated(10, 0.25), variables)
-    assert pytorch.max_logit_difference(net, Activated(10, 0.25), variables, x) <= 1e-5
+    for module in (Activated(10, 0.25), Tapped(10, 0.25)):
+        net = pytorch.to_torch(module, variables)
+        assert pytorch.max_logit_difference(net, module, variables, x) <= 1e-5
 
 
 @pytest.mark.parametrize("norm,epsilon", [("linf", 2 / 255), ("l2", 0.25)])

@@ -310,11 +310,24 @@ def _refuse_unbuilt_fields(module):
         return  # no twin at all: `_twin` says so
     builds = {"num_classes", "width", "dtype", "parent", "name", *_TWIN_FIELDS[base]}
     for field in dataclasses.fields(module):
+        if field.name in builds:
+            continue
         value = getattr(module, field.name)
-        if field.name not in builds and value != field.default:
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:  # a required field the twin knows nothing of: any value is another network
+            default = dataclasses.MISSING
+        if default is dataclasses.MISSING or value != default:
+            takes = (
+                ", a field without a default that it knows nothing of"
+                if default is dataclasses.MISSING
+                else f"; it takes only {field.name}={default!r}"
+            )
             raise ValueError(
                 f"The PyTorch twin of {type(module).__name__} does not build "
-                f"{field.name}={value!r}; it takes only {field.name}={field.default!r} (it builds "
+                f"{field.name}={value!r}{takes} (it builds "
                 f"{', '.join(sorted(builds - {'parent', 'name'}))})."
             )
 
