@@ -93,6 +93,53 @@ def barrier(name):
         multihost_utils.sync_global_devices(name)
 
 
+class WriterFailed(RuntimeError):
+    """The writing process failed to write what this one was waiting for."""
+
+
+def on_writer(name, write):
+    """Runs ``write()`` in the writing process; every process returns once it has written.
+
+    Every process calls it where the run writes shared state (a spec, an artifact) that the
+    others read right after. The writer's failure reaches them all: it raises its own error, and
+    every other process raises `WriterFailed` with its message, where a barrier would have left
+    them waiting for jax's shutdown timeout. An interrupt (not an ``Exception``) is not passed
+    on.
+    """
+    error = None
+    if is_writer():
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 (raised again below, after the others know)
+            error = e
+    said = _said_by_writer(name, "" if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if said:
+        raise WriterFailed(f"the writing process failed at {name!r}: {said}")
+
+
+# The bytes of the writer's message that reach the others (longer messages are cut).
+_MESSAGE_BYTES = 1024
+
+
+def _said_by_writer(name, message):
+    """The writer's `message` on every process, once every process has reached `name` (a
+    barrier, with `barrier`'s check that the names agree); "" with one process."""
+    if jax.process_count() == 1:
+        return ""
+    from jax.experimental import multihost_utils
+
+    text = message.encode()[:_MESSAGE_BYTES]
+    buffer = np.zeros(_MESSAGE_BYTES + 2, np.uint8)
+    buffer[0], buffer[1] = divmod(len(text), 256)
+    buffer[2 : 2 + len(text)] = np.frombuffer(text, np.uint8)
+    barrier(name)
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    size = int(buffer[0]) * 256 + int(buffer[1])
+    return bytes(buffer[2 : 2 + size]).decode(errors="replace")
+
+
 def to_host(tree):
     """`jax.device_get` of `tree` that also takes arrays split over several processes (every
     process gets the whole array; every process must call it, as it gathers)."""
@@ -110,4 +157,12 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
-__all__ = ["barrier", "cluster_size", "initialize", "is_writer", "to_host"]
+__all__ = [
+    "WriterFailed",
+    "barrier",
+    "cluster_size",
+    "initialize",
+    "is_writer",
+    "on_writer",
+    "to_host",
+]

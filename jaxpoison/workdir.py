@@ -170,8 +170,8 @@ def claim(directory, record):
     # other absolute paths (a relative --workdir, another mount point); barrier names must agree.
     key = content_key(wanted)[:KEY_LENGTH]
     distributed.barrier(f"claim {key}")  # every process has looked: now it may change
-    write_json_atomic(spec_path, wanted)
-    distributed.barrier(f"claimed {key}")  # written before anyone looks again
+    # written before anyone looks again; a failed write fails every process
+    distributed.on_writer(f"claimed {key}", lambda: write_json_atomic(spec_path, wanted))
     return directory
 
 

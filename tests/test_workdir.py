@@ -55,32 +55,46 @@ def test_claim_refuses_another_record_naming_the_fields(tmp_path):
 
 def _on_two_processes(monkeypatch, work):
     """Runs ``work(index)`` as processes 0 (the writer) and 1 of a run, on two threads with
-    `distributed`'s writer test and barrier patched; returns the barrier names each passed and
-    the errors raised (an error releases the other thread's barrier)."""
+    `distributed`'s writer test, barrier and broadcast of the writer's message patched; returns
+    the barrier names each passed and the errors raised (an error releases the other thread's
+    barrier, a second later: it may be leaving the last barrier still)."""
     import threading
 
     from jaxpoison import distributed
 
-    process, names, errors = threading.local(), {0: [], 1: []}, []
+    process, names, errors, said = threading.local(), {0: [], 1: []}, [], {}
     barrier = threading.Barrier(2, timeout=30)
+
+    def wait(name):
+        names[process.index].append(name)
+        barrier.wait()
+
+    def said_by_writer(name, message):
+        if process.index == 0:
+            said[name] = message
+        wait(name)
+        return said[name]
+
     monkeypatch.setattr(distributed, "is_writer", lambda: process.index == 0)
-    monkeypatch.setattr(
-        distributed, "barrier", lambda name: (names[process.index].append(name), barrier.wait())
-    )
+    monkeypatch.setattr(distributed, "barrier", wait)
+    monkeypatch.setattr(distributed, "_said_by_writer", said_by_writer)
 
     def run(index):
         process.index = index
         try:
             work(index)
         except Exception as e:  # noqa: BLE001 (returned to the test)
-            errors.append(f"process {index}: {e}")
-            barrier.abort()
+            errors.append(f"process {index}: {type(e).__name__ if not str(e) else e}")
+            if first_error.acquire(blocking=False):
+                release.start()
 
+    release, first_error = threading.Timer(1.0, barrier.abort), threading.Lock()
     threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    release.cancel()
     return names, errors
 
 
@@ -139,6 +153,39 @@ def test_poison_save_on_two_processes_returns_once_the_artifact_is_there(tmp_pat
 
     _, errors = _on_two_processes(monkeypatch, save_and_load)
     assert errors == []
+
+
+def test_a_failed_write_fails_every_process_at_once(tmp_path, monkeypatch):
+    """The writer cannot write a spec or a poison artifact (a full disk): it raises its error,
+    and the other process, waiting for what it will read, raises one naming that error, where it
+    would have waited for jax's shutdown timeout. Nothing half-written is left."""
+    import time
+
+    from jaxpoison import distributed, threat
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    monkeypatch.setattr(np, "savez_compressed", full)
+    state = {"delta": np.full((4, 2, 2, 1), 0.01, np.float32)}
+    kw = dict(name="regions", spec={}, threat=threat.make(epsilon=8 / 255), dataset_name="d")
+    for write in (
+        lambda: workdir.claim(tmp_path / "ckpt", {"epochs": 3}),
+        lambda: storage.save(tmp_path / "a", state, fingerprint="f", **kw),
+    ):
+        start = time.time()
+        _, errors = _on_two_processes(monkeypatch, lambda index: write())
+        assert time.time() - start < 10
+        first, second = sorted(errors)
+        assert first == "process 0: [Errno 28] No space left on device", errors
+        assert second.startswith("process 1: the writing process failed at '"), errors
+        assert second.endswith("': OSError: [Errno 28] No space left on device"), errors
+        assert "\n" not in first + second
+    assert not (tmp_path / "ckpt" / "spec.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no artifact, no temporary
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert issubclass(distributed.WriterFailed, RuntimeError)
 
 
 def test_poison_artifact_loads_only_for_its_record(tmp_path):

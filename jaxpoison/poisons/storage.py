@@ -60,7 +60,8 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     """Saves a poison state and its metadata atomically into `directory` (replacing it).
 
     Every process of a multi-process run calls it (a state split over them is gathered); the
-    writing one writes, and none returns before the artifact is there to `load` (a barrier).
+    writing one writes, and none returns before the artifact is there to `load`; when the
+    writer fails, every process raises (`distributed.on_writer`).
     `record` (optional) is everything that determined the state (`jaxpoison.workdir`); it is
     stored with its content key, which `load` can require.
 
@@ -71,39 +72,40 @@ def save(directory, state, *, name, spec, threat, dataset_name, fingerprint, rec
     leaves = _leaves_with_keys(state)  # every process: a state split over them is gathered
     for key, value in leaves.items():
         _check_finite(directory, key, value)
-    saved = f"poison saved {directory.name}"  # the keyed name: alike on every process
-    if not distributed.is_writer():
-        distributed.barrier(saved)  # the writer has written before this one reads it back
-        return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "format": FORMAT,
-        "poison": name,
-        "spec": spec,
-        "threat": {
-            "norm": threat.norm,
-            "epsilon": float(threat.epsilon),
-            "masked": threat.mask is not None,
-        },
-        "dataset": dataset_name,
-        "train_sha256": fingerprint,
-        "leaves": {k: list(v.shape) for k, v in leaves.items()},
-        "state_sha256": _digest(leaves),
-        "record": canonical(record),
-        "key": None if record is None else content_key(record),
-    }
-    metadata["metadata_sha256"] = content_key(metadata)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        np.savez_compressed(tmp / "state.npz", **leaves)
-        write_json_atomic(tmp / "metadata.json", metadata)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:  # disk full, an interrupt: nothing half-written is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    distributed.barrier(saved)
+
+    def write():  # in the writing process only
+        metadata = {
+            "format": FORMAT,
+            "poison": name,
+            "spec": spec,
+            "threat": {
+                "norm": threat.norm,
+                "epsilon": float(threat.epsilon),
+                "masked": threat.mask is not None,
+            },
+            "dataset": dataset_name,
+            "train_sha256": fingerprint,
+            "leaves": {k: list(v.shape) for k, v in leaves.items()},
+            "state_sha256": _digest(leaves),
+            "record": canonical(record),
+            "key": None if record is None else content_key(record),
+        }
+        metadata["metadata_sha256"] = content_key(metadata)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        try:
+            np.savez_compressed(tmp / "state.npz", **leaves)
+            write_json_atomic(tmp / "metadata.json", metadata)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:  # disk full, an interrupt: nothing half-written is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # The keyed name, alike on every process; none returns before the writer has written (the
+    # other processes may read it back at once), and a failed write fails every process.
+    distributed.on_writer(f"poison saved {directory.name}", write)
 
 
 def load(directory, template, *, fingerprint=None, record=None):
