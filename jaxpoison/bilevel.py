@@ -62,8 +62,9 @@ inner learning rate, through 20 SGD steps of a linear model::
 
     grads = jax.jit(jax.grad(outer))({"delta": jnp.zeros_like(train["image"]), "lr": 0.1})
 
-docs/bilevel.md has runnable examples (an L2C generator, a δ table, a learning rate), each
-checked against central finite differences by tests/test_bilevel.py.
+docs/bilevel.md has runnable examples (an L2C generator, a δ table, a learning rate and weight
+decay, an implicit gradient, per-example weights on noisy labels), each checked against central
+finite differences by tests/test_bilevel.py.
 
 References:
   Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
