@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 from pathlib import Path
 
 import chex
@@ -640,12 +641,83 @@ def test_batchnorm_crafting_resumes_to_the_same_state(tmp_path):
 
     poison = make(3)
     with logic_only():
-        whole, _ = craft(poison)
-        craft(make(1), ckpt_dir=tmp_path)
-        resumed, history = craft(poison, ckpt_dir=tmp_path)
+        whole, whole_history = craft(poison)
+        craft(make(1), ckpt_dir=tmp_path / "one")
+        resumed, history = craft(poison, ckpt_dir=tmp_path / "one")
+        # A longer craft continues a finished shorter one kept elsewhere (start_from): L2C's
+        # epochs do not depend on num_epochs. Its own checkpoints win once it has any.
+        assert poison.extendable
+        craft(make(2), ckpt_dir=tmp_path / "two")
+        continued, continued_history = craft(
+            poison, ckpt_dir=tmp_path / "three", start_from=tmp_path / "two"
+        )
+        again, _ = craft(poison, ckpt_dir=tmp_path / "three", start_from=tmp_path / "one")
     assert len(history["meta/objective"]) == 3
     assert whole.stats is not None and whole.frozen_stats is not None
     jax.tree.map(np.testing.assert_array_equal, whole, resumed)
+    jax.tree.map(np.testing.assert_array_equal, whole, continued)
+    jax.tree.map(np.testing.assert_array_equal, whole, again)
+    assert continued_history == whole_history
+    assert [p.name for p in (tmp_path / "three").iterdir() if p.name.isdigit()] == ["3"]
+
+
+def test_start_from_is_refused_where_it_cannot_be_the_start(tmp_path):
+    """A poison whose epochs depend on num_epochs, a directory without checkpoints, and a craft
+    longer than this one are each refused in one line."""
+    data = _data(T * B, np.float32)
+    x, y = np.asarray(data["image"]), np.asarray(data["label"])
+    kwargs = dict(key=jax.random.key(0), batch_size=T * B, progress=False)
+    em = poisons.make(
+        "error_minimizing", threat=LpBall(0.3), num_classes=K, image_shape=x.shape[1:]
+    )
+    short = l2c.l2c(**_kwargs(method="algorithm2", num_epochs=1))
+    with logic_only():
+        poisons.craft(
+            l2c.l2c(**_kwargs(method="algorithm2", num_epochs=2)),
+            x,
+            y,
+            ckpt_dir=tmp_path / "two",
+            **kwargs,
+        )
+        for poison, start, match in (
+            (em, tmp_path / "two", "only for extendable poisons"),
+            (short, tmp_path / "none", "holds no crafting checkpoint"),
+            (short, tmp_path / "two", "holds 2 epochs, more than this craft's 1"),
+        ):
+            with pytest.raises(ValueError, match=match) as error:
+                poisons.craft(poison, x, y, start_from=start, **kwargs)
+            assert "\n" not in str(error.value)
+
+
+def test_a_longer_craft_finds_the_finished_shorter_one_in_its_workdir(tmp_path):
+    """`trainers.poisoning.shorter_craft`: of the finished crafts in the workdir, the longest
+    one shorter than this craft whose record differs only in num_epochs and whose last
+    checkpoint is kept."""
+    from jaxpoison.trainers.poisoning import shorter_craft
+    from jaxpoison.workdir import canonical, content_key, keyed_dir
+
+    def record(epochs, lr=0.1):
+        return {"kind": "poison", "name": "l2c", "kwargs": {"num_epochs": epochs, "lr": lr}}
+
+    def finished(rec, keep_last=True):
+        key = content_key(rec)
+        artifact = tmp_path / "poison" / "l2c" / key[:16]
+        artifact.mkdir(parents=True)
+        (artifact / "metadata.json").write_text(json.dumps({"record": canonical(rec)}))
+        ckpt = keyed_dir(tmp_path / "checkpoints" / "craft_l2c", rec)
+        (ckpt / str(rec["kwargs"]["num_epochs"] - (0 if keep_last else 1))).mkdir(parents=True)
+        return ckpt
+
+    assert shorter_craft(tmp_path, "l2c", record(8)) is None  # nothing crafted yet
+    finished(record(2))
+    four = finished(record(4))
+    finished(record(6, lr=0.2))  # another spec
+    finished(record(7), keep_last=False)  # its last checkpoint is gone
+    finished(record(16))  # longer
+    (tmp_path / "poison" / "l2c" / "damaged").mkdir()
+    (tmp_path / "poison" / "l2c" / "damaged" / "metadata.json").write_text("{")
+    assert shorter_craft(tmp_path, "l2c", record(8)) == four
+    assert shorter_craft(tmp_path, "l2c", record(2)) is None
 
 
 def test_label_specific_objective_targets_next_class():
@@ -802,6 +874,18 @@ def test_l2c_victims_reads_batchnorm_victims_of_a_run(tmp_path):
     assert (
         math.isfinite(out["noise_structure"]["mean_abs"]) and out["noise_structure"]["mean_abs"] > 0
     )
+    # A longer craft in the same workdir (its results.json moved away) continues the finished
+    # one from its last checkpoint instead of crafting from the start.
+    run = tmp_path / "run"
+    (run / "results.json").rename(tmp_path / "results_short.json")
+    done = config.poisons.l2c.num_epochs
+    config.poisons.l2c.num_epochs = done + 1
+    with logic_only():
+        longer = trainers.train_and_evaluate(config, run, progress=False)
+    assert f"craft l2c: continues the {done}-epoch craft of " in (run / "log.txt").read_text()
+    assert longer["poisons"]["l2c"]["key"] != results["poisons"]["l2c"]["key"]
+    new = run / "checkpoints" / "craft_l2c" / longer["poisons"]["l2c"]["key"][:16]
+    assert [p.name for p in new.iterdir() if p.name.isdigit()] == [str(done + 1)]
 
 
 @pytest.mark.slow  # 2 minutes: the U-Net generator's meta-step compiles

@@ -6,7 +6,9 @@
     batch = poison.apply(state, batch)                # image <- clip(image + delta), labels kept
 
 `num_epochs` is how many passes of `update` over the training set the crafting engine makes
-(0 for poisons that are fixed at `init`, such as class-wise random noise).
+(0 for poisons that are fixed at `init`, such as class-wise random noise). `extendable` says
+that the first E passes do not depend on `num_epochs` (no schedule over them): a longer craft
+may then continue a finished shorter one (`poisons.craft(..., start_from=...)`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Poison(NamedTuple):
     apply: Callable
     num_epochs: int = 0
     num_classes: int | None = None  # set by `poisons.make`: `craft` checks the labels against it
+    extendable: bool = False  # the first E epochs are the same whatever num_epochs (L2C)
 
 
 @flax.struct.dataclass

@@ -8,6 +8,7 @@ the data is an epoch; the state is checkpointed after every epoch so a killed cr
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,7 @@ def craft(
     key,
     batch_size=256,
     ckpt_dir=None,
+    start_from=None,
     name="craft",
     progress=True,
     mesh=None,
@@ -113,6 +115,9 @@ def craft(
       key: PRNG key; `init` gets ``fold_in(key, 0)``, step s of epoch e ``fold_in`` of both.
       batch_size: examples per `update` call.
       ckpt_dir: optional directory for per-epoch orbax checkpoints (resumed when present).
+      start_from: optional checkpoint directory of a finished shorter craft of the same poison,
+        key and data, for an `extendable` poison (L2C): when `ckpt_dir` holds no checkpoint,
+        crafting continues from its last one (the state, and the history of its epochs).
       mesh: the devices to craft on (`sharding.data_mesh()`, every device, by default): each
         batch is split along its ``data`` axis, per-example state along the examples.
 
@@ -121,10 +126,14 @@ def craft(
     """
     mesh = mesh or sharding.data_mesh()
     with jax.set_mesh(mesh):
-        return _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, mesh)
+        return _craft(
+            poison, images, labels, key, batch_size, ckpt_dir, start_from, name, progress, mesh
+        )
 
 
-def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, mesh):
+def _craft(poison, images, labels, key, batch_size, ckpt_dir, start_from, name, progress, mesh):
+    if start_from is not None:
+        _check_start(poison, start_from, name)
     images, labels = _inputs(images, labels, "poisons.craft", mesh, poison.num_classes)
     state = _compiled_init(poison)(jax.random.fold_in(key, 0), images, labels)
     history, start = {}, 0
@@ -134,6 +143,16 @@ def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, me
     if manager is not None and manager.latest_step() is not None:
         state, history, start = manager.restore(state)
         say(f"{name}: resumed from epoch {start} ({manager.directory})")
+    elif start_from is not None:
+        source = checkpointing.Manager(start_from)
+        if source.latest_step() > poison.num_epochs:
+            raise ValueError(
+                f"{name}: start_from={start_from} holds {source.latest_step()} epochs, more than "
+                f"this craft's {poison.num_epochs}; it continues only a shorter craft."
+            )
+        state, history, start = source.restore(state)
+        source.close()
+        say(f"{name}: continues the {start}-epoch craft of {start_from}")
     n = labels.shape[0]
     batch_size = min(batch_size, n)
     steps = n // batch_size + (n % batch_size > 0)
@@ -167,6 +186,21 @@ def _craft(poison, images, labels, key, batch_size, ckpt_dir, name, progress, me
     if manager is not None:
         manager.close()
     return state, history
+
+
+def _check_start(poison, start_from, name):
+    """Refuses a `start_from` that cannot be continued, before any work."""
+    if not poison.extendable:
+        raise ValueError(
+            f"{name}: start_from is only for extendable poisons (L2C): this poison's epochs "
+            "depend on its num_epochs, so a shorter craft is not the start of a longer one."
+        )
+    start_from = Path(start_from)
+    if not (start_from.is_dir() and any(p.name.isdigit() for p in start_from.iterdir())):
+        raise ValueError(
+            f"{name}: start_from={start_from} holds no crafting checkpoint; name the checkpoint "
+            "directory of a finished shorter craft."
+        )
 
 
 def apply_all(poison, state, images, labels, *, batch_size=1000, mesh=None):

@@ -563,7 +563,10 @@ def l2c(
         noise = problem.generate(state.params, x, state.stats, train=False)[0]
         return dict(batch, image=x + noise)
 
-    return Poison(init=init, update=update, apply=apply, num_epochs=int(num_epochs))
+    # `update` never sees num_epochs (constant rates, resets counted in trials): extendable.
+    return Poison(
+        init=init, update=update, apply=apply, num_epochs=int(num_epochs), extendable=True
+    )
 
 
 def perturbations(state, images, *, generator, threat, batch_size=1000):

@@ -99,4 +99,10 @@ def restrict(poison, *, fraction=1.0, classes=None, per_class=False):
         )
         return dict(out, image=image, label=jnp.where(keep, out["label"], batch["label"]))
 
-    return Poison(init=init, update=update, apply=apply, num_epochs=poison.num_epochs)
+    return Poison(
+        init=init,
+        update=update,
+        apply=apply,
+        num_epochs=poison.num_epochs,
+        extendable=poison.extendable,
+    )

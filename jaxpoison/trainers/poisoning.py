@@ -21,7 +21,7 @@ import numpy as np
 from jaxpoison import data, poisons, specs, training
 from jaxpoison.poisons import storage
 from jaxpoison.progress import say
-from jaxpoison.workdir import content_key, keyed_dir, plain, run_key
+from jaxpoison.workdir import canonical, content_key, differences, keyed_dir, plain, run_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,7 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
                 dataset.y_train,
                 key=pkey,
                 ckpt_dir=keyed_dir(Path(workdir) / "checkpoints" / f"craft_{run}", record),
+                start_from=shorter_craft(workdir, run, record) if poison.extendable else None,
                 name=f"craft {run}",
                 progress=progress,
                 **ps.craft,
@@ -159,6 +160,32 @@ def craft_poisons(config, dataset, *, key, workdir, progress=True):
             check_bounds(ps, x_clean, dataset.y_train, images, labels)
         out[run] = Crafted(images, labels, artifact, content_key(record))
     return out
+
+
+def shorter_craft(workdir, run, record):
+    """The crafting checkpoints of the longest finished shorter craft of `run` in `workdir`
+    that a craft of `record` continues, or None.
+
+    A finished craft left its artifact under ``poison/<run>/``; one whose record is `record` but
+    for a smaller ``kwargs.num_epochs``, and whose checkpoints still hold its last epoch, is the
+    start of this craft when the poison is `extendable` (`poisons.craft`'s ``start_from``).
+    """
+    wanted = canonical(record)
+    epochs = wanted["kwargs"].get("num_epochs")
+    best = None
+    for path in sorted((Path(workdir) / "poison" / run).glob("*/metadata.json")):
+        try:
+            stored = json.loads(path.read_text()).get("record")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged or foreign artifact is no start
+        if not isinstance(stored, dict) or differences(stored, wanted) != ["kwargs.num_epochs"]:
+            continue
+        done = stored["kwargs"]["num_epochs"]
+        ckpt = keyed_dir(Path(workdir) / "checkpoints" / f"craft_{run}", stored)
+        if isinstance(done, int) and done < epochs and (ckpt / str(done)).is_dir():
+            if best is None or done > best[0]:
+                best = (done, ckpt)
+    return None if best is None else best[1]
 
 
 def artifacts(crafted, workdir):
