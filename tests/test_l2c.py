@@ -720,6 +720,28 @@ def test_a_longer_craft_finds_the_finished_shorter_one_in_its_workdir(tmp_path):
     assert shorter_craft(tmp_path, "l2c", record(2)) is None
 
 
+def test_shorter_craft_passes_over_a_spec_without_num_epochs(tmp_path):
+    """A spec that leaves num_epochs at the factory's default has none in its record: such a
+    finished craft, or such a craft asked for, is no start (crafted afresh), not a KeyError or a
+    TypeError that stops the run."""
+    from jaxpoison.trainers.poisoning import shorter_craft
+    from jaxpoison.workdir import canonical, content_key, keyed_dir
+
+    def record(**epochs):
+        return {"kind": "poison", "name": "l2c", "kwargs": {"lr": 0.1, **epochs}}
+
+    def finished(rec, last):
+        artifact = tmp_path / "poison" / "l2c" / content_key(rec)[:16]
+        artifact.mkdir(parents=True)
+        (artifact / "metadata.json").write_text(json.dumps({"record": canonical(rec)}))
+        (keyed_dir(tmp_path / "checkpoints" / "craft_l2c", rec) / str(last)).mkdir(parents=True)
+
+    finished(record(), 1)  # the default: one epoch
+    assert shorter_craft(tmp_path, "l2c", record(num_epochs=3)) is None
+    finished(record(num_epochs=2), 2)
+    assert shorter_craft(tmp_path, "l2c", record()) is None
+
+
 def test_label_specific_objective_targets_next_class():
     problem = l2c.meta_problem(**_kwargs(label_specific=True))
 

@@ -180,9 +180,12 @@ def shorter_craft(workdir, run, record):
             continue  # a damaged or foreign artifact is no start
         if not isinstance(stored, dict) or differences(stored, wanted) != ["kwargs.num_epochs"]:
             continue
-        done = stored["kwargs"]["num_epochs"]
+        # A spec at the factory's default has no num_epochs in its record: no start, either way.
+        done = stored["kwargs"].get("num_epochs")
+        if not (isinstance(done, int) and isinstance(epochs, int) and done < epochs):
+            continue
         ckpt = keyed_dir(Path(workdir) / "checkpoints" / f"craft_{run}", stored)
-        if isinstance(done, int) and done < epochs and (ckpt / str(done)).is_dir():
+        if (ckpt / str(done)).is_dir():
             if best is None or done > best[0]:
                 best = (done, ckpt)
     return None if best is None else best[1]
