@@ -133,6 +133,29 @@ def test_export_refuses_an_option_the_twin_does_not_build():
         assert pytorch.max_logit_difference(net, module, variables, x) <= 1e-5
 
 
+def test_export_judges_an_array_field_whole():
+    """A field the twin does not build that holds an array (its == is elementwise) is compared
+    whole: at its default it is no obstacle, away from it (or where the default is None) it is
+    refused in the one-line message, not with numpy's 'truth value ... is ambiguous'."""
+    from typing import Any
+
+    from jaxpoison.models import cnn
+
+    class Scaled(cnn.MnistCNN):
+        scale: Any = dataclasses.field(default_factory=lambda: np.ones(3, np.float32))
+
+    class Maybe(cnn.MnistCNN):
+        scale: Any = None
+
+    variables = models.init(cnn.MnistCNN(10, 0.25), jax.random.key(0), (28, 28, 1))
+    pytorch.to_torch(Scaled(10, 0.25), variables)
+    pytorch.to_torch(Maybe(10, 0.25), variables)
+    for module in (Scaled(10, 0.25, scale=np.full(3, 2.0)), Maybe(10, 0.25, scale=np.ones(3))):
+        with pytest.raises(ValueError, match=r"does not build scale=array\(") as error:
+            pytorch.to_torch(module, variables)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("norm,epsilon", [("linf", 2 / 255), ("l2", 0.25)])
 def test_apgd_ce_robust_accuracy_matches_torchattacks(trained, norm, epsilon):
     module, variables, x, y = trained

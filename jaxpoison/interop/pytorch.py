@@ -303,6 +303,19 @@ _TWIN_FIELDS = {
 }
 
 
+def _same(value, default):
+    """``value == default``, an array compared whole (its ``==`` is elementwise); a comparison
+    that cannot be decided counts as different."""
+    try:
+        return bool(value == default)
+    except (ValueError, TypeError):  # an array's truth value is ambiguous
+        try:
+            same = np.asarray(value) == np.asarray(default)
+            return np.shape(value) == np.shape(default) and bool(np.all(same))
+        except (ValueError, TypeError):
+            return False
+
+
 def _refuse_unbuilt_fields(module):
     """Raises ValueError naming a field of `module` that its twin does not build."""
     base = next((c for c in _TWIN_FIELDS if isinstance(module, c)), None)
@@ -319,7 +332,7 @@ def _refuse_unbuilt_fields(module):
             default = field.default_factory()
         else:  # a required field the twin knows nothing of: any value is another network
             default = dataclasses.MISSING
-        if default is dataclasses.MISSING or value != default:
+        if default is dataclasses.MISSING or not _same(value, default):
             takes = (
                 ", a field without a default that it knows nothing of"
                 if default is dataclasses.MISSING
