@@ -130,7 +130,8 @@ def _said_by_writer(name, message):
         return ""
     from jax.experimental import multihost_utils
 
-    text = message.encode()[:_MESSAGE_BYTES]
+    # In the writer only, before the collectives: nothing here may raise (a lone surrogate).
+    text = message.encode(errors="replace")[:_MESSAGE_BYTES]
     buffer = np.zeros(_MESSAGE_BYTES + 2, np.uint8)
     buffer[0], buffer[1] = divmod(len(text), 256)
     buffer[2 : 2 + len(text)] = np.frombuffer(text, np.uint8)

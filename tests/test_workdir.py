@@ -175,7 +175,7 @@ def test_a_failed_write_fails_every_process_at_once(tmp_path, monkeypatch):
         lambda: storage.save(tmp_path / "a", state, fingerprint="f", **kw),
     ):
         start = time.time()
-        _, errors = _on_two_processes(monkeypatch, lambda index: write())
+        _, errors = _on_two_processes(monkeypatch, lambda index, write=write: write())
         assert time.time() - start < 10
         first, second = sorted(errors)
         assert first == "process 0: [Errno 28] No space left on device", errors
@@ -186,6 +186,22 @@ def test_a_failed_write_fails_every_process_at_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no artifact, no temporary
     assert list((tmp_path / "ckpt").iterdir()) == []
     assert issubclass(distributed.WriterFailed, RuntimeError)
+
+
+def test_the_writers_message_reaches_the_others_whatever_its_characters(monkeypatch):
+    """The writer's message is encoded before the collectives, in the writer only: a message
+    UTF-8 cannot encode (a lone surrogate, as in a path of undecodable bytes) must still be
+    sent, not raise there and leave the other processes at the barrier."""
+    from jax.experimental import multihost_utils
+
+    from jaxpoison import distributed
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda name: None)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda tree: tree)
+    said = distributed._said_by_writer("n", "ValueError: /data/w\udcffd is not writable")
+    assert said.startswith("ValueError: /data/w") and said.endswith("d is not writable")
+    assert distributed._said_by_writer("n", "é" * 600).startswith("é" * 511)  # cut at 1024 bytes
 
 
 def test_poison_artifact_loads_only_for_its_record(tmp_path):
