@@ -290,12 +290,15 @@ def open_run(config, workdir):
                 )
             say(f"{results_path} is complete; nothing to do (delete it to run again).")
             return results
-    if distributed.is_writer():
+
+    def start():  # in the writing process only (the log file is the writer's alone)
         workdir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(workdir)
-    set_log_file(workdir / "log.txt")
-    write_json_atomic(workdir / "config.json", plain(config))
-    distributed.barrier("open_run")  # the other processes start on a tidied workdir
+        set_log_file(workdir / "log.txt")
+        write_json_atomic(workdir / "config.json", plain(config))
+
+    # The other processes start on a tidied workdir; a writer that cannot write fails them all.
+    distributed.on_writer("open_run", start)
     return None
 
 

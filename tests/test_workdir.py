@@ -188,6 +188,31 @@ def test_a_failed_write_fails_every_process_at_once(tmp_path, monkeypatch):
     assert issubclass(distributed.WriterFailed, RuntimeError)
 
 
+def test_a_run_whose_writer_cannot_open_the_workdir_fails_every_process(tmp_path, monkeypatch):
+    """`open_run`: the writer cannot write ``config.json`` (a full disk, a read-only workdir):
+    every process stops with its error, as README says, instead of the others waiting at the
+    barrier after it for jax's shutdown timeout."""
+    import time
+
+    from jaxpoison.progress import set_log_file
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    start = time.time()
+    try:
+        _, errors = _on_two_processes(
+            monkeypatch, lambda index: workdir.open_run({"seed": 0}, tmp_path / "run")
+        )
+    finally:
+        set_log_file(None)
+    assert time.time() - start < 10
+    first, second = sorted(errors)
+    assert first == "process 0: [Errno 28] No space left on device", errors
+    assert second.startswith("process 1: the writing process failed at 'open_run'"), errors
+
+
 def test_the_writers_message_reaches_the_others_whatever_its_characters(monkeypatch):
     """The writer's message is encoded before the collectives, in the writer only: a message
     UTF-8 cannot encode (a lone surrogate, as in a path of undecodable bytes) must still be
