@@ -132,13 +132,14 @@ def _said_by_writer(name, message):
 
     # In the writer only, before the collectives: nothing here may raise (a lone surrogate).
     text = message.encode(errors="replace")[:_MESSAGE_BYTES]
-    buffer = np.zeros(_MESSAGE_BYTES + 2, np.uint8)
-    buffer[0], buffer[1] = divmod(len(text), 256)
-    buffer[2 : 2 + len(text)] = np.frombuffer(text, np.uint8)
+    # int32, not uint8: the broadcast is a psum, and every backend sums int32 (TPUs 8-bit ints
+    # not necessarily); the first entry is the length.
+    buffer = np.zeros(_MESSAGE_BYTES + 1, np.int32)
+    buffer[0] = len(text)
+    buffer[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
     barrier(name)
     buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-    size = int(buffer[0]) * 256 + int(buffer[1])
-    return bytes(buffer[2 : 2 + size]).decode(errors="replace")
+    return bytes(buffer[1 : 1 + int(buffer[0])].astype(np.uint8)).decode(errors="replace")
 
 
 def to_host(tree):
