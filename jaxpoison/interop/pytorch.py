@@ -316,6 +316,13 @@ def _same(value, default):
             return False
 
 
+def _brief(value):
+    """`repr` on one line: an array by its shape and dtype (its repr spans lines)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"<{np.dtype(value.dtype).name} array of shape {tuple(value.shape)}>"
+    return " ".join(repr(value).split())
+
+
 def _refuse_unbuilt_fields(module):
     """Raises ValueError naming a field of `module` that its twin does not build."""
     base = next((c for c in _TWIN_FIELDS if isinstance(module, c)), None)
@@ -336,11 +343,11 @@ def _refuse_unbuilt_fields(module):
             takes = (
                 ", a field without a default that it knows nothing of"
                 if default is dataclasses.MISSING
-                else f"; it takes only {field.name}={default!r}"
+                else f"; it takes only {field.name}={_brief(default)}"
             )
             raise ValueError(
                 f"The PyTorch twin of {type(module).__name__} does not build "
-                f"{field.name}={value!r}{takes} (it builds "
+                f"{field.name}={_brief(value)}{takes} (it builds "
                 f"{', '.join(sorted(builds - {'parent', 'name'}))})."
             )
 
