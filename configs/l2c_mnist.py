@@ -46,7 +46,9 @@ own weights give 17.20% and 55% with the :cpu victims; :cpu with
 --config.poisons.l2c.method=algorithm2 59.40% (57.45% and noise-only 22.6% at num_epochs=16);
 adding --config.poisons.l2c.generator.normalization=batch (the released BatchNorm generator)
 57.00% (50.45% at num_epochs=16, 39.70% at num_epochs=64; with --config.seed=1 50.20% against
-the control's 59.55%), adding --config.poisons.l2c.meta_optimizer.learning_rate=1e-4 instead
+the control's 59.55%; measured again with --config.victim.num_seeds=3 in a new environment
+46.72 +- 3.35% at num_epochs=64, 37.60 +- 1.97% at 256, 30.25 +- 3.43% at 512),
+adding --config.poisons.l2c.meta_optimizer.learning_rate=1e-4 instead
 61.40% (2026-12-07).
 :released_victim (2 seeds): the released generator's own weights 99.00% -> 0.55% on all 60k
 images (:cpu,released_victim 97.78% -> 0.90%), their noise read by the poisoned victim at 95%
