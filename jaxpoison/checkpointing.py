@@ -43,6 +43,12 @@ def _disk_full(error):
     )
 
 
+def saved_steps(directory):
+    """The steps (epochs) whose checkpoints orbax finished in `directory`, in order; [] where it
+    holds none or does not exist (read only: unlike `Manager`, nothing is created)."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if Path(directory).is_dir() else []
+
+
 def _join_orbax_threads(timeout=60.0):
     """Waits for orbax's background writer threads (a failed save leaves some running; at exit
     they would print tracebacks about a folder already removed)."""

@@ -304,16 +304,12 @@ _TWIN_FIELDS = {
 
 
 def _same(value, default):
-    """``value == default``, an array compared whole (its ``==`` is elementwise); a comparison
-    that cannot be decided counts as different."""
+    """``value == default``, an array compared whole (`np.array_equal`: its ``==`` is
+    elementwise)."""
     try:
         return bool(value == default)
     except (ValueError, TypeError):  # an array's truth value is ambiguous
-        try:
-            same = np.asarray(value) == np.asarray(default)
-            return np.shape(value) == np.shape(default) and bool(np.all(same))
-        except (ValueError, TypeError):
-            return False
+        return bool(np.array_equal(value, default))
 
 
 def _brief(value):

@@ -8,7 +8,6 @@ the data is an epoch; the state is checkpointed after every epoch so a killed cr
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -195,8 +194,7 @@ def _check_start(poison, start_from, name):
             f"{name}: start_from is only for extendable poisons (L2C): this poison's epochs "
             "depend on its num_epochs, so a shorter craft is not the start of a longer one."
         )
-    start_from = Path(start_from)
-    if not (start_from.is_dir() and any(p.name.isdigit() for p in start_from.iterdir())):
+    if not checkpointing.saved_steps(start_from):
         raise ValueError(
             f"{name}: start_from={start_from} holds no crafting checkpoint; name the checkpoint "
             "directory of a finished shorter craft."

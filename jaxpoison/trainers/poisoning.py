@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxpoison import data, poisons, specs, training
+from jaxpoison import checkpointing, data, poisons, specs, training
 from jaxpoison.poisons import storage
 from jaxpoison.progress import say
 from jaxpoison.workdir import canonical, content_key, differences, keyed_dir, plain, run_key
@@ -185,9 +185,8 @@ def shorter_craft(workdir, run, record):
         if not (isinstance(done, int) and isinstance(epochs, int) and done < epochs):
             continue
         ckpt = keyed_dir(Path(workdir) / "checkpoints" / f"craft_{run}", stored)
-        if (ckpt / str(done)).is_dir():
-            if best is None or done > best[0]:
-                best = (done, ckpt)
+        if done in checkpointing.saved_steps(ckpt) and (best is None or done > best[0]):
+            best = (done, ckpt)
     return None if best is None else best[1]
 
 
